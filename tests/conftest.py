@@ -1,0 +1,37 @@
+"""Shared test fixtures: repository paths, real media from ../shared (skipped when absent)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference"
+MEDIA = SHARED / "media"
+ARTIFACTS = REPO / "test-artifacts"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def need_shared(path: Path) -> Path:
+    """Return `path` under ../shared or skip the test with the reason."""
+    if not path.exists():
+        pytest.skip(f"test media not available: {path} (../shared is not present on this machine)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread_torch():
+    """Tests share 2 cores; one intra-op thread is faster and steadier there."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,272 @@
+"""Generator U-Net: a MobileNetV2-style inverted-residual U-Net that redraws the lower face.
+
+Input: image [B, 6, S, S] BGR in [0, 1] (reference crop + masked crop), audio [B, C, H, W] (mode
+dependent, see `utils.AUDIO_MODES`). Output: [B, 3, S, S] after a sigmoid. S = 320 for size `328`
+(upstream), 160 for `small`. Audio is fused only at the S/32 bottleneck. In `ave` mode at size 328 the
+state_dict keys and shapes equal upstream SyncTalk_2D's, so its checkpoints load with strict=True.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import AUDIO_MODES, ModelSize, audio_input_shape, get_size
+
+log = logging.getLogger(__name__)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand (x2) -> BN -> ReLU -> 3x3 depthwise (stride) -> BN -> ReLU -> 1x1 project -> BN,
+    plus the input when `residual`."""
+
+    def __init__(self, inp: int, oup: int, stride=1, residual: bool = False, expand: int = 2):
+        super().__init__()
+        hidden = inp * expand
+        self.use_res_connect = residual
+        self.conv = nn.Sequential(
+            nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class DoubleConvDW(nn.Module):
+    """IR(in -> out, stride) then IR(out -> out, residual)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            InvertedResidual(cin, cout, stride), InvertedResidual(cout, cout, 1, residual=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class InConvDw(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.inconv = nn.Sequential(InvertedResidual(cin, cout, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inconv(x)
+
+
+class Down(nn.Module):
+    """Stride-2 DoubleConvDW (the upstream name `maxpool_conv` is kept for checkpoint keys)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(DoubleConvDW(cin, cout, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x)
+
+
+class Up(nn.Module):
+    """Bilinear x2 (align_corners) of the deeper map, pad to the skip, concat [up, skip], DoubleConvDW."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = DoubleConvDW(cin, cout, stride=1)
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        deep = F.interpolate(deep, scale_factor=2.0, mode="bilinear", align_corners=True)
+        dy, dx = skip.shape[2] - deep.shape[2], skip.shape[3] - deep.shape[3]
+        if dy or dx:
+            deep = F.pad(deep, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([deep, skip], dim=1))
+
+
+class OutConv(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class AudioConv(nn.Module):
+    """Audio branch: mode-shaped window -> [B, width, S/32, S/32] (upstream AudioConvAve/Hubert/Wenet)."""
+
+    def __init__(self, mode: str, width: int, bottleneck: int):
+        super().__init__()
+        cin = audio_input_shape(mode)[0]
+        w8, w4, w2 = width // 8, width // 4, width // 2
+        if mode == "wenet":  # 256 x 16 x 32: residual IRs, then halve the time axis
+            self.conv1 = InvertedResidual(cin, cin, 1, residual=True)
+            self.conv2 = InvertedResidual(cin, cin, 1, residual=True)
+            c2, stride3 = cin, (1, 2)
+        else:
+            self.conv1 = InvertedResidual(cin, w8, 1)
+            self.conv2 = InvertedResidual(w8, w4, 1)
+            c2, stride3 = w4, (2 if mode == "hubert" else 1)
+        self.conv3 = nn.Conv2d(c2, w2, 3, stride3, 1)  # -> 16 x 16
+        self.bn3 = nn.BatchNorm2d(w2)
+        self.conv4 = InvertedResidual(w2, w2, 1, residual=True)
+        # 16 -> 10 (upstream, stride 2) or 16 -> 5 (small, stride 4), padding 3
+        stride5 = {10: 2, 5: 4}[bottleneck]
+        self.conv5 = nn.Conv2d(w2, width, 3, stride5, 3)
+        self.bn5 = nn.BatchNorm2d(width)
+        self.conv6 = InvertedResidual(width, width, 1, residual=True)
+        self.conv7 = InvertedResidual(width, width, 1, residual=True)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x))
+        x = self.relu(self.bn3(self.conv3(x)))
+        x = self.conv4(x)
+        x = self.relu(self.bn5(self.conv5(x)))
+        return self.conv7(self.conv6(x))
+
+
+class Model(nn.Module):
+    """The generator. `Model(6, 'ave')` is upstream's 12,186,935-parameter network."""
+
+    def __init__(self, n_channels: int = 6, mode: str = "whisper", size: str | ModelSize = "328"):
+        super().__init__()
+        if mode not in AUDIO_MODES:
+            raise ValueError(f"unknown audio mode {mode!r}; choose one of {sorted(AUDIO_MODES)}")
+        self.size = size if isinstance(size, ModelSize) else get_size(size)
+        self.mode = mode
+        w0, w1, w2, w3, w4 = self.size.widths
+        self.inc = InConvDw(n_channels, w0)
+        self.down1 = Down(w0, w0)
+        self.down2 = Down(w0, w1)
+        self.down3 = Down(w1, w2)
+        self.down4 = Down(w2, w3)
+        self.down5 = Down(w3, w4)
+        self.audio_model = AudioConv(mode, w4, self.size.bottleneck)
+        self.fuse_conv = nn.Sequential(DoubleConvDW(2 * w4, w4), DoubleConvDW(w4, w3))
+        self.up1 = Up(2 * w3, w2)
+        self.up2 = Up(2 * w2, w1)
+        self.up3 = Up(2 * w1, w0)
+        self.up4 = Up(2 * w0, w0)
+        self.up5 = Up(2 * w0, w0 // 2)
+        self.outc = OutConv(w0 // 2, 3)
+
+    def forward(self, x: torch.Tensor, audio_feat: torch.Tensor) -> torch.Tensor:
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        x5 = self.down4(x4)
+        x6 = self.down5(x5)
+        audio = self.audio_model(audio_feat)  # [B, w4, S/32, S/32]
+        x6 = self.fuse_conv(torch.cat([x6, audio], dim=1))
+        x = self.up1(x6, x5)
+        x = self.up2(x, x4)
+        x = self.up3(x, x3)
+        x = self.up4(x, x2)
+        x = self.up5(x, x1)
+        return torch.sigmoid(self.outc(x))
+
+    def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random inputs of the right shapes (for export, benchmarks and tests)."""
+        s = self.size.inner
+        return torch.rand(batch, 6, s, s), torch.randn(batch, *audio_input_shape(self.mode))
+
+
+def build_unet(mode: str = "whisper", size: str = "328") -> Model:
+    """A fresh generator for `mode` and `size`."""
+    return Model(6, mode, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the expected architecture, with a readable message."""
+
+
+def _strip_prefixes(state: dict) -> dict:
+    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(state_dict, meta) of a checkpoint of ours ({state_dict, meta}) or upstream's (bare state_dict,
+    meta inferred: ave mode unless the audio input says otherwise, size from the first conv)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{path} does not hold a state_dict")
+    if "state_dict" in blob:
+        return _strip_prefixes(dict(blob["state_dict"])), dict(blob.get("meta", {}))
+    state = _strip_prefixes(dict(blob))
+    meta: dict = {"kind": "unet", "upstream": True}
+    key = "audio_model.conv1.conv.0.weight"
+    if key in state:
+        cin = state[key].shape[1]
+        meta["mode"] = {48: "whisper", 256: "wenet"}.get(cin, "ave")
+        width = state["inc.inconv.0.conv.6.weight"].shape[0]
+        meta["size"] = "328" if width == 32 else "small"
+    return state, meta
+
+
+def load_unet_checkpoint(path: str | Path, expect_mode: str | None = None,
+                         device: str | torch.device = "cpu") -> tuple[Model, dict]:
+    """Build the U-Net a checkpoint describes and load it strictly; readable errors on mismatch."""
+    state, meta = read_checkpoint(path)
+    if meta.get("kind", "unet") != "unet":
+        raise CheckpointError(f"{path} is a {meta.get('kind')} checkpoint, not a U-Net")
+    mode = meta.get("mode", expect_mode or "ave")
+    if expect_mode and mode != expect_mode:
+        raise CheckpointError(f"{path} was trained in audio mode {mode!r}, expected {expect_mode!r}")
+    model = build_unet(mode, meta.get("size", "328"))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"{path} does not match a U-Net in mode {mode!r}, size {meta.get('size', '328')!r}: "
+            f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, "
+            f"shape mismatches {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in mismatched[:4]]}"
+        )
+    model.load_state_dict(state, strict=True)
+    meta.setdefault("mode", mode)
+    meta.setdefault("size", model.size.name)
+    return model.to(device).eval(), meta
+
+
+def save_checkpoint(path: str | Path, state_dict: dict, meta: dict) -> None:
+    """Write {state_dict, meta} atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"state_dict": state_dict, "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def export_onnx(model: Model, path: str | Path, batch: int = 1, dynamic_batch: bool = True) -> Path:
+    """Export the generator to ONNX (inputs `image`, `audio`; output `pred`), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.onnx")
+    model = model.eval().float().cpu()
+    image, audio = model.example_inputs(batch)
+    axes = {"image": {0: "batch"}, "audio": {0: "batch"}, "pred": {0: "batch"}} if dynamic_batch else None
+    with torch.no_grad():
+        torch.onnx.export(model, (image, audio), str(tmp), input_names=["image", "audio"],
+                          output_names=["pred"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    os.replace(tmp, path)
+    return path
