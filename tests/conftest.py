@@ -15,6 +15,10 @@ ARTIFACTS = REPO / "test-artifacts"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# `fixture_avatar` (session): the synthetic fixture video preprocessed and trained once per session.
+# Test modules take it as an argument; importing it into a module would train it again there.
+pytest_plugins = ["fixture_avatar"]
+
 
 def need_shared(path: Path) -> Path:
     """Return `path` under ../shared or skip the test with the reason."""

@@ -1,0 +1,466 @@
+"""HTTP API: the avatar speaks typed text or an uploaded recording, streamed as multipart MJPEG.
+
+    python api.py [--host 127.0.0.1] [--port 8000] [--avatar NAME]
+
+Flags override `config.py` (`SYNCTALK_*` environment). Endpoints are listed in docs/api-reference.md and
+in the OpenAPI page at /docs. `create_app(services)` builds the app around a `services.deps.Services`
+(tests pass their own); without one, the lifespan builds it from the configuration and loads the default
+avatar before the first request is served. Routes live in small routers (`page_router`, `speech_router`,
+`system_router`); a new feature adds its own router to `ROUTERS` and uses the dependencies of
+`services/deps.py` (the app-wide token check covers it automatically).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.debug import DebugRecorder, wav_bytes
+from services.deps import (DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services,
+                           require_token)
+from services.models import AvatarInfo, AvatarLoadError, ModelService, NoAvatarError, UnknownAvatarError
+from services.streaming import MJPEG_END, MJPEG_MEDIA_TYPE, MJPEGResponse, mjpeg_part, paced_parts
+from services.tts import TTSUnavailable
+
+log = logging.getLogger("api")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".m4a")
+UPLOAD_FIELDS = ("audio_file", "file")
+FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries on top of the file itself
+STREAM_HEADERS = ["X-Frame-Count", "X-Audio-Duration", "X-FPS", "X-Avatar", "X-TTS-Engine"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: always JSON {error, detail}
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    error: str = Field(description="machine-readable code, e.g. `unknown_avatar`")
+    detail: str = Field(description="human-readable explanation")
+
+
+class APIError(HTTPException):
+    """An HTTP error with a stable machine-readable `error` code."""
+
+    def __init__(self, status_code: int, error: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(status_code, detail, headers)
+        self.error = error
+
+
+_DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                  405: "method_not_allowed", 411: "length_required", 413: "upload_too_large",
+                  415: "unsupported_media_type", 422: "invalid_request", 503: "unavailable"}
+
+
+def _error(status_code: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """JSON errors for HTTP exceptions, validation failures and the services' domain errors."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = getattr(exc, "error", None) or _DEFAULT_CODES.get(exc.status_code, "error")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(422, "invalid_request", detail)
+
+    @app.exception_handler(UnknownAvatarError)
+    async def unknown_avatar(_: Request, exc: UnknownAvatarError) -> JSONResponse:
+        return _error(404, "unknown_avatar", str(exc))
+
+    @app.exception_handler(NoAvatarError)
+    async def no_avatar(_: Request, exc: NoAvatarError) -> JSONResponse:
+        return _error(503, "no_avatar", str(exc))
+
+    @app.exception_handler(AvatarLoadError)
+    async def avatar_load(_: Request, exc: AvatarLoadError) -> JSONResponse:
+        return _error(503, "avatar_unavailable", str(exc))
+
+    @app.exception_handler(TTSUnavailable)
+    async def tts_unavailable(_: Request, exc: TTSUnavailable) -> JSONResponse:
+        return _error(503, "tts_unavailable", str(exc))
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "bad input (empty or too long text, corrupt audio)"},
+    404: {"model": ErrorBody, "description": "unknown avatar or voice"},
+    503: {"model": ErrorBody, "description": "no avatar available, or TTS unavailable"},
+}
+MJPEG_OK: dict[int | str, dict[str, Any]] = {200: {
+    "content": {MJPEG_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    "description": "multipart MJPEG, one JPEG part per 40 ms of audio, paced in real time; headers "
+                   "`X-Frame-Count`, `X-Audio-Duration` (s), `X-FPS`, `X-Avatar`",
+}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared steps of the routes
+
+
+def check_text(text: str, max_chars: int) -> str:
+    """The text to speak, stripped; 400 when empty or longer than `max_chars`."""
+    text = text.strip()
+    if not text:
+        raise APIError(400, "empty_text", "text is empty")
+    if len(text) > max_chars:
+        raise APIError(400, "text_too_long", f"text is {len(text)} characters long, the limit is {max_chars}")
+    return text
+
+
+async def check_voice(services: Services, voice: str | None) -> str | None:
+    """`voice` if the TTS chain knows it (None = default voice); 404 otherwise."""
+    if voice is None or voice == "":
+        return None
+    known = await anyio.to_thread.run_sync(services.tts.voices)
+    if voice not in known:
+        raise APIError(404, "unknown_voice", f"unknown voice {voice!r}; available: {', '.join(known)}")
+    return voice
+
+
+async def synthesize(services: Services, text: str, voice: str | None) -> Any:
+    """TTS in a worker thread (cached by (text, voice) in the chain); 400 when nothing is speakable."""
+    try:
+        result = await anyio.to_thread.run_sync(services.tts.synthesize, text, voice)
+    except TTSUnavailable:
+        raise
+    except ValueError as exc:
+        raise APIError(400, "bad_text", str(exc)) from None
+    services.tts_last_engine = result.engine
+    return result
+
+
+async def stream_audio(services: Services, audio16k: np.ndarray, info: AvatarInfo, kind: str,
+                       extra_headers: dict[str, str] | None = None) -> MJPEGResponse:
+    """The MJPEG response of avatar `info` speaking 16 kHz mono `audio16k`."""
+    settings = services.settings
+    engine = await anyio.to_thread.run_sync(services.models.engine, info.name)
+    generator = services.generator_cls(engine, batch_size=settings.models.batch_size,
+                                       jpeg_quality=settings.server.jpeg_quality, stats=services.stats)
+    assert services.debug is not None
+    session = DebugRecorder.new_session(kind)
+    await anyio.to_thread.run_sync(services.debug.save_audio_clip, session, audio16k, 16000)
+    source = await anyio.to_thread.run_sync(generator.job, audio16k, services.debug.frame_sink(session))
+    if source.total == 0:
+        raise APIError(400, "audio_too_short", "the audio is shorter than one video frame (40 ms)")
+    headers = {"X-Frame-Count": str(source.total), "X-Audio-Duration": f"{len(audio16k) / 16000:.4f}",
+               "X-FPS": str(generator.fps), "X-Avatar": info.name, "Cache-Control": "no-store",
+               "X-Accel-Buffering": "no", **(extra_headers or {})}
+    return MJPEGResponse(paced_parts(source, services.stats, generator.fps), headers=headers)
+
+
+async def speak_text(services: Services, text: str, avatar: str | None, voice: str | None) -> MJPEGResponse:
+    """Validate, synthesise and stream (the body of both /generate routes)."""
+    text = check_text(text, services.settings.tts.max_text_chars)
+    info = services.models.resolve(avatar)
+    voice = await check_voice(services, voice)
+    result = await synthesize(services, text, voice)
+    return await stream_audio(services, result.to_16k(), info, "text", {"X-TTS-Engine": result.engine})
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    """The uploaded audio file's bytes and its extension; the size cap is enforced before parsing."""
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise APIError(411, "length_required", "the upload needs a Content-Length header")
+    if int(length) > max_bytes + FORM_OVERHEAD:
+        raise APIError(413, "upload_too_large", f"upload is {length} bytes, the limit is {max_bytes}")
+    try:
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload = next((form[f] for f in UPLOAD_FIELDS if isinstance(form.get(f), UploadFile)), None)
+            if upload is None:
+                raise APIError(400, "missing_file", "send the audio as multipart form field 'audio_file'")
+            extension = Path(upload.filename or "").suffix.lower()
+            if extension not in AUDIO_EXTENSIONS:
+                raise APIError(415, "unsupported_format",
+                               f"unsupported audio file {extension or '(no extension)'}; "
+                               f"send one of {', '.join(AUDIO_EXTENSIONS)}")
+            data = await upload.read(max_bytes + 1)
+    except StarletteHTTPException:
+        raise
+    except Exception as exc:  # malformed multipart body
+        raise APIError(400, "bad_form", f"cannot parse the multipart form: {exc}") from None
+    if len(data) > max_bytes:
+        raise APIError(413, "upload_too_large", f"upload is over the limit of {max_bytes} bytes")
+    return data, extension
+
+
+async def decode_upload(data: bytes, extension: str) -> np.ndarray:
+    """16 kHz mono float32 audio of an uploaded file; 400 when it cannot be decoded."""
+    from audio_io import load_audio
+
+    try:
+        audio = await anyio.to_thread.run_sync(load_audio, data)
+    except Exception as exc:  # each decoder has its own error types; all mean "not valid audio"
+        log.info("cannot decode %s upload: %s", extension, exc)
+        raise APIError(400, "corrupt_audio", f"cannot decode the {extension} file: {exc}") from None
+    if audio.size == 0:
+        raise APIError(400, "corrupt_audio", f"the {extension} file holds no audio")
+    return np.asarray(audio, dtype=np.float32)
+
+
+def avatar_still(info: AvatarInfo) -> bytes:
+    """JPEG bytes of the avatar's first source frame."""
+    return info.first_frame_path().read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+
+page_router = APIRouter(tags=["page"])
+speech_router = APIRouter(tags=["speech"])
+system_router = APIRouter(tags=["system"])
+
+AvatarQuery = Annotated[str | None, Query(description="avatar name (see /health); default avatar if omitted")]
+VoiceQuery = Annotated[str | None, Query(description="TTS voice (see /health); default voice if omitted")]
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(description="what the avatar says")
+    avatar: str | None = None
+    voice: str | None = None
+
+
+class DebugUpdate(BaseModel):
+    """Body of POST /debug/config: flags to change (omitted ones stay as they are)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool | None = None
+    save_frames: bool | None = None
+    save_audio: bool | None = None
+
+
+PLACEHOLDER_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>SyncTalk 2D</title></head>
+<body><h1>SyncTalk 2D</h1><p>The web page is not built yet. The API is up: see <a href="/docs">/docs</a>.</p>
+<img src="/avatar" alt="avatar" style="max-width:480px"></body></html>"""
+
+
+@page_router.get("/", include_in_schema=False)
+def index() -> Response:
+    """The web page (`static/index.html`)."""
+    page = STATIC_DIR / "index.html"
+    return FileResponse(page, media_type="text/html") if page.is_file() else HTMLResponse(PLACEHOLDER_PAGE)
+
+
+@page_router.get("/static/{name}", include_in_schema=False)
+def static_file(name: str) -> FileResponse:
+    """A file of `static/` (matched against the folder's listing, never joined as a path)."""
+    files = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()} if STATIC_DIR.is_dir() else {}
+    if name not in files:
+        raise APIError(404, "not_found", f"no static file {name!r}")
+    return FileResponse(files[name])
+
+
+@speech_router.get("/generate", response_class=MJPEGResponse, responses={**MJPEG_OK, **ERRORS})
+async def generate_get(services: ServicesDep, text: Annotated[str, Query(description="what to say")],
+                       avatar: AvatarQuery = None, voice: VoiceQuery = None) -> MJPEGResponse:
+    """Stream MJPEG of the avatar speaking `text` (for an `<img src=...>`)."""
+    return await speak_text(services, text, avatar, voice)
+
+
+@speech_router.post("/generate", response_class=MJPEGResponse, responses={**MJPEG_OK, **ERRORS})
+async def generate_post(services: ServicesDep, body: GenerateRequest) -> MJPEGResponse:
+    """Stream MJPEG of the avatar speaking the JSON body's `text`."""
+    return await speak_text(services, body.text, body.avatar, body.voice)
+
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["audio_file"],
+    "properties": {"audio_file": {"type": "string", "format": "binary",
+                                  "description": f"audio file: {', '.join(AUDIO_EXTENSIONS)}"}}}}}}}
+
+
+@speech_router.post("/generate-from-audio", response_class=MJPEGResponse, openapi_extra=UPLOAD_BODY,
+                    responses={**MJPEG_OK, **ERRORS, 411: {"model": ErrorBody}, 413: {"model": ErrorBody},
+                               415: {"model": ErrorBody}})
+async def generate_from_audio(services: ServicesDep, request: Request,
+                              avatar: AvatarQuery = None) -> MJPEGResponse:
+    """Stream MJPEG of the avatar speaking an uploaded recording (form field `audio_file`)."""
+    info = services.models.resolve(avatar)
+    data, extension = await read_upload(request, services.settings.server.max_upload_bytes)
+    audio = await decode_upload(data, extension)
+    return await stream_audio(services, audio, info, "audio")
+
+
+@speech_router.get("/generate-from-audio", response_class=MJPEGResponse, responses={**MJPEG_OK, **ERRORS})
+async def generate_from_audio_placeholder(models: ModelsDep, avatar: AvatarQuery = None) -> Response:
+    """A one-part MJPEG stream of the still avatar, for an `<img>` while the upload runs."""
+    info = models.resolve(avatar)
+    jpeg = await anyio.to_thread.run_sync(avatar_still, info)
+    return Response(mjpeg_part(jpeg) + MJPEG_END, media_type=MJPEG_MEDIA_TYPE, headers={"X-Frame-Count": "1"})
+
+
+@speech_router.get("/avatar", response_class=Response, responses={
+    200: {"content": {"image/jpeg": {}}, "description": "one still JPEG"}, **ERRORS})
+async def avatar_image(models: ModelsDep, avatar: AvatarQuery = None) -> Response:
+    """One still JPEG of the avatar (its first source frame)."""
+    info = models.resolve(avatar)
+    jpeg = await anyio.to_thread.run_sync(avatar_still, info)
+    return Response(jpeg, media_type="image/jpeg", headers={"X-Avatar": info.name})
+
+
+@speech_router.get("/get-tts-audio", response_class=Response, responses={
+    200: {"content": {"audio/wav": {}}, "description": "16-bit mono WAV; header `X-Audio-Duration` (s)"},
+    **ERRORS})
+async def get_tts_audio(services: ServicesDep, text: Annotated[str, Query(description="what to say")],
+                        voice: VoiceQuery = None) -> Response:
+    """The speech for `text` as a WAV file (cached, so a following /generate does not synthesise again)."""
+    text = check_text(text, services.settings.tts.max_text_chars)
+    result = await synthesize(services, text, await check_voice(services, voice))
+    headers = {"X-Audio-Duration": f"{result.duration_s:.4f}", "X-TTS-Engine": result.engine,
+               "Content-Disposition": 'attachment; filename="tts_audio.wav"', "Cache-Control": "no-store"}
+    return Response(wav_bytes(result.audio, result.sample_rate), media_type="audio/wav", headers=headers)
+
+
+class HealthBody(BaseModel):
+    """GET /health."""
+
+    status: str = Field(description="ok (default avatar loaded), degraded (not loaded yet or failed), "
+                                    "unavailable (no avatar at all)")
+    device: str
+    backend: str
+    model: dict[str, Any]
+    avatars: list[dict[str, Any]]
+    tts: dict[str, Any]
+    streams: dict[str, int]
+
+
+@system_router.get("/health", response_model=HealthBody)
+def health(services: ServicesDep) -> dict[str, Any]:
+    """Cheap status: default/loaded avatars, TTS chain, device and stream counters (no synthesis)."""
+    models = services.models.status()
+    default = models["default"]
+    state = "unavailable" if default is None else ("ok" if default in models["loaded"] else "degraded")
+    engines = [getattr(e, "name", "?") for e in getattr(services.tts, "engines", [services.tts])]
+    tts = {"engines": engines, "last_engine": services.tts_last_engine, "voices": services.tts.voices(),
+           "cache_hits": getattr(services.tts, "cache_hits", None),
+           "cache_misses": getattr(services.tts, "cache_misses", None)}
+    return {"status": state, "device": services.settings.models.resolved_device(),
+            "backend": services.settings.models.backend, "model": {"default": default, "loaded": models["loaded"]},
+            "avatars": models["avatars"], "tts": tts, "streams": services.stats.snapshot()}
+
+
+@system_router.get("/debug/status")
+def debug_status(debug: DebugDep, stats: StatsDep) -> dict[str, Any]:
+    """Debug flags and folders, bytes written, and the stream counters."""
+    return {**debug.status(), "streams": stats.snapshot()}
+
+
+@system_router.post("/debug/config", responses={422: {"model": ErrorBody}})
+def debug_config(debug: DebugDep, stats: StatsDep, body: DebugUpdate) -> dict[str, Any]:
+    """Switch debug recording flags; frames go to the configured frames dir, audio to the audio dir."""
+    debug.update(**body.model_dump())
+    return {**debug.status(), "streams": stats.snapshot()}
+
+
+from live import router as live_router  # noqa: E402  (GET /idle, WS /ws/live)
+
+ROUTERS: list[APIRouter] = [page_router, speech_router, system_router, live_router]
+
+
+# ---------------------------------------------------------------------------------------------
+# App
+
+
+def warm_tts(tts: Any) -> None:
+    """Load the TTS engines' voices now rather than in the first request (failures only logged: the
+    chain falls back per request)."""
+    for engine in getattr(tts, "engines", [tts]):
+        try:
+            engine.voices()
+            if hasattr(engine, "load"):
+                engine.load()
+        except Exception as exc:  # a broken engine is skipped by the fallback chain later
+            log.warning("tts engine %s not available: %s", getattr(engine, "name", engine), exc)
+
+
+def create_app(services: Services | None = None, settings: Any = None) -> FastAPI:
+    """The FastAPI app around `services` (built from `settings` or `config.settings` at start-up when
+    None). The lifespan loads the default avatar once before serving."""
+    if settings is None:
+        from config import settings as default_settings
+
+        settings = services.settings if services is not None else default_settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if getattr(app.state, "services", None) is None:
+            app.state.services = build_services(settings)
+        svc: Services = app.state.services
+        name = await anyio.to_thread.run_sync(svc.models.warm_up)
+        await anyio.to_thread.run_sync(warm_tts, svc.tts)
+        log.info("ready: default avatar %s, device %s, backend %s", name or "(none)",
+                 svc.settings.models.resolved_device(), svc.settings.models.backend)
+        yield
+
+    app = FastAPI(title="SyncTalk 2D", version="1.0", lifespan=lifespan, dependencies=[Depends(require_token)],
+                  description="Lip-synced talking-head video from text or audio, streamed as MJPEG.")
+    app.state.services = services
+    if settings.server.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.server.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=STREAM_HEADERS)
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app
+
+
+app = create_app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: start uvicorn with the app (flags override the configuration)."""
+    from config import settings
+
+    parser = argparse.ArgumentParser(description="SyncTalk 2D streaming server")
+    parser.add_argument("--host", default=settings.server.host, help="bind address (default %(default)s)")
+    parser.add_argument("--port", type=int, default=settings.server.port, help="port (default %(default)s)")
+    parser.add_argument("--avatar", default=settings.models.default_avatar, help="default avatar (%(default)s)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    cfg = settings.model_copy(deep=True)
+    cfg.server.host, cfg.server.port, cfg.models.default_avatar = args.host, args.port, args.avatar
+    models = ModelService(cfg)
+    if args.avatar not in models.names() and args.avatar != settings.models.default_avatar:
+        sys.stderr.write(f"error: avatar {args.avatar!r} not found; available: {', '.join(models.names()) or 'none'}\n")
+        return 2
+    from services.tts import build_tts
+
+    import uvicorn
+
+    server_app = create_app(Services(settings=cfg, models=models, tts=build_tts(cfg)))
+    uvicorn.run(server_app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Audio decoding and writing shared by preprocessing, inference, training and the server.
+
+`load_audio` turns anything PyAV (FFmpeg) can demux and decode -- WAV, MP3, FLAC, OGG/Opus, M4A/AAC,
+or the audio track of a video container -- into float32 mono at 16 kHz (or another rate). Channels
+are averaged (not FFmpeg's -3 dB downmix), so a centred stereo signal keeps its level. `write_wav`
+writes PCM16 atomically. Every failure on bad input is an `AudioError` (a `ValueError`) with one
+readable line.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import wave
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+
+class AudioError(ValueError):
+    """Input that cannot be turned into audio: missing, empty, undecodable or without an audio stream."""
+
+
+def _describe(source: AudioSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    return f"<{type(source).__name__}>"
+
+
+def _open_input(source: AudioSource):
+    """PyAV container for a path, a bytes object or a binary file object."""
+    import av
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise AudioError(f"audio file not found: {path}")
+        if path.is_dir():
+            raise AudioError(f"expected an audio file, got a directory: {path}")
+        if path.stat().st_size == 0:
+            raise AudioError(f"audio file is empty (0 bytes): {path}")
+        target: object = str(path)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise AudioError("audio data is empty (0 bytes)")
+        target = io.BytesIO(bytes(source))
+    elif hasattr(source, "read"):
+        target = source
+    else:
+        raise AudioError(f"cannot read audio from a {type(source).__name__}; give a path, bytes or a file")
+    try:
+        return av.open(target, mode="r")
+    except (av.FFmpegError, UnicodeDecodeError, OSError, ValueError) as exc:
+        raise AudioError(f"cannot decode {_describe(source)}: not a readable audio/video file ({_short(exc)})") \
+            from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_audio(source: AudioSource, sr: int = 16000) -> np.ndarray:
+    """Decode the first audio stream of `source` (path, bytes or binary file) to float32 mono at `sr` Hz.
+
+    Channels are averaged; the result is 1-D and C-contiguous. Raises `AudioError` (a ValueError) when
+    the input is missing, empty, undecodable, has no audio stream or decodes to zero samples.
+    """
+    import av
+
+    if sr <= 0:
+        raise ValueError(f"sample rate must be positive, got {sr}")
+    name = _describe(source)
+    container = _open_input(source)
+    try:
+        if not container.streams.audio:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise AudioError(f"{name} has no audio stream (streams: {', '.join(kinds)})")
+        stream = container.streams.audio[0]
+        resampler = None
+        chunks: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                if resampler is None:  # keep the source layout: channels are averaged below
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=sr)
+                chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
+            if resampler is not None:
+                chunks.extend(out.to_ndarray() for out in resampler.resample(None))
+        except av.FFmpegError as exc:
+            if not chunks:
+                raise AudioError(f"cannot decode the audio of {name}: {_short(exc)}") from None
+            log.warning("audio of %s is truncated after a decode error: %s", name, _short(exc))
+    finally:
+        container.close()
+    if not chunks:
+        raise AudioError(f"{name} contains no audio samples")
+    audio = np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)
+    if audio.size == 0:
+        raise AudioError(f"{name} contains no audio samples")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{name} decodes to non-finite samples")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def to_float32(pcm: np.ndarray) -> np.ndarray:
+    """PCM samples as float32 in [-1, 1]: int16 is scaled by 1/32768, floats pass through, 2-D
+    [samples, channels] is averaged to mono."""
+    pcm = np.asarray(pcm)
+    if pcm.dtype == np.int16:
+        pcm = pcm.astype(np.float32) / 32768.0
+    elif pcm.dtype == np.int32:
+        pcm = pcm.astype(np.float32) / 2147483648.0
+    elif pcm.dtype.kind == "f":
+        pcm = pcm.astype(np.float32, copy=False)
+    else:
+        raise ValueError(f"unsupported PCM dtype {pcm.dtype}; use float32 or int16")
+    if pcm.ndim == 2:
+        pcm = pcm.mean(axis=1, dtype=np.float32)
+    elif pcm.ndim != 1:
+        raise ValueError(f"PCM must be 1-D (mono) or [samples, channels], got shape {pcm.shape}")
+    return pcm
+
+
+def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Resample float32 mono audio with soxr (high quality); identity when the rates match."""
+    audio = to_float32(audio)
+    if sr_in == sr_out:
+        return audio
+    import soxr
+
+    return soxr.resample(audio, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = 16000) -> Path:
+    """Write mono (1-D) or [samples, channels] audio as PCM16 WAV, atomically (temp file + rename).
+
+    Float input is clipped to [-1, 1] and rounded; int16 is written as is."""
+    path = Path(path)
+    audio = np.asarray(audio)
+    if audio.ndim not in (1, 2):
+        raise ValueError(f"audio must be 1-D or [samples, channels], got shape {audio.shape}")
+    if sr <= 0:
+        raise ValueError(f"sample rate must be positive, got {sr}")
+    if audio.dtype == np.int16:
+        pcm = audio
+    elif audio.dtype.kind == "f":
+        if not np.isfinite(audio).all():
+            raise ValueError("audio contains NaN or infinite samples")
+        pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+    else:
+        raise ValueError(f"unsupported audio dtype {audio.dtype}; use float or int16")
+    channels = 1 if pcm.ndim == 1 else pcm.shape[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with wave.open(str(tmp), "wb") as wf:
+            wf.setnchannels(channels)
+            wf.setsampwidth(2)
+            wf.setframerate(int(sr))
+            wf.writeframes(np.ascontiguousarray(pcm).astype("<i2").tobytes())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

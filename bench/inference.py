@@ -1,0 +1,252 @@
+"""Offline inference throughput: our pipeline against the bare U-Net and a re-creation of upstream's loop.
+
+    python bench/inference.py [--seconds 30] [--size 328] [--threads 1] [--batch_size 8]
+                              [--audio FILE] [--video FILE] [--workdir DIR]
+
+All three runs use the same audio (the first `--seconds` of it) and the same avatar:
+  (a) unet_ort:   the U-Net alone in ONNX Runtime, batch `--batch_size`, inputs prepared once;
+  (b) pipeline:   ours, as `inference_328.py` runs it: speech features + LipSyncEngine.run (ORT, batched,
+                  feathered paste in a worker thread) streaming into the H.264/AAC encoder;
+  (c) upstream:   upstream's loop re-created: features, then per frame JPEG read + crop + bicubic resize,
+                  PyTorch eager at batch 1, hard paste, frame written to an MJPG file on disk, then the
+                  file muxed with the audio into H.264/AAC.
+The avatar is built in a temp folder from a video (default: the shared May clip when ../shared exists,
+else the synthetic fixture clip, else generated frames) with a fixed lower-face box and a randomly
+initialised checkpoint of `--size`: speed does not depend on the weights. Prints one JSON object with
+frames/s of each and the ratios b/a (target >= 0.85) and b/c (target >= 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from utils import audio_window, get_size  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "media"
+FPS = 25
+
+
+def default_audio() -> Path | None:
+    path = SHARED / "audio" / "musetalk_eng.wav"
+    return path if path.is_file() else None
+
+
+def default_video() -> Path | None:
+    for path in (SHARED / "video" / "real3dportrait_May_5s.mp4", REPO / "tests" / "fixtures" / "synth_fixture.mp4"):
+        if path.is_file():
+            return path
+    return None
+
+
+def make_audio(path: Path | None, seconds: float, out_dir: Path) -> Path:
+    """A WAV of exactly `seconds` (looped if the source is shorter; a synthetic vowel-like signal when
+    there is no source)."""
+    import audio_io
+
+    if path is not None:
+        audio = audio_io.load_audio(str(path), sr=16000)
+        reps = int(np.ceil(seconds * 16000 / len(audio)))
+        audio = np.tile(audio, reps)[: int(seconds * 16000)]
+    else:
+        t = np.arange(int(seconds * 16000)) / 16000
+        env = 0.5 * (1 + np.sin(2 * np.pi * 3 * t))
+        audio = (0.3 * env * np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 700 * t)).astype(np.float32)
+    out = out_dir / "bench_audio.wav"
+    audio_io.write_wav(out, audio, 16000)
+    return out
+
+
+def make_avatar(video: Path | None, root: Path, size: str, mode: str, max_frames: int = 250) -> tuple[Path, Path]:
+    """dataset/<bench>/ (frames, crop_boxes.npy, crops cache) and a random checkpoint of `size`."""
+    import av
+
+    import face_crop
+    from unet_328 import build_unet, save_checkpoint
+
+    ds = root / "dataset" / "bench"
+    (ds / "full_body_img").mkdir(parents=True, exist_ok=True)
+    frames = []
+    if video is not None:
+        with av.open(str(video)) as c:
+            for frame in c.decode(video=0):
+                frames.append(frame.to_ndarray(format="bgr24"))
+                if len(frames) >= max_frames:
+                    break
+    else:
+        rng = np.random.default_rng(0)
+        base = cv2.GaussianBlur(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8), (0, 0), 8)
+        frames = [np.roll(base, i, axis=1) for i in range(125)]
+    h, w = frames[0].shape[:2]
+    side = int(0.4 * min(h, w))
+    x1, y1 = (w - side) // 2, int(0.45 * h)
+    y1 = min(y1, h - side)
+    boxes = np.tile(np.array([x1, y1, x1 + side, y1 + side], np.int32), (len(frames), 1))
+    crop = get_size(size).crop
+    crops = np.empty((len(frames), crop, crop, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(ds / "full_body_img" / f"{i}.jpg"), frame)
+        crops[i] = face_crop.crop_face(frame, boxes[i], crop)
+    np.save(ds / "crop_boxes.npy", boxes)
+    np.save(ds / f"crops_{crop}.npy", crops)
+    torch.manual_seed(0)
+    ckpt = root / "checkpoint" / "bench" / "1.pth"
+    save_checkpoint(ckpt, build_unet(mode, size).state_dict(), {"kind": "unet", "mode": mode, "size": size, "epoch": 1})
+    return ds, ckpt
+
+
+def bench_unet_ort(engine, n: int) -> float:
+    """(a) frames/s of the engine's ORT session alone on n frames, batch = engine.batch_size."""
+    slot = engine._slots[0]
+    rng = np.random.default_rng(0)
+    slot.image[...] = rng.random(slot.image.shape, dtype=np.float32)
+    slot.audio[...] = rng.standard_normal(slot.audio.shape, dtype=np.float32)
+    engine.runner.run(slot.image, slot.audio, slot.pred)  # warm-up
+    start = time.perf_counter()
+    for s in range(0, n, engine.batch_size):
+        b = min(engine.batch_size, n - s)
+        engine.runner.run(slot.image[:b], slot.audio[:b], slot.pred[:b])
+    return n / (time.perf_counter() - start)
+
+
+def bench_pipeline(ds: Path, ckpt: Path, audio_path: Path, out_dir: Path, batch: int, threads: int) -> dict:
+    """(b) our full pipeline through inference_328's own code path."""
+    import inference_328
+
+    out = out_dir / "ours.mp4"
+    args = inference_328.parse_args([
+        "--name", ds.name, "--audio_path", str(audio_path), "--output", str(out), "--backend", "onnx",
+        "--device", "cpu", "--threads", str(threads), "--batch_size", str(batch),
+        "--dataset_root", str(ds.parent), "--checkpoint_root", str(ckpt.parent.parent)])
+    _, n, seconds = inference_328.run(args)
+    return {"frames": n, "seconds": round(seconds, 2), "fps": n / seconds}
+
+
+def bench_upstream(ds: Path, ckpt: Path, audio_path: Path, out_dir: Path) -> dict:
+    """(c) upstream's loop: eager batch 1, per-frame JPEG + crop, hard paste, frames to disk, then mux."""
+    import av
+
+    import audio_io
+    import face_crop
+    import speech_features
+    from services.generator import pingpong_order
+    from unet_328 import load_unet_checkpoint
+
+    model, meta = load_unet_checkpoint(ckpt)
+    size = get_size(meta["size"])
+    crop, inner, bd = size.crop, size.inner, size.border
+    boxes = np.load(ds / "crop_boxes.npy")
+    n_src = len(boxes)
+    start = time.perf_counter()
+    audio = audio_io.load_audio(str(audio_path), sr=16000)
+    feats = speech_features.extract_features(audio, meta["mode"])
+    n = int(round(FPS * len(audio) / 16000))
+    order = pingpong_order(n_src, n)
+    first = cv2.imread(str(ds / "full_body_img" / "0.jpg"))
+    h, w = first.shape[:2]
+    tmp_video = out_dir / "upstream_temp.avi"
+    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (w, h))
+    with torch.no_grad():
+        for i in range(n):
+            idx = int(order[i])
+            frame = cv2.imread(str(ds / "full_body_img" / f"{idx}.jpg"))
+            x1, y1, x2, y2 = (int(v) for v in boxes[idx])
+            crop_img = cv2.resize(frame[y1:y2, x1:x2], (crop, crop), interpolation=cv2.INTER_CUBIC)
+            img = crop_img[bd:bd + inner, bd:bd + inner].copy()
+            masked = img.copy()
+            mx, my, mw, mh = face_crop.mask_rect(inner)  # (5, 5, 310, 305) at 320, as upstream
+            cv2.rectangle(masked, (mx, my, mw, mh), (0, 0, 0), -1)
+            x = np.concatenate([img, masked], axis=2).transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+            a = audio_window(feats, i, meta["mode"])[None]
+            pred = model(torch.from_numpy(x), torch.from_numpy(a))[0].numpy().transpose(1, 2, 0) * 255
+            crop_img[bd:bd + inner, bd:bd + inner] = pred.astype(np.uint8)
+            frame[y1:y2, x1:x2] = cv2.resize(crop_img, (x2 - x1, y2 - y1), interpolation=cv2.INTER_CUBIC)
+            writer.write(frame)
+    writer.release()
+    # mux (upstream: ffmpeg -i temp -i audio -c:v libx264 -c:a aac -crf 20)
+    out = out_dir / "upstream.mp4"
+    with av.open(str(tmp_video)) as src, av.open(str(out), "w") as dst:
+        vs = dst.add_stream("libx264", rate=FPS)
+        vs.width, vs.height, vs.pix_fmt, vs.options = w - w % 2, h - h % 2, "yuv420p", {"crf": "20"}
+        aus = dst.add_stream("aac", rate=16000)
+        aus.layout = "mono"
+        for k, frame in enumerate(src.decode(video=0)):
+            img = frame.to_ndarray(format="bgr24")[: h - h % 2, : w - w % 2]
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="bgr24")
+            vf.pts = k
+            dst.mux(vs.encode(vf))
+        dst.mux(vs.encode(None))
+        pcm = audio.astype(np.float32)
+        for s in range(0, len(pcm), 1024):
+            af = av.AudioFrame.from_ndarray(pcm[None, s:s + 1024], format="fltp", layout="mono")
+            af.sample_rate, af.pts = 16000, s
+            dst.mux(aus.encode(af))
+        dst.mux(aus.encode(None))
+    tmp_video.unlink()
+    seconds = time.perf_counter() - start
+    return {"frames": n, "seconds": round(seconds, 2), "fps": n / seconds}
+
+
+def main() -> None:
+    from config import settings
+
+    # defaults
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="audio length driving every run")
+    parser.add_argument("--size", default="328", help="model size preset (328 = upstream)")
+    parser.add_argument("--mode", default="whisper")
+    parser.add_argument("--threads", type=int, default=settings.models.threads)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--audio", type=Path, default=default_audio())
+    parser.add_argument("--video", type=Path, default=default_video())
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the avatar and outputs here")
+    parser.add_argument("--skip_upstream", action="store_true", help="only (a) and (b)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    from services.generator import LipSyncEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        ds, ckpt = make_avatar(args.video, root, args.size, args.mode)
+        audio_path = make_audio(args.audio, args.seconds, root)
+        n = int(round(FPS * args.seconds))
+        engine = LipSyncEngine.load(ds, ckpt, backend="onnx", device="cpu", batch_size=args.batch_size,
+                                    threads=args.threads)
+        result: dict = {"size": args.size, "mode": args.mode, "threads": args.threads,
+                        "batch_size": args.batch_size, "audio_seconds": args.seconds, "frames": n,
+                        "frame_size": list(engine.frame_shape[1::-1]), "video": str(args.video),
+                        "audio": str(args.audio), "cpu_count": os.cpu_count(),
+                        "load_average": [round(x, 2) for x in os.getloadavg()]}
+        a = bench_unet_ort(engine, n)
+        del engine
+        result["a_unet_ort_fps"] = round(a, 2)
+        b = bench_pipeline(ds, ckpt, audio_path, root, args.batch_size, args.threads)
+        result["b_pipeline"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in b.items()}
+        result["b_over_a"] = round(b["fps"] / a, 3)
+        if not args.skip_upstream:
+            c = bench_upstream(ds, ckpt, audio_path, root)
+            result["c_upstream"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in c.items()}
+            result["b_over_c"] = round(b["fps"] / c["fps"], 2)
+        result["targets"] = {"b_over_a": 0.85, "b_over_c": 3.0}
+        result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

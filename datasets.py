@@ -1,0 +1,357 @@
+"""Training datasets: U-Net samples and SyncNet pairs read from a preprocessed `dataset/<name>/`.
+
+Everything comes from the crop cache `crops_<crop>.npy` (uint8 `[N, crop, crop, 3]` BGR, memory-mapped)
+and the per-frame audio features (`aud_whisper.npy` or `aud_ave.npy`), so no JPEG is decoded per step.
+A missing cache is built once from `full_body_img/` and the crop boxes with `face_crop.crop_face`, the
+very function inference uses (upstream trained on bilinear crops and inferred on bicubic ones).
+
+Split (`dataset_split`): `val_fraction` (10 %) of the frames, contiguous, at the end of the video, is
+the held-out `val` split; when the recording ends in silence (upstream asks for 5 s of it) the block ends
+where the speech ends, so it still holds speech, and the silent tail is trained on. The `WINDOW // 2`
+frames on each side of the block are used by neither split, so no training audio window reaches into
+held-out audio. Training references are drawn from training frames only.
+
+Sample randomness (reference frame, SyncNet negatives) is a pure function of (seed, epoch, frame); the
+training loaders pass (epoch, position) keys, so a run is reproducible and resumable whatever the number
+of loader workers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils import WINDOW, ModelSize, audio_window, get_size
+
+log = logging.getLogger(__name__)
+
+FEATURE_FILES = {"whisper": "aud_whisper.npy", "ave": "aud_ave.npy"}  # in order of preference
+VAL_FRACTION = 0.1
+GUARD = WINDOW // 2  # frames between the splits: a training audio window never covers held-out audio
+MIN_SHIFT = 5  # SyncNet negatives: audio at least this many frames away from the face's own
+NEAR_SHIFT = 15  # "shifted" negatives lie MIN_SHIFT..NEAR_SHIFT frames away; "far" ones anywhere else
+
+
+class DatasetError(ValueError):
+    """A dataset that is missing or incomplete; the message names the file and the fix."""
+
+
+def preprocess_hint(dataset_dir: Path) -> str:
+    """The command that (re)builds a dataset folder."""
+    return f"python data_utils/process.py {dataset_dir}/{dataset_dir.name}.mp4"
+
+
+def detect_mode(dataset_dir: str | Path) -> str:
+    """Audio mode of a dataset from its feature files: aud_whisper.npy -> whisper, aud_ave.npy -> ave."""
+    dataset_dir = Path(dataset_dir)
+    for mode, fname in FEATURE_FILES.items():
+        if (dataset_dir / fname).is_file():
+            return mode
+    raise DatasetError(
+        f"no audio features in {dataset_dir} (expected {' or '.join(FEATURE_FILES.values())}); "
+        f"run: {preprocess_hint(dataset_dir)}"
+    )
+
+
+def check_dataset(dataset_dir: str | Path) -> Path:
+    """Raise DatasetError naming the first missing piece of a dataset folder; return it as a Path."""
+    dataset_dir = Path(dataset_dir)
+    hint = preprocess_hint(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise DatasetError(f"dataset folder not found: {dataset_dir}; put the video at "
+                           f"{dataset_dir}/{dataset_dir.name}.mp4 and run: {hint}")
+    detect_mode(dataset_dir)
+    has_boxes = (dataset_dir / "crop_boxes.npy").is_file() or (dataset_dir / "landmarks").is_dir()
+    has_cache = any(dataset_dir.glob("crops_*.npy"))
+    if not has_cache and not (dataset_dir / "full_body_img").is_dir():
+        raise DatasetError(f"{dataset_dir}/full_body_img/ is missing; run: {hint}")
+    if not has_cache and not has_boxes:
+        raise DatasetError(f"{dataset_dir} has neither crop_boxes.npy nor landmarks/; run: {hint}")
+    return dataset_dir
+
+
+def split_frames(n: int, split: str, val_fraction: float = VAL_FRACTION, end: int | None = None) -> np.ndarray:
+    """Frame indices of `split` ('train', 'val' or 'all') for a dataset of `n` frames.
+
+    val = the `val_fraction * n` contiguous frames ending at `end` (default n: the last frames);
+    train = every other frame except GUARD frames on each side of the val block (a training audio
+    window never covers held-out audio). Pass `end = speech_end(dataset_dir, n)` (or use
+    `dataset_split`) so trailing silence does not become the whole held-out set."""
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+    if split == "all":
+        return np.arange(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    end = n if end is None else max(0, min(int(end), n))
+    if end - n_val - GUARD < 2:
+        end = n  # too little before the speech end: hold out the plain tail
+    if n - n_val - GUARD < 2:
+        raise DatasetError(f"only {n} frames: too short to hold out {n_val} validation frames and train "
+                           f"on the rest (need at least {n_val + GUARD + 2})")
+    if split == "val":
+        return np.arange(end - n_val, end)
+    return np.concatenate([np.arange(end - n_val - GUARD), np.arange(min(n, end + GUARD), n)])
+
+
+def speech_end(dataset_dir: str | Path, n: int, margin: int = 2) -> int:
+    """Exclusive end frame of the last speech in `aud.wav` plus `margin` frames (the mouth closes),
+    capped at n; n when the file is missing or unreadable. Silence = metrics.silence_mask (-35 dB
+    below the loud level)."""
+    import metrics
+
+    wav = Path(dataset_dir) / "aud.wav"
+    try:
+        import soundfile as sf
+
+        audio, sr = sf.read(str(wav), dtype="float32", always_2d=True)
+    except Exception:  # no audio: hold out the plain tail
+        return n
+    env = metrics.speech_envelope(audio.mean(axis=1), sr=sr)[:n]
+    loud = np.flatnonzero(~metrics.silence_mask(env))
+    return n if len(loud) == 0 else min(n, int(loud[-1]) + 1 + margin)
+
+
+def dataset_split(dataset_dir: str | Path, n: int, split: str, val_fraction: float = VAL_FRACTION) -> np.ndarray:
+    """`split_frames` for a dataset folder: the held-out block ends where its speech ends. Training,
+    SyncNet and evaluate.py all take their split from here."""
+    return split_frames(n, split, val_fraction, speech_end(dataset_dir, n))
+
+
+# ----------------------------------------------------------------------------------------------
+# Crop cache
+
+
+def crop_cache_path(dataset_dir: str | Path, size: str | ModelSize) -> Path:
+    size = size if isinstance(size, ModelSize) else get_size(size)
+    return Path(dataset_dir) / f"crops_{size.crop}.npy"
+
+
+def _cache_is_current(path: Path, n_frames: int, crop: int, boxes_file: Path | None) -> bool:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except Exception:  # unreadable or truncated: rebuild
+        return False
+    if arr.dtype != np.uint8 or arr.shape != (n_frames, crop, crop, 3):
+        return False
+    return boxes_file is None or path.stat().st_mtime >= boxes_file.stat().st_mtime
+
+
+def ensure_crop_cache(dataset_dir: str | Path, size: str | ModelSize = "328", workers: int = 4) -> Path:
+    """Path of `crops_<crop>.npy`, building it first when missing or stale (frame count, crop size or an
+    older mtime than crop_boxes.npy). Written to a temp file and renamed, so readers never see half a
+    cache."""
+    import cv2
+    from tqdm import tqdm
+
+    import face_crop
+
+    dataset_dir = check_dataset(dataset_dir)
+    size = size if isinstance(size, ModelSize) else get_size(size)
+    path = crop_cache_path(dataset_dir, size)
+    frames_dir = dataset_dir / "full_body_img"
+    boxes_file = dataset_dir / "crop_boxes.npy"
+    if path.is_file() and not frames_dir.is_dir():
+        return path  # a cache shipped without frames: nothing to rebuild from
+    if not frames_dir.is_dir():
+        raise DatasetError(f"{frames_dir} is missing; run: {preprocess_hint(dataset_dir)}")
+    boxes = np.asarray(face_crop.dataset_crop_boxes(dataset_dir))
+    if path.is_file() and _cache_is_current(path, len(boxes), size.crop,
+                                            boxes_file if boxes_file.is_file() else None):
+        return path
+    missing = [i for i in (0, len(boxes) - 1) if not (frames_dir / f"{i}.jpg").is_file()]
+    if missing:
+        raise DatasetError(f"{frames_dir}/{missing[0]}.jpg is missing; run: {preprocess_hint(dataset_dir)}")
+    log.info("building crop cache %s (%d frames, %d px)", path, len(boxes), size.crop)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(boxes), size.crop, size.crop, 3))
+
+    def one(i: int) -> None:
+        frame = cv2.imread(str(frames_dir / f"{i}.jpg"), cv2.IMREAD_COLOR)
+        if frame is None:
+            raise DatasetError(f"cannot read {frames_dir}/{i}.jpg; run: {preprocess_hint(dataset_dir)}")
+        out[i] = face_crop.crop_face(frame, boxes[i], size.crop)
+
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # cv2 releases the GIL while decoding
+            for _ in tqdm(pool.map(one, range(len(boxes))), total=len(boxes), desc=f"crops_{size.crop}",
+                          disable=None):
+                pass
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+
+class AvatarDataset(Dataset):
+    """U-Net samples of one split: `(image [6, S, S], audio [C, H, W], label [3, S, S])`, float32.
+
+    image = [reference interior, masked target interior] as `face_crop.make_unet_input` builds it
+    (reference = crop of a random other training frame), label = the target's interior (S = inner side).
+    In the `val` split the reference of frame i is fixed (seeded by i), so metrics are comparable
+    between epochs.
+    """
+
+    def __init__(self, dataset_dir: str | Path, size: str | ModelSize = "328", mode: str | None = None,
+                 split: str = "train", seed: int = 0, val_fraction: float = VAL_FRACTION,
+                 build_cache: bool = True):
+        self.dataset_dir = check_dataset(dataset_dir)
+        self.name = self.dataset_dir.name
+        self.size = size if isinstance(size, ModelSize) else get_size(size)
+        self.mode = mode or detect_mode(self.dataset_dir)
+        feat_path = self.dataset_dir / FEATURE_FILES.get(self.mode, f"aud_{self.mode}.npy")
+        if not feat_path.is_file():
+            raise DatasetError(f"{feat_path} is missing (audio mode {self.mode!r}); "
+                               f"run: {preprocess_hint(self.dataset_dir)}")
+        self.features = np.load(feat_path).astype(np.float32, copy=False)
+        self.cache_path = (ensure_crop_cache(self.dataset_dir, self.size) if build_cache
+                           else crop_cache_path(self.dataset_dir, self.size))
+        if not self.cache_path.is_file():
+            raise DatasetError(f"{self.cache_path} is missing; run: {preprocess_hint(self.dataset_dir)}")
+        n_crops = np.load(self.cache_path, mmap_mode="r").shape[0]
+        self.n_frames = min(n_crops, len(self.features))
+        if abs(n_crops - len(self.features)) > 2:
+            log.warning("%s: %d frames but %d audio feature rows; using the first %d", self.name, n_crops,
+                        len(self.features), self.n_frames)
+        self.split, self.seed = split, seed
+        self.frames = dataset_split(self.dataset_dir, self.n_frames, split, val_fraction)
+        self.train_frames = (dataset_split(self.dataset_dir, self.n_frames, "train", val_fraction)
+                             if split != "all" else self.frames)
+        self.epoch = 0
+        self._crops: np.ndarray | None = None
+        self._member: np.ndarray | None = None  # frame -> in this split (SyncNet negatives)
+
+    # the memmap is reopened in each worker process instead of being pickled (that would copy it)
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_crops"] = None
+        return state
+
+    @property
+    def crops(self) -> np.ndarray:
+        if self._crops is None:
+            self._crops = np.load(self.cache_path, mmap_mode="r")
+        return self._crops
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random draws of `epoch` for plain integer keys (loaders pass (epoch, i) keys)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def rng(self, frame: int, epoch: int | None = None) -> np.random.Generator:
+        """The generator for one sample: fixed per frame in `val`, per (epoch, frame) otherwise."""
+        epoch = 0 if self.split == "val" else (self.epoch if epoch is None else epoch)
+        return np.random.default_rng((self.seed, int(epoch), int(frame)))
+
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        """(epoch, frame) of a loader key: a position, or (epoch, position) from the training sampler."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        return int(epoch), int(self.frames[i])
+
+    def reference_for(self, frame: int, rng: np.random.Generator) -> int:
+        """A uniformly drawn training frame other than `frame` (any, when there is only one)."""
+        pool = self.train_frames
+        pos = int(np.searchsorted(pool, frame))
+        if pos < len(pool) and pool[pos] == frame and len(pool) > 1:
+            k = int(rng.integers(len(pool) - 1))
+            return int(pool[k + (k >= pos)])
+        return int(pool[rng.integers(len(pool))])
+
+    def interior(self, frame: int) -> np.ndarray:
+        """uint8 [S, S, 3] BGR interior of a frame's crop."""
+        b, s = self.size.border, self.size.inner
+        return np.asarray(self.crops[frame, b:b + s, b:b + s])
+
+    def audio(self, frame: int) -> np.ndarray:
+        return audio_window(self.features, frame, self.mode)
+
+    def unet_sample(self, frame: int, ref: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        import face_crop
+
+        target = np.asarray(self.crops[frame])
+        image = face_crop.make_unet_input(target, np.asarray(self.crops[ref]), self.size.name)
+        label = self.interior(frame).transpose(2, 0, 1).astype(np.float32) / 255.0
+        return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                torch.from_numpy(self.audio(frame)), torch.from_numpy(np.ascontiguousarray(label)))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, frame = self._key(key)
+        return self.unet_sample(frame, self.reference_for(frame, self.rng(frame, epoch)))
+
+
+class SyncNetDataset(AvatarDataset):
+    """SyncNet samples of one split.
+
+    Pairs (default, used for held-out accuracy): `(face [3, S, S], audio [C, H, W], label [])`, float32.
+    Balanced: half the pairs are positives (the face's own audio window), half negatives, which are
+    either shifted (audio MIN_SHIFT..NEAR_SHIFT frames away) or far (audio from elsewhere in the split).
+    In `val` every frame gives two pairs, its positive and a fixed negative (shifted for even, far for
+    odd frames of the split), so held-out accuracy is exactly balanced and comparable between epochs.
+
+    Triplets (`triplets=True`, training): `(face, own audio, shifted audio, frame)`; the trainer adds
+    the other faces' audio in the batch as far negatives, so one face pass serves 1 positive,
+    1 shifted and B - 1 far negatives.
+    """
+
+    def __init__(self, *args, triplets: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.triplets = triplets
+
+    def negative_for(self, frame: int, rng: np.random.Generator, shifted: bool | None = None) -> int:
+        """The audio frame of a negative pair, from this split, always >= MIN_SHIFT frames away:
+        shifted (MIN_SHIFT..NEAR_SHIFT away) or far (anywhere else); half and half unless `shifted`."""
+        if self._member is None:
+            self._member = np.zeros(self.n_frames, bool)
+            self._member[self.frames] = True
+        if shifted is None:
+            shifted = bool(rng.random() < 0.5)
+        if shifted:
+            near = [f for d in range(MIN_SHIFT, NEAR_SHIFT + 1) for f in (frame - d, frame + d)
+                    if 0 <= f < self.n_frames and self._member[f]]
+            if near:
+                return near[int(rng.integers(len(near)))]
+        far = self.frames[np.abs(self.frames - frame) >= MIN_SHIFT]
+        if len(far) == 0:  # a split shorter than 2 * MIN_SHIFT: audio from anywhere else in the clip
+            every = np.arange(self.n_frames)
+            far = every[np.abs(every - frame) >= MIN_SHIFT]
+        return int(far[rng.integers(len(far))])
+
+    def face(self, frame: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.interior(frame).transpose(2, 0, 1), dtype=np.float32) / 255.0)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        epoch, frame = self._key(key)
+        i = key[1] if isinstance(key, tuple) else key
+        rng = self.rng(frame, epoch)
+        if self.triplets:
+            shifted = self.negative_for(frame, rng, shifted=True)
+            return (self.face(frame), torch.from_numpy(self.audio(frame)), torch.from_numpy(self.audio(shifted)),
+                    torch.tensor(frame))
+        if self.split == "val":  # key i -> frame i // 2 with its own audio (even i) or a negative (odd i)
+            positive = i % 2 == 0
+            audio_frame = frame if positive else self.negative_for(frame, rng, shifted=(i // 2) % 2 == 0)
+        else:
+            positive = bool(rng.random() < 0.5)
+            audio_frame = frame if positive else self.negative_for(frame, rng)
+        return self.face(frame), torch.from_numpy(self.audio(audio_frame)), torch.tensor(1.0 if positive else 0.0)
+
+    def __len__(self) -> int:
+        return 2 * len(self.frames) if self.split == "val" and not self.triplets else len(self.frames)
+
+    def _key(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        if self.split == "val" and not self.triplets and not isinstance(key, tuple):
+            return 0, int(self.frames[key // 2])
+        return super()._key(key)

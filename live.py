@@ -1,0 +1,949 @@
+"""Live avatar: the endless idle loop (`GET /idle`) and live microphone audio over a WebSocket
+(`WS /ws/live`). `api.py` includes `router`; routes get their services from `services/deps.py`, and the
+app-wide token check covers both (WebSockets pass the token as `?access_token=`).
+
+Timeline of one WebSocket connection (all in output frames k = 0, 1, ... at 25 fps, frame k due at
+t0 + k/25 on the server's monotonic clock):
+
+- Audio arrives as PCM16 chunks. The first chunk (or a `start` message) opens a *session*: its sample 0 is
+  anchored to output frame `k_s` (0 when the session starts before any of its frames could be due, i.e.
+  a client that streams right after `ready`; otherwise the next frame not yet planned), and output frame
+  k shows session audio frame `a = k - k_s - D`, i.e. audio time k/25 - latency. `D` = `latency_ms` / 40
+  covers the feature look-ahead (StreamingFeatures hop + look-ahead, and the U-Net's audio window reaching
+  7 feature rows past the frame) plus a compute margin (`server.ws_margin_ms`); it is announced in the
+  `ready` event.
+- Speech vs silence is an energy gate on the session audio: audio frame a (40 ms) is voiced when its RMS
+  is above `server.vad_threshold_db` dBFS; frame a is *speaking* when any frame in
+  [a - hangover, a] is voiced (`server.vad_hangover_ms` of hangover).
+- Speaking frames are rendered by the avatar's engine from the session's streaming Whisper features; the
+  first starts on the source frame the idle loop was on and later ones walk the source frames (ping-pong,
+  or stay on that frame with `server.motion = "template"`). Silent frames show the idle loop (the first
+  `server.idle_seconds` of source frames, ping-pong, mouth as recorded); the return from speech to idle
+  cross-fades over `server.idle_blend_frames` frames.
+- Every frame is a function of the audio samples (never of how they were chunked); wall-clock timing
+  only decides *when* frames leave, never faster than 25 fps. With `realtime` (default) a frame whose
+  time has passed by one frame interval is not rendered, and a late frame is dropped when a newer one is
+  already waiting, so latency stays bounded (about one render time) when rendering is slower than real
+  time; with `"realtime": false` (config message) every frame is delivered and the clock slips instead.
+
+Per connection, one worker thread turns audio into features and another plans and renders frames (so
+the two overlap on two cores); an async sender paces the frames; an async receiver parses messages. A
+client that stops reading is closed after `server.ws_send_timeout_s` without affecting other connections.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Query, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from services.deps import Services, ServicesDep
+from services.streaming import MJPEGResponse, mjpeg_part
+
+log = logging.getLogger("live")
+
+router = APIRouter(tags=["live"])
+
+SAMPLE_RATE = 16000
+MIN_RATE, MAX_RATE = 8000, 192000
+UNET_WINDOW = 16  # the network's audio input for frame i is feature rows [i-8, i+8)
+UNET_FUTURE_ROWS = UNET_WINDOW // 2 - 1  # so frame i needs rows up to i+7
+VAD_AHEAD_FRAMES = 0  # speech frames start at the frame holding the onset (the window sees ahead anyway)
+MAX_CHUNK_SECONDS = 5.0  # one binary message holds at most this much audio
+MAX_AHEAD_S = 3.0  # the worker plans at most this far ahead of the last frame sent
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    """Settings of the live paths (from `settings.server`; see config.py for the meaning of each)."""
+
+    fps: int = 25
+    idle_seconds: float = 1.0
+    jpeg_quality: int = 85
+    ws_jpeg_quality: int = 70
+    motion: str = "enhanced"
+    vad_threshold_db: float = -45.0
+    vad_hangover_frames: int = 6
+    blend_frames: int = 4
+    margin_ms: float = 80.0
+    send_timeout_s: float = 3.0
+    starve_s: float = 0.5
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LiveOptions:
+        """The options of `settings.server`."""
+        s = settings.server
+        fps = int(s.fps)
+        return cls(fps=fps, idle_seconds=float(s.idle_seconds), jpeg_quality=int(s.jpeg_quality),
+                   ws_jpeg_quality=int(s.ws_jpeg_quality), motion=str(s.motion),
+                   vad_threshold_db=float(s.vad_threshold_db),
+                   vad_hangover_frames=int(round(s.vad_hangover_ms * fps / 1000)),
+                   blend_frames=int(s.idle_blend_frames), margin_ms=float(s.ws_margin_ms),
+                   send_timeout_s=float(s.ws_send_timeout_s))
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of a uint8 BGR frame (4:2:0)."""
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=int(quality), colorspace="BGR",
+                                  colorsubsampling="420")
+
+
+def pingpong_step(pos: int, direction: int, n: int) -> tuple[int, int]:
+    """One step of a ping-pong walk over [0, n): 0, 1, ..., n-1, n-2, ..., 0, 1, ... (no frame is
+    repeated at the turns). Returns the new (position, direction)."""
+    if n <= 1:
+        return 0, 1
+    nxt = pos + direction
+    if nxt >= n:
+        return n - 2, -1
+    if nxt < 0:
+        return 1, 1
+    return nxt, direction
+
+
+# ---------------------------------------------------------------------------------------------
+# The idle loop
+
+
+class IdleLoop:
+    """The first `seconds` of an avatar's source frames, walked ping-pong with the mouth as recorded.
+    JPEGs are encoded once per quality and cached."""
+
+    def __init__(self, engine: Any, seconds: float, fps: int):
+        self.engine = engine
+        self.count = max(1, min(int(engine.n_frames), int(round(seconds * fps))))
+        self._jpegs: dict[int, list[bytes | None]] = {}
+        self._lock = threading.Lock()
+
+    def frame(self, index: int) -> np.ndarray:
+        """Source frame `index` (BGR, read-only)."""
+        return self.engine.frames.get(int(index))
+
+    def jpeg(self, index: int, quality: int) -> bytes:
+        """JPEG of idle frame `index` at `quality` (cached)."""
+        with self._lock:
+            cache = self._jpegs.setdefault(quality, [None] * self.count)
+            data = cache[index]
+        if data is None:
+            data = encode_jpeg(self.frame(index), quality)
+            with self._lock:
+                cache[index] = data
+        return data
+
+
+_idle_loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_idle_lock = threading.Lock()
+
+
+def idle_loop(engine: Any, seconds: float, fps: int) -> IdleLoop:
+    """The shared `IdleLoop` of `engine` (one per engine and length)."""
+    with _idle_lock:
+        loops = _idle_loops.setdefault(engine, {})
+        key = (round(seconds, 3), fps)
+        if key not in loops:
+            loops[key] = IdleLoop(engine, seconds, fps)
+        return loops[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# GET /idle
+
+AvatarQuery = Annotated[str | None, Query(description="avatar name (see /health); default avatar if omitted")]
+
+
+async def idle_parts(loop_frames: IdleLoop, quality: int, fps: int) -> AsyncIterator[bytes]:
+    """Endless multipart parts of the idle loop, paced at `fps` (never faster; a slow reader is not
+    caught up with a burst)."""
+    pos, direction = 0, 1
+    period = 1.0 / fps
+    next_at = time.monotonic()
+    while True:
+        jpeg = await anyio.to_thread.run_sync(loop_frames.jpeg, pos, quality)
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -period:  # the reader was slow: restart the schedule instead of bursting
+            next_at = time.monotonic()
+        yield mjpeg_part(jpeg)
+        next_at += period
+        pos, direction = pingpong_step(pos, direction, loop_frames.count)
+
+
+@router.get("/idle", response_class=MJPEGResponse, responses={200: {
+    "content": {"multipart/x-mixed-replace; boundary=frame": {"schema": {"type": "string", "format": "binary"}}},
+    "description": "endless multipart MJPEG at 25 fps; ends when the client disconnects"}})
+async def idle(services: ServicesDep, avatar: AvatarQuery = None) -> MJPEGResponse:
+    """Endless MJPEG of the avatar at rest: the first `server.idle_seconds` of its source frames walked
+    back and forth (ping-pong) at 25 fps, mouth as recorded."""
+    info = services.models.resolve(avatar)
+    engine = await anyio.to_thread.run_sync(services.models.engine, info.name)
+    opts = LiveOptions.from_settings(services.settings)
+    frames = idle_loop(engine, opts.idle_seconds, opts.fps)
+    headers = {"X-FPS": str(opts.fps), "X-Avatar": info.name, "X-Idle-Frames": str(frames.count),
+               "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return MJPEGResponse(idle_parts(frames, opts.jpeg_quality, opts.fps), headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Live session pieces: latency, energy gate, PCM decoding
+
+
+def feature_delay_samples(hop: int, lookahead: int, frame: int = 640,
+                          future_rows: int = UNET_FUTURE_ROWS) -> int:
+    """Worst case, over audio frames a, of (samples needed before frame a can be rendered) - 640 a:
+    the features of row a + future_rows are emitted by call floor((a+7)*640/hop), which needs samples
+    up to (call + 1) * hop + lookahead."""
+    worst = 0
+    period = max(1, hop // math.gcd(hop, frame))
+    for a in range(period * 2):
+        row = a + future_rows
+        call = (row * frame) // hop
+        need = (call + 1) * hop + lookahead
+        worst = max(worst, need - a * frame)
+    return worst
+
+
+class EnergyGate:
+    """Speech vs silence per audio frame (640 samples): voiced when the RMS exceeds `threshold_db`
+    dBFS; frame a is speaking when any frame in [a - hangover, a + ahead] is voiced."""
+
+    def __init__(self, threshold_db: float, hangover: int, ahead: int = VAD_AHEAD_FRAMES, frame: int = 640):
+        self.threshold = float(threshold_db)
+        self.hangover, self.ahead, self.frame = int(hangover), int(ahead), int(frame)
+        self.voiced: list[bool] = []
+        self.levels_db: list[float] = []
+        self._tail = np.zeros(0, np.float32)
+        self.ended = False
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Add samples (any chunking)."""
+        buf = np.concatenate([self._tail, pcm]) if self._tail.size else pcm
+        n = len(buf) // self.frame
+        if n:
+            blocks = buf[: n * self.frame].reshape(n, self.frame).astype(np.float64)
+            self._add(np.sqrt(np.mean(blocks * blocks, axis=1)))
+        self._tail = np.array(buf[n * self.frame:], dtype=np.float32)
+
+    def end(self, total_frames: int) -> None:
+        """The audio ended; frames up to `total_frames` exist (a last partial frame counts if needed)."""
+        if len(self.voiced) < total_frames and self._tail.size:
+            tail = self._tail.astype(np.float64)
+            self._add(np.array([math.sqrt(float(np.mean(tail * tail)))]))
+        del self.voiced[total_frames:]
+        del self.levels_db[total_frames:]
+        while len(self.voiced) < total_frames:
+            self._add(np.zeros(1))
+        self._tail = np.zeros(0, np.float32)
+        self.ended = True
+
+    def _add(self, rms: np.ndarray) -> None:
+        db = 20.0 * np.log10(np.maximum(rms, 1e-10))
+        self.levels_db.extend(float(x) for x in db)
+        self.voiced.extend(bool(x) for x in db > self.threshold)
+
+    def speaking(self, a: int) -> bool | None:
+        """Whether audio frame a is speech; None while undecided (frames up to a + ahead not in yet)."""
+        if a + self.ahead >= len(self.voiced) and not self.ended:
+            return None
+        lo, hi = max(0, a - self.hangover), min(len(self.voiced), a + self.ahead + 1)
+        return any(self.voiced[lo:hi])
+
+
+class PCMDecoder:
+    """PCM16 little-endian mono bytes at `rate` -> 16 kHz float32, as one continuous byte stream (an odd
+    trailing byte waits for the next chunk; other rates are resampled with a streaming soxr resampler)."""
+
+    def __init__(self, rate: int = SAMPLE_RATE):
+        self.rate = int(rate)
+        self._odd = b""
+        self._resampler = None
+        if self.rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """16 kHz float32 samples of the next chunk of bytes."""
+        data = self._odd + data
+        cut = len(data) - (len(data) % 2)
+        self._odd = data[cut:]
+        pcm = np.frombuffer(data[:cut], dtype="<i2").astype(np.float32) / 32768.0
+        if self._resampler is not None:
+            pcm = self._resampler.resample_chunk(pcm)
+        return np.asarray(pcm, dtype=np.float32)
+
+    def finish(self) -> np.ndarray:
+        """The resampler's tail (call at the end of a session or before switching rates)."""
+        self._odd = b""
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        out = np.asarray(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True), np.float32)
+        import soxr
+
+        self._resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-connection timeline (worker thread)
+
+
+class Clock:
+    """Frame k is due at t0 + k / fps (monotonic seconds); `shift` moves all later deadlines."""
+
+    def __init__(self, fps: int, t0: float | None = None):
+        self.fps = fps
+        self.t0 = time.monotonic() if t0 is None else t0
+
+    def deadline(self, k: int) -> float:
+        """When frame k is due."""
+        return self.t0 + k / self.fps
+
+    def frame_at(self, t: float) -> float:
+        """The (fractional) frame index due at time t."""
+        return (t - self.t0) * self.fps
+
+    def shift(self, seconds: float) -> None:
+        """Delay every deadline by `seconds`."""
+        self.t0 += seconds
+
+
+@dataclass
+class Session:
+    """One stretch of continuous audio: its anchor, energy gate and feature rows (a growing buffer
+    from which rows no longer needed are discarded)."""
+
+    anchor: int  # output frame showing audio frame 0
+    gate: EnergyGate
+    samples: int = 0
+    stopping: bool = False  # a stop is queued: no more audio joins this session
+    ended: bool = False
+    total_frames: int | None = None  # known once ended
+    last_audio_at: float = 0.0
+    n_rows: int = 0
+    _rows: np.ndarray | None = None  # rows [_base, n_rows)
+    _base: int = 0
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        """Append feature rows [k, 2, dim]."""
+        if not len(rows):
+            return
+        held = self.n_rows - self._base
+        if self._rows is None:
+            self._rows = np.zeros((max(64, 2 * len(rows)), *rows.shape[1:]), np.float32)
+        elif held + len(rows) > len(self._rows):
+            grown = np.zeros((max(2 * len(self._rows), held + len(rows)), *rows.shape[1:]), np.float32)
+            grown[:held] = self._rows[:held]
+            self._rows = grown
+        self._rows[held: held + len(rows)] = rows
+        self.n_rows += len(rows)
+
+    def discard_before(self, row: int) -> None:
+        """Forget rows < `row` (no later window needs them)."""
+        drop = min(row, self.n_rows) - self._base
+        if self._rows is not None and drop > len(self._rows) // 2:
+            held = self.n_rows - self._base
+            self._rows[: held - drop] = self._rows[drop:held].copy()
+            self._base += drop
+
+    def window(self, a: int) -> np.ndarray:
+        """Rows [a-8, a+8) zero-filled outside [0, n_rows): `utils.audio_window` of the whole stream."""
+        assert self._rows is not None
+        half = UNET_WINDOW // 2
+        out = np.zeros((UNET_WINDOW, *self._rows.shape[1:]), np.float32)
+        lo, hi = max(a - half, 0), min(a + half, self.n_rows)
+        if hi > lo:
+            if lo < self._base:
+                raise RuntimeError(f"feature row {lo} was already discarded")
+            out[lo - (a - half): hi - (a - half)] = self._rows[lo - self._base: hi - self._base]
+        return out
+
+
+@dataclass
+class Planned:
+    """One planned output frame."""
+
+    k: int
+    kind: str  # "idle", "speech", "blend"
+    source: int  # source frame index
+    a: int | None = None  # session audio frame (speech)
+    weight: float = 1.0  # blend: share of the idle frame
+    events: list[dict] = field(default_factory=list)
+    window: np.ndarray | None = None  # speech: the network's audio input
+
+
+@dataclass
+class Item:
+    """What the worker hands to the sender: frame k's JPEG (None = dropped) and its events."""
+
+    k: int
+    jpeg: bytes | None
+    kind: str
+    audio_time: float | None
+    events: list[dict]
+
+
+class LiveTimeline:
+    """The frames of one WebSocket: ingests audio, plans frames in order, renders them, hands them out.
+
+    Two threads: `run_features` turns audio into sessions, energy-gate levels and Whisper feature rows;
+    `run_frames` plans output frames in order and renders them, so feature extraction and rendering
+    overlap. Thread-safe entry points for the event loop: `push_audio`, `start`, `stop`, `sent`, `close`.
+    Finished frames go to `emit(item)` (`emit(None)` after a failure, see `error`).
+    """
+
+    def __init__(self, engine: Any, opts: LiveOptions, clock: Clock, emit: Callable[[Item | None], None],
+                 realtime: bool = True, features_factory: Callable[[], Any] | None = None):
+        from utils import audio_input_shape
+
+        self.engine = engine
+        self.opts = opts
+        self.clock = clock
+        self.emit = emit
+        self.realtime = realtime
+        self.idle = idle_loop(engine, opts.idle_seconds, opts.fps)
+        self.n_source = int(engine.n_frames)
+        self.mode = getattr(engine, "mode", "whisper")
+        self.input_shape = audio_input_shape(self.mode)
+        if features_factory is None:
+            from speech_features import StreamingFeatures
+
+            features_factory = StreamingFeatures
+        self.features = features_factory()
+        delay = feature_delay_samples(self.features.hop, self.features.lookahead)
+        self.delay_frames = int(math.ceil((delay + opts.margin_ms * SAMPLE_RATE / 1000) / 640))
+        self.latency_ms = 1000.0 * self.delay_frames / opts.fps
+        self._render_out = [np.empty(tuple(engine.frame_shape), np.uint8)]  # reused output buffer
+        # planning state (guarded by _cv)
+        self.k_next = 0
+        self.state = "idle"
+        self.idle_pos, self.idle_dir = -1, 1  # the first step shows idle frame 0
+        self.speech_pos, self.speech_dir = 0, 1
+        self.blend_left = 0
+        self._announce_idle = False
+        self.last_speech_frame: np.ndarray | None = None
+        self.sessions: collections.deque[Session] = collections.deque()
+        self.sessions_started = 0
+        self.k_sent = -1
+        self.last_audio_posted = -math.inf  # arrival time of the latest audio chunk
+        # thread plumbing
+        self._inbox: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self.error: BaseException | None = None
+        self.stats = {"rendered": 0, "render_s": 0.0, "features_s": 0.0}
+
+    # -- entry points (event loop thread) ----------------------------------------------------------
+
+    def push_audio(self, pcm: np.ndarray, at: float) -> None:
+        """16 kHz float32 samples that arrived at monotonic time `at`."""
+        with self._cv:
+            self.last_audio_posted = at
+        self._post(("audio", pcm, at))
+
+    def start(self, at: float) -> None:
+        """Open a session now (if none takes audio)."""
+        self._post(("start", None, at))
+
+    def stop(self, at: float) -> None:
+        """End the session taking audio: flush its features; it plays out, then idle."""
+        self._post(("stop", None, at))
+
+    def sent(self, k: int) -> None:
+        """The sender is done with frame k (sent or dropped)."""
+        with self._cv:
+            self.k_sent = max(self.k_sent, k)
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        """Stop both threads (see `join`)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def _post(self, msg: tuple) -> None:
+        with self._cv:
+            self._inbox.append(msg)
+            self._cv.notify_all()
+
+    def start_threads(self) -> None:
+        """Start the two worker threads."""
+        for target, name in ((self.run_features, "live-features"), (self.run_frames, "live-frames")):
+            thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Wait for the threads after `close()` (a render in flight finishes first)."""
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:  # reported to the client by the connection handler
+                log.exception("live timeline failed")
+                with self._cv:
+                    first = self.error is None
+                    self.error = exc
+                    self._closed = True
+                    self._cv.notify_all()
+                if first:
+                    self.emit(None)
+        return body
+
+    # -- thread 1: audio -> sessions, gate, features ------------------------------------------------
+
+    def run_features(self) -> None:
+        """Thread body: inbox messages in order -> sessions, gate levels, feature rows."""
+        while True:
+            with self._cv:
+                while not self._inbox and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                kind, pcm, at = self._inbox.popleft()
+                if kind == "start":
+                    if self._current_open() is None:
+                        self._open_session(at)
+                    continue
+                if kind == "audio":
+                    session = self._current_open() or self._open_session(at)
+                    session.samples += pcm.size
+                    session.last_audio_at = at
+                    session.gate.push(pcm)
+                    self._cv.notify_all()
+                else:  # stop: end the session still taking audio, if any
+                    if not self.sessions or self.sessions[-1].ended:
+                        continue
+                    session = self.sessions[-1]
+                    session.stopping = True
+            start = time.perf_counter()
+            rows = self.features.push(pcm) if kind == "audio" else self.features.flush()
+            self.stats["features_s"] += time.perf_counter() - start
+            with self._cv:
+                session.add_rows(rows)
+                if kind != "audio":  # stop (from the client, or after starving): the session is complete
+                    session.total_frames = session.n_rows
+                    session.gate.end(session.total_frames)
+                    session.ended = True
+                self._cv.notify_all()
+
+    def _current_open(self) -> Session | None:
+        """The session that receives audio now (the last one, unless it has ended or is ending)."""
+        if self.sessions and not self.sessions[-1].ended and not self.sessions[-1].stopping:
+            return self.sessions[-1]
+        return None
+
+    def _open_session(self, at: float) -> Session:
+        d = self.delay_frames
+        if self.sessions_started == 0 and self.k_next <= d and self.clock.frame_at(at) < d:
+            start = 0  # the audio clock starts with the connection
+        else:
+            start = max(self.k_next, int(math.ceil(self.clock.frame_at(at))))
+            if self.sessions:  # an earlier session is still playing out: follow it
+                prev = self.sessions[-1]
+                prev_end = prev.anchor + (prev.total_frames if prev.total_frames is not None
+                                          else len(prev.gate.voiced) + 1)
+                start = max(start, prev_end - d)
+        session = Session(anchor=start + d, gate=EnergyGate(self.opts.vad_threshold_db, self.opts.vad_hangover_frames))
+        session.last_audio_at = at
+        self.sessions.append(session)
+        self.sessions_started += 1
+        log.debug("session %d: audio frame 0 at output frame %d", self.sessions_started, session.anchor)
+        return session
+
+    # -- thread 2: plan and render frames --------------------------------------------------------------
+
+    def run_frames(self) -> None:
+        """Thread body: plan frames in order (under the lock), render and emit them (outside it)."""
+        while True:
+            with self._cv:
+                while True:
+                    if self._closed:
+                        return
+                    if self.k_next - self.k_sent > MAX_AHEAD_S * self.opts.fps:
+                        self._cv.wait(0.05)  # the sender is behind (slow client)
+                        continue
+                    plan, wake = self._plan_next()
+                    if plan is not None:
+                        break
+                    timeout = 0.05 if wake is None else min(0.05, wake - time.monotonic())
+                    self._cv.wait(max(0.002, timeout))  # never spin with the lock held
+            if plan.kind == "speech":
+                self._render_speech(plan)
+            else:
+                self._emit_plain(plan)
+
+    def _plan_next(self) -> tuple[Planned | None, float | None]:
+        """Plan frame `k_next` if it can be decided now (advancing the state); else (None, wake time).
+        Called with the lock held."""
+        k = self.k_next
+        now = time.monotonic()
+        while self.sessions and self.sessions[0].ended and k >= self.sessions[0].anchor + self.sessions[0].total_frames:
+            self.sessions.popleft()  # played out
+        session = self.sessions[0] if self.sessions and k >= self.sessions[0].anchor else None
+        speaking = False
+        a = None
+        if session is not None:
+            a = k - session.anchor
+            decided = session.gate.speaking(a)
+            if decided is None or (decided and not session.ended and session.n_rows <= a + UNET_FUTURE_ROWS):
+                # waiting for audio (or for its features); a client that went quiet ends its session
+                starve_at = max(self.clock.deadline(k), self.last_audio_posted) + self.opts.starve_s
+                if session.stopping or session.ended:
+                    return None, None  # the stop is queued: wait for its flush
+                if now >= starve_at:
+                    session.stopping = True
+                    self._inbox.append(("stop", None, now))
+                    self._cv.notify_all()
+                return None, starve_at
+            speaking = bool(decided)
+        elif not speaking:
+            due = self.clock.deadline(k) - 0.5 / self.opts.fps
+            if now < due:
+                return None, due  # idle frames are made just in time
+        plan = self._step(k, speaking, a)
+        if speaking:
+            plan.window = session.window(a).reshape(self.input_shape)
+            session.discard_before(a - UNET_WINDOW)
+        self.k_next += 1
+        return plan, None
+
+    def _step(self, k: int, speaking: bool, a: int | None) -> Planned:
+        """Advance the walk state by one output frame."""
+        events: list[dict] = []
+        if speaking:
+            if self.state != "speech":
+                # start on the frame the idle loop would show now
+                self.speech_pos, self.speech_dir = pingpong_step(self.idle_pos, self.idle_dir, self.idle.count)
+                self.state = "speech"
+                self.last_speech_frame = None
+                events.append({"type": "speaking", "frame": k, "audio_time": round(a / self.opts.fps, 4)})
+            elif self.opts.motion == "enhanced":
+                self.speech_pos, self.speech_dir = pingpong_step(self.speech_pos, self.speech_dir, self.n_source)
+            return Planned(k, "speech", self.speech_pos, a=a, events=events)
+        if self.state == "speech":
+            # back to the idle loop: continue from the speech walk if it is inside the loop
+            if self.speech_pos < self.idle.count:
+                self.idle_pos, self.idle_dir = self.speech_pos, self.speech_dir
+            else:
+                self.idle_pos, self.idle_dir = self.idle.count, -1  # steps to the loop's last frame
+            self.blend_left = self.opts.blend_frames
+            self.state = "blend" if self.blend_left > 0 else "idle"
+            self._announce_idle = True
+        self.idle_pos, self.idle_dir = pingpong_step(self.idle_pos, self.idle_dir, self.idle.count)
+        if self.state == "blend":
+            done = self.opts.blend_frames - self.blend_left + 1
+            weight = done / (self.opts.blend_frames + 1)
+            self.blend_left -= 1
+            if self.blend_left == 0:
+                self.state = "idle"
+            return Planned(k, "blend", self.idle_pos, weight=weight, events=events)
+        if self._announce_idle:  # the first frame of the idle loop after speech
+            self._announce_idle = False
+            events.append({"type": "idle", "frame": k})
+        return Planned(k, "idle", self.idle_pos, events=events)
+
+    # -- rendering (no lock held) --------------------------------------------------------------------
+
+    def _late(self, k: int) -> bool:
+        return self.realtime and time.monotonic() > self.clock.deadline(k) + 1.0 / self.opts.fps
+
+    def _render_speech(self, plan: Planned) -> None:
+        audio_time = int(plan.a) / self.opts.fps
+        if self._late(plan.k):  # realtime and already a frame interval late: skip the work
+            self.emit(Item(plan.k, None, plan.kind, audio_time, plan.events))
+            return
+        start = time.perf_counter()
+        frame = self.engine.render(plan.window[None], [plan.source], out=self._render_out)[0]
+        self.stats["render_s"] += time.perf_counter() - start
+        self.stats["rendered"] += 1
+        self.last_speech_frame = frame
+        self.emit(Item(plan.k, encode_jpeg(frame, self.opts.ws_jpeg_quality), plan.kind, audio_time, plan.events))
+
+    def _emit_plain(self, plan: Planned) -> None:
+        if plan.kind == "idle" or self.last_speech_frame is None:  # (no speech frame to blend from)
+            self.emit(Item(plan.k, self.idle.jpeg(plan.source, self.opts.ws_jpeg_quality), "idle", None, plan.events))
+            return
+        if self._late(plan.k):
+            self.emit(Item(plan.k, None, plan.kind, None, plan.events))
+            return
+        import cv2
+
+        idle = self.idle.frame(plan.source)
+        mixed = cv2.addWeighted(self.last_speech_frame, 1.0 - plan.weight, idle, plan.weight, 0.0)
+        self.emit(Item(plan.k, encode_jpeg(mixed, self.opts.ws_jpeg_quality), "blend", None, plan.events))
+
+
+# ---------------------------------------------------------------------------------------------
+# WS /ws/live
+
+
+class ClientMessageError(ValueError):
+    """A malformed client message (answered with an `error` event; the connection stays open)."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+
+
+CONFIG_KEYS = {"type", "sample_rate", "realtime", "frame_events"}
+
+
+def parse_control(text: str) -> dict:
+    """A client's JSON control message, validated; raises ClientMessageError."""
+    try:
+        msg = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ClientMessageError("bad_json", f"text messages must be JSON objects: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ClientMessageError("bad_message", "text messages must be JSON objects with a 'type'")
+    kind = msg.get("type")
+    if kind not in ("config", "start", "stop"):
+        raise ClientMessageError("unknown_type", f"unknown message type {kind!r}; expected config, start or stop")
+    if kind == "config":
+        extra = set(msg) - CONFIG_KEYS
+        if extra:
+            raise ClientMessageError("bad_config", f"unknown config fields: {', '.join(sorted(extra))}")
+        if "sample_rate" in msg:
+            rate = msg["sample_rate"]
+            if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
+                raise ClientMessageError("bad_config", f"sample_rate must be an integer in {MIN_RATE}..{MAX_RATE}, "
+                                                       f"got {rate!r}")
+        for key in ("realtime", "frame_events"):
+            if key in msg and not isinstance(msg[key], bool):
+                raise ClientMessageError("bad_config", f"{key} must be true or false, got {msg[key]!r}")
+    elif set(msg) - {"type"}:
+        raise ClientMessageError("bad_message", f"{kind} takes no fields")
+    return msg
+
+
+class LiveConnection:
+    """One WebSocket client: receiver task, sender task and the timeline's two worker threads."""
+
+    def __init__(self, ws: WebSocket, services: Services, engine: Any, avatar: str):
+        self.ws = ws
+        self.services = services
+        self.engine = engine
+        self.avatar = avatar
+        self.opts = LiveOptions.from_settings(services.settings)
+        self.loop = asyncio.get_running_loop()
+        self.out: collections.deque[Item | None] = collections.deque()  # from the worker, in frame order
+        self.out_ready = asyncio.Event()
+        self.send_lock = asyncio.Lock()
+        self.clock = Clock(self.opts.fps)
+        self.timeline: LiveTimeline | None = None
+        self.decoder = PCMDecoder(SAMPLE_RATE)
+        self.frame_events = False
+        self.frames_sent = 0
+        self.frames_dropped = 0
+
+    def _emit_threadsafe(self, item: Item | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._put, item)
+        except RuntimeError:  # the loop is closed: the connection is gone
+            pass
+
+    def _put(self, item: Item | None) -> None:
+        self.out.append(item)
+        self.out_ready.set()
+
+    async def _next_item(self) -> Item | None:
+        while not self.out:
+            self.out_ready.clear()
+            await self.out_ready.wait()
+        return self.out.popleft()
+
+    def _successor_due(self, now: float) -> bool:
+        """Whether a later frame is already waiting and due (so the current one would be stale)."""
+        return any(i is not None and i.jpeg is not None and self.clock.deadline(i.k) <= now for i in self.out)
+
+    async def send_json(self, obj: dict) -> None:
+        """Send one JSON event (raises SlowClient when the client does not take it in time)."""
+        await self._send(text=json.dumps(obj))
+
+    async def _send(self, text: str | None = None, data: bytes | None = None) -> None:
+        async with self.send_lock:
+            try:
+                if text is not None:
+                    await asyncio.wait_for(self.ws.send_text(text), self.opts.send_timeout_s)
+                else:
+                    await asyncio.wait_for(self.ws.send_bytes(data or b""), self.opts.send_timeout_s)
+            except asyncio.TimeoutError:
+                raise SlowClient() from None
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves, is dropped, or generation fails."""
+        self.timeline = await anyio.to_thread.run_sync(
+            lambda: LiveTimeline(self.engine, self.opts, self.clock, self._emit_threadsafe))
+        frame_h, frame_w = self.engine.frame_shape[:2]
+        await self.send_json({"type": "ready", "fps": self.opts.fps, "latency_ms": round(self.timeline.latency_ms),
+                              "sample_rate": SAMPLE_RATE, "avatar": self.avatar, "width": int(frame_w),
+                              "height": int(frame_h), "idle_frames": self.timeline.idle.count,
+                              "jpeg_quality": self.opts.ws_jpeg_quality,
+                              "vad_threshold_db": self.opts.vad_threshold_db})
+        self.clock.t0 = time.monotonic()
+        self.timeline.start_threads()
+        receiver = asyncio.create_task(self.receive())
+        sender = asyncio.create_task(self.send_frames())
+        try:
+            done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if isinstance(exc, SlowClient):
+                    log.warning("live client not reading for %.1f s: closing it", self.opts.send_timeout_s)
+                    await self._close(1008, "client is not reading")
+                elif exc is not None and not isinstance(exc, (WebSocketDisconnect, ConnectionError)):
+                    log.error("live connection failed: %s", exc, exc_info=exc)
+                    await self._close(1011, "internal error")
+        finally:
+            for task in (receiver, sender):
+                task.cancel()
+            await asyncio.gather(receiver, sender, return_exceptions=True)
+            self.timeline.close()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.timeline.join)
+            st = self.timeline.stats
+            log.info("live connection closed: %d frames sent, %d dropped; %d rendered (%.1f ms each), "
+                     "features %.1f s", self.frames_sent, self.frames_dropped, st["rendered"],
+                     1000 * st["render_s"] / max(1, st["rendered"]), st["features_s"])
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            try:
+                await asyncio.wait_for(self.ws.close(code, reason), 1.0)
+            except Exception:  # the transport is already broken
+                pass
+
+    async def error(self, code: str, detail: str) -> None:
+        """Send an `error` event."""
+        await self.send_json({"type": "error", "error": code, "detail": detail})
+
+    async def receive(self) -> None:
+        """Read client messages: audio to the timeline, control messages applied, bad ones answered."""
+        max_bytes = int(MAX_CHUNK_SECONDS * MAX_RATE * 2)
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            data, text = msg.get("bytes"), msg.get("text")
+            now = time.monotonic()
+            if data is not None:
+                limit = int(MAX_CHUNK_SECONDS * self.decoder.rate * 2)
+                if len(data) > min(limit, max_bytes):
+                    await self.error("chunk_too_large", f"binary message of {len(data)} bytes is over "
+                                     f"{MAX_CHUNK_SECONDS:g} s of audio; send smaller chunks")
+                    continue
+                pcm = self.decoder.decode(data)
+                if pcm.size:
+                    self.timeline.push_audio(pcm, now)
+                continue
+            if text is None:
+                continue
+            try:
+                control = parse_control(text)
+            except ClientMessageError as exc:
+                await self.error(exc.code, str(exc))
+                continue
+            kind = control["type"]
+            if kind == "config":
+                if "sample_rate" in control and control["sample_rate"] != self.decoder.rate:
+                    tail = self.decoder.finish()
+                    if tail.size:
+                        self.timeline.push_audio(tail, now)
+                    self.decoder = PCMDecoder(control["sample_rate"])
+                if "realtime" in control:
+                    self.timeline.realtime = control["realtime"]
+                if "frame_events" in control:
+                    self.frame_events = control["frame_events"]
+            elif kind == "start":
+                self.timeline.start(now)
+            else:
+                tail = self.decoder.finish()
+                if tail.size:
+                    self.timeline.push_audio(tail, now)
+                self.timeline.stop(now)
+
+    async def send_frames(self) -> None:
+        """Send the worker's frames (and their events) at their due times, never faster than fps."""
+        fps = self.opts.fps
+        period = 1.0 / fps
+        last_at: float | None = None
+        while True:
+            item = await self._next_item()
+            if item is None:
+                err = self.timeline.error
+                await self.error("internal", f"frame generation failed: {err}")
+                raise RuntimeError(f"timeline failed: {err}")
+            for event in item.events:
+                await self.send_json(event)
+            if item.jpeg is None:
+                self.frames_dropped += 1
+                self.timeline.sent(item.k)
+                continue
+            deadline = self.clock.deadline(item.k)
+            send_at = max(deadline, time.monotonic())
+            if last_at is not None:  # never faster than fps (a skipped slot lets the stream catch up)
+                send_at = max(send_at, last_at + period - 0.002)
+            late = send_at - deadline
+            if self.timeline.realtime and late >= period and self._successor_due(send_at):
+                self.frames_dropped += 1  # a newer frame is already due: skip this stale one
+                self.timeline.sent(item.k)
+                continue
+            if not self.timeline.realtime and late > 0.002:
+                self.clock.shift(late)
+            delay = send_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self.frame_events:
+                await self.send_json({"type": "frame", "frame": item.k, "state": item.kind,
+                                      "audio_time": None if item.audio_time is None else round(item.audio_time, 4)})
+            await self._send(data=item.jpeg)
+            last_at = send_at
+            self.frames_sent += 1
+            self.timeline.sent(item.k)
+
+
+class SlowClient(Exception):
+    """A send did not complete within `server.ws_send_timeout_s`: the client stopped reading."""
+
+
+@router.websocket("/ws/live")
+async def ws_live(websocket: WebSocket, services: ServicesDep, avatar: str | None = None) -> None:
+    """Live microphone in, lip-synced JPEG frames out (protocol in docs/api-reference.md)."""
+    await websocket.accept()
+    try:
+        info = services.models.resolve(avatar)
+        engine = await anyio.to_thread.run_sync(services.models.engine, info.name)
+        if getattr(engine, "mode", "whisper") != "whisper":
+            raise ValueError(f"avatar {info.name!r} uses {engine.mode} audio features; live mode needs "
+                             f"a whisper-mode checkpoint")
+    except Exception as exc:
+        code = {"UnknownAvatarError": "unknown_avatar", "NoAvatarError": "no_avatar",
+                "AvatarLoadError": "avatar_unavailable"}.get(type(exc).__name__, "unavailable")
+        await websocket.send_text(json.dumps({"type": "error", "error": code, "detail": str(exc)}))
+        await websocket.close(1008 if code == "unknown_avatar" else 1011)
+        return
+    connection = LiveConnection(websocket, services, engine, info.name)
+    await connection.run()

@@ -1,0 +1,823 @@
+"""Train the generator U-Net on one person's preprocessed dataset.
+
+    python train_328.py --dataset_dir dataset/NAME --save_dir checkpoint/NAME \
+        --use_syncnet --syncnet_checkpoint syncnet_ckpt/NAME/best.pth
+    python train_328.py ... --size small --max_steps 200 --device cpu      # quick CPU run
+    torchrun --standalone --nproc_per_node=2 train_328.py ... --device cuda # DDP, one process per GPU
+    python train_328.py ... --resume                                       # continue from latest.pth
+
+Loss = l1_weight * L1 + ssim_weight * (1 - SSIM or MS-SSIM) + sync_weight * SyncNet BCE
+       (+ perceptual_weight * VGG19 feature MSE, only when torchvision's VGG19 weights are cached locally).
+Writes to --save_dir: `<epoch>.pth` every --save_every epochs and at the end (unet_328.save_checkpoint
+format), `latest.pth` (everything needed to resume bit-for-bit), `train_log.jsonl` (loss terms per logged
+step), `metrics.jsonl` (held-out metrics per epoch) and TensorBoard events under `runs/`.
+docs/training-guide.md explains every choice and how it differs from upstream.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from datasets import AvatarDataset, DatasetError, ensure_crop_cache
+from unet_328 import CheckpointError, build_unet, save_checkpoint
+
+log = logging.getLogger("train_328")
+
+# ----------------------------------------------------------------------------------------------
+# Defaults (one block; every one is a command-line flag)
+
+DEFAULTS = dict(
+    size="328",            # model size preset: 328 (upstream) or small (160 px, CPU real time)
+    mode=None,             # audio mode; default: from the dataset's feature file
+    epochs=100,            # passes over the training split (upstream: 100)
+    max_steps=0,           # stop after this many optimizer steps (0 = no limit)
+    batchsize=8,           # per process (upstream: 8)
+    lr=1e-3,               # peak learning rate, Adam (upstream: 1e-3, constant)
+    warmup_steps=500,      # linear warm-up, capped at 5 % of the run, then cosine decay
+    min_lr_ratio=0.05,     # final learning rate / peak
+    grad_clip=0.0,         # max gradient norm (0 = off, as upstream)
+    l1_weight=1.0,
+    ssim_weight=0.2,       # (1 - SSIM); MS-SSIM at 320 px (see --ssim)
+    ssim="auto",           # auto (ms-ssim when the model side is > 160 px, else ssim), ssim, msssim
+    sync_weight=0.05,      # SyncNet BCE on (pred, audio); only with --use_syncnet
+    perceptual_weight=0.01,  # VGG19 conv1_1..conv3_3 feature MSE (upstream weight); only if weights cached
+    ema=False,             # keep an exponential moving average of the weights (saved checkpoints use it)
+    ema_decay=0.999,
+    amp="auto",            # auto (bf16 on CUDA when supported), bf16, fp16, none; CPU always runs fp32
+    device="auto",         # auto, cpu, cuda, cuda:N
+    workers=-1,            # DataLoader workers per process (-1: 0 on CPU, min(8, cores per process) on CUDA)
+    threads=0,             # torch intra-op CPU threads (0 = torch's default)
+    save_every=5,          # write <epoch>.pth every N epochs (and always at the end)
+    latest_every=500,      # also refresh latest.pth every N steps inside an epoch (0 = epoch ends only)
+    log_every=10,          # steps between train_log.jsonl / TensorBoard entries
+    val_every=0,           # also run the held-out validation every N steps inside an epoch (0 = epoch ends)
+    val_frames=64,         # held-out frames for PSNR / SSIM / SyncNet confidence
+    lmd_frames=8,          # held-out frames for the mediapipe mouth-landmark distance (0 = skip)
+    seed=0,
+)
+
+LATEST = "latest.pth"
+
+
+# ----------------------------------------------------------------------------------------------
+# Small shared helpers (also used by syncnet_328's trainer)
+
+
+class TrainError(Exception):
+    """A problem the user can fix; main() prints it as one `error:` line and exits with code 2."""
+
+
+def setup_logging(is_main: bool = True) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (world 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device_arg: str) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_arg != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank)
+
+
+def resolve_device(arg: str, dist: Dist | None = None) -> torch.device:
+    """cpu / cuda / cuda:N / auto -> a torch.device; under DDP on CUDA each process takes cuda:LOCAL_RANK."""
+    if arg == "auto":
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {arg} requested but CUDA is not available; use --device cpu")
+        if dist is not None and dist.world > 1:
+            return torch.device("cuda", dist.local_rank)
+        return torch.device(arg)
+    if arg != "cpu":
+        raise TrainError(f"--device must be auto, cpu, cuda or cuda:N, got {arg!r}")
+    return torch.device("cpu")
+
+
+def resolve_amp(arg: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = fp32). AMP is CUDA-only here."""
+    if device.type != "cuda":
+        if arg in ("bf16", "fp16"):
+            log.info("--amp %s ignored on %s (fp32)", arg, device)
+        return None
+    if arg == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[arg]
+
+
+def resolve_workers(arg: int, device: torch.device, world: int) -> int:
+    if arg >= 0:
+        return arg
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // world - 1))
+
+
+def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
+    """LR multiplier for step s (0-based): linear warm-up to 1, then cosine down to `min_ratio`."""
+    warmup = max(0, min(warmup, total // 20))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class EpochIndices(torch.utils.data.Sampler):
+    """Yields (epoch, index) pairs from a DistributedSampler, skipping the first `skip` of the epoch.
+
+    The epoch travels with each index, so samples stay a function of (seed, epoch, frame) even with
+    persistent loader workers, and a resumed run can start mid-epoch on exactly the next batch."""
+
+    def __init__(self, sampler: torch.utils.data.DistributedSampler):
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
+
+    def set(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for k, idx in enumerate(self.sampler):
+            if k >= self.skip:
+                yield (self.epoch, idx)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def make_loader(dataset, batch: int, dist: Dist, seed: int, workers: int, device: torch.device,
+                shuffle: bool = True) -> tuple[torch.utils.data.DataLoader, EpochIndices]:
+    """A DataLoader over `dataset` sharded across DDP ranks (DistributedSampler) plus its index wrapper."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
+                                                  shuffle=shuffle, seed=seed, drop_last=False)
+    indices = EpochIndices(sampler)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=indices, num_workers=workers, drop_last=False,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    return loader, indices
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class JsonlLog:
+    """Append-only JSON-lines log; on resume, entries after the resumed step are dropped first."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.unlink(missing_ok=True)
+        elif path.is_file():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
+
+    def write(self, entry: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+def tensorboard_writer(logdir: Path, enabled: bool, purge_step: int | None):
+    """A SummaryWriter, or None when disabled or tensorboard is unavailable."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as exc:  # protobuf / tensorboard version trouble must not stop training
+        log.warning("TensorBoard logging disabled: %s", exc)
+        return None
+    return SummaryWriter(str(logdir), purge_step=purge_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def vgg19_weights_file() -> Path | None:
+    """torchvision's VGG19 ImageNet weights in the local torch hub cache, if someone put them there."""
+    from torchvision.models import VGG19_Weights
+
+    name = Path(VGG19_Weights.IMAGENET1K_V1.url).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    return path if path.is_file() else None
+
+
+class VGGFeatures(nn.Module):
+    """VGG19 conv1_1 .. conv3_3 (features[0:15], output before the last ReLU, as upstream), frozen.
+    Input BGR [0, 1]; converted to ImageNet-normalised RGB (upstream fed raw BGR)."""
+
+    def __init__(self, weights: Path):
+        super().__init__()
+        from torchvision.models.vgg import cfgs, make_layers
+
+        self.features = make_layers(cfgs["E"])[:15]  # = vgg19().features[:15], without the 548 MB classifier
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = {k[len("features."):]: v for k, v in state.items()
+                 if k.startswith("features.") and int(k.split(".")[1]) < 15}
+        self.features.load_state_dict(state, strict=True)
+        self.features.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True):  # always eval (no BN here, but keep it frozen)
+        return super().train(False)
+
+    def forward(self, bgr: torch.Tensor) -> torch.Tensor:
+        return self.features((bgr.flip(1) - self.mean) / self.std)
+
+
+class GeneratorLoss(nn.Module):
+    """Weighted sum of the active terms; returns (total, {term: detached value})."""
+
+    def __init__(self, inner: int, l1_weight: float, ssim_weight: float, ssim_kind: str,
+                 sync_weight: float, perceptual_weight: float, syncnet: nn.Module | None = None,
+                 sync_head: tuple[float, float] | None = None, vgg: nn.Module | None = None):
+        super().__init__()
+        if ssim_kind == "auto":
+            ssim_kind = "msssim" if inner > 160 else "ssim"
+        if ssim_kind == "msssim" and inner <= 160:
+            raise TrainError(f"MS-SSIM needs images larger than 160 px (model side {inner}); use --ssim ssim")
+        self.w = {"l1": l1_weight, "ssim": ssim_weight, "sync": sync_weight if syncnet is not None else 0.0,
+                  "perceptual": perceptual_weight if vgg is not None else 0.0}
+        self.ssim_kind = ssim_kind
+        self.syncnet, self.vgg = syncnet, vgg
+        self.sync_head = sync_head or (1.0, 0.0)
+        if syncnet is not None:
+            syncnet.eval().requires_grad_(False)
+
+    def active(self) -> dict[str, float]:
+        return {k: v for k, v in self.w.items() if v > 0}
+
+    def train(self, mode: bool = True):  # the frozen nets stay in eval mode (BN running statistics)
+        super().train(mode)
+        for net in (self.syncnet, self.vgg):
+            if net is not None:
+                net.eval()
+        return self
+
+    def sync_logits(self, pred: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        a, v = self.syncnet(pred, audio)
+        scale, bias = self.sync_head
+        return scale * (a.float() * v.float()).sum(1) + bias
+
+    def forward(self, pred: torch.Tensor, label: torch.Tensor, audio: torch.Tensor):
+        from pytorch_msssim import ms_ssim, ssim
+
+        terms: dict[str, torch.Tensor] = {}
+        terms["l1"] = F.l1_loss(pred.float(), label.float())
+        if self.w["ssim"] > 0:
+            fn = ms_ssim if self.ssim_kind == "msssim" else ssim
+            terms["ssim"] = 1.0 - fn(pred.float(), label.float(), data_range=1.0, size_average=True)
+        if self.w["sync"] > 0:
+            logits = self.sync_logits(pred, audio)
+            terms["sync"] = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        if self.w["perceptual"] > 0:
+            terms["perceptual"] = F.mse_loss(self.vgg(pred).float(), self.vgg(label).float())
+        total = sum(self.w[k] * v for k, v in terms.items())
+        return total, {k: v.detach() for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out validation
+
+
+class Validator:
+    """PSNR, SSIM, SyncNet confidence on up to `val_frames` held-out frames and the mouth-landmark
+    distance (mediapipe lip points of the generated frame pasted back vs the real frame) on `lmd_frames`."""
+
+    def __init__(self, dataset: AvatarDataset, val_frames: int, lmd_frames: int, device: torch.device,
+                 loss: GeneratorLoss, amp: torch.dtype | None):
+        self.ds, self.device, self.loss, self.amp = dataset, device, loss, amp
+        n = len(dataset)
+        self.positions = np.unique(np.linspace(0, n - 1, min(n, val_frames)).round().astype(int))
+        self.lmd_positions = (np.unique(np.linspace(0, n - 1, min(n, lmd_frames)).round().astype(int))
+                              if lmd_frames > 0 else np.zeros(0, int))
+        self._mesh = None
+        self._real_lips: dict[int, np.ndarray] = {}
+        self._lmd_disabled = lmd_frames <= 0
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, positions: np.ndarray, batch: int = 16):
+        """(pred uint8 [N, S, S, 3], label uint8, image float [N, 6, S, S] cpu, sync confidence [N] or None)."""
+        preds, labels, images, conf = [], [], [], []
+        for k in range(0, len(positions), batch):
+            items = [self.ds[int(i)] for i in positions[k:k + batch]]
+            image, audio, label = (torch.stack(t) for t in zip(*items))
+            x, a = image.to(self.device), audio.to(self.device)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp):
+                pred = model(x, a)
+                if self.loss.syncnet is not None:
+                    conf.append(torch.sigmoid(self.loss.sync_logits(pred, a)).float().cpu())
+            preds.append((pred.float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+            labels.append((label * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+            images.append(image)
+        return (torch.cat(preds).numpy(), torch.cat(labels).numpy(), torch.cat(images),
+                torch.cat(conf).numpy() if conf else None)
+
+    def lip_points(self, frame_bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
+        import metrics
+
+        lm = self._mesh(frame_bgr)[None]
+        return metrics.to_crop_coords(metrics.lip_points(lm), np.asarray(box)[None], self.ds.size.crop)[0]
+
+    def mouth_landmark_distance(self, model: nn.Module) -> tuple[float, float]:
+        """(LMD in crop pixels over the frames where both faces were found, share of such frames)."""
+        if self._lmd_disabled or len(self.lmd_positions) == 0:
+            return float("nan"), 0.0
+        import cv2
+
+        import face_crop
+        import metrics
+
+        try:
+            if self._mesh is None:
+                from evaluate import FaceMesh
+
+                self._mesh = FaceMesh()
+            boxes = np.asarray(face_crop.dataset_crop_boxes(self.ds.dataset_dir))
+        except Exception as exc:  # no mediapipe or no frames: report the other metrics anyway
+            log.warning("mouth-landmark distance disabled: %s", exc)
+            self._lmd_disabled = True
+            return float("nan"), 0.0
+        pred, _, _, _ = self.predict(model, self.lmd_positions)
+        gen, real = [], []
+        b, s = self.ds.size.border, self.ds.size.inner
+        for p, frame_pos in zip(pred, self.lmd_positions):
+            idx = int(self.ds.frames[frame_pos])
+            frame = cv2.imread(str(self.ds.dataset_dir / "full_body_img" / f"{idx}.jpg"))
+            if frame is None:
+                continue
+            if idx not in self._real_lips:
+                self._real_lips[idx] = self.lip_points(frame, boxes[idx])
+            crop = np.array(self.ds.crops[idx])
+            crop[b:b + s, b:b + s] = p
+            gen.append(self.lip_points(face_crop.paste_back(frame, crop, boxes[idx]), boxes[idx]))
+            real.append(self._real_lips[idx])
+        if not gen:
+            return float("nan"), 0.0
+        gen_a, real_a = np.stack(gen), np.stack(real)
+        found = ~(np.isnan(gen_a).any(axis=(1, 2)) | np.isnan(real_a).any(axis=(1, 2)))
+        return metrics.landmark_distance(gen_a, real_a), float(found.mean())
+
+    def __call__(self, model: nn.Module) -> tuple[dict, torch.Tensor]:
+        """Metrics dict and an image grid [3, H, W] RGB (rows: reference, masked, generated, real)."""
+        import metrics
+
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        pred, label, image, conf = self.predict(model, self.positions)
+        out = {"psnr": metrics.video_psnr(pred, label), "ssim": metrics.ssim(pred, label)}
+        if conf is not None:
+            out["sync_confidence"] = float(conf.mean())
+        lmd, found = self.mouth_landmark_distance(model)
+        if not math.isnan(lmd):
+            out["mouth_lmd"], out["lmd_found"] = lmd, found
+        out["val_seconds"] = time.perf_counter() - t0
+        model.train(was_training)
+        k = min(4, len(pred))
+        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a[:k])).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+        rows = [image[:k, :3], image[:k, 3:], to_t(pred), to_t(label)]
+        from torchvision.utils import make_grid
+
+        grid = make_grid(torch.cat(rows), nrow=k, padding=2).flip(0)  # BGR -> RGB for display
+        return out, grid
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def load_frozen_syncnet(path: str | None, mode: str, size: str, device: torch.device):
+    """(SyncNet in eval mode with frozen parameters, (logit scale, bias))."""
+    from syncnet_328 import load_syncnet_checkpoint
+
+    if not path:
+        raise TrainError("--use_syncnet needs --syncnet_checkpoint PATH (train one with syncnet_328.py)")
+    try:
+        net, meta = load_syncnet_checkpoint(path, device=device, expect_mode=mode, expect_size=size)
+    except CheckpointError as exc:
+        raise TrainError(str(exc)) from None
+    log.info("SyncNet %s: held-out accuracy %.3f", path, meta.get("accuracy", float("nan")))
+    return net, (float(meta.get("logit_scale", 1.0)), float(meta.get("logit_bias", 0.0)))
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run the training described by `args`; returns the final `<epoch>.pth`."""
+    dist = init_distributed(args.device)
+    setup_logging(dist.is_main)
+    device = resolve_device(args.device, dist)
+    amp = resolve_amp(args.amp, device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    save_dir = Path(args.save_dir)
+    seed_everything(args.seed + dist.rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if dist.is_main:  # one process builds the crop cache, the others wait for it
+        try:
+            ensure_crop_cache(args.dataset_dir, args.size)
+        except DatasetError as exc:
+            raise TrainError(str(exc)) from None
+    dist.barrier()
+    train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False)
+    val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
+    mode, size = train_ds.mode, train_ds.size
+
+    model = build_unet(mode, size.name).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    syncnet, head = (load_frozen_syncnet(args.syncnet_checkpoint, mode, size.name, device)
+                     if args.use_syncnet else (None, None))
+    vgg_file = vgg19_weights_file() if args.perceptual_weight > 0 else None
+    vgg = VGGFeatures(vgg_file).to(device) if vgg_file else None
+    loss_fn = GeneratorLoss(size.inner, args.l1_weight, args.ssim_weight, args.ssim, args.sync_weight,
+                            args.perceptual_weight, syncnet, head, vgg)
+    if dist.is_main:
+        log.info("dataset %s: mode %s, size %s, %d training / %d held-out frames", train_ds.name, mode,
+                 size.name, len(train_ds), len(val_ds))
+        log.info("loss terms: %s%s", ", ".join(f"{k} x{v:g}" for k, v in loss_fn.active().items()),
+                 "" if vgg else " (VGG19 perceptual term off: no torchvision VGG19 weights in "
+                 f"{torch.hub.get_dir()}/checkpoints)")
+
+    workers = resolve_workers(args.workers, device, dist.world)
+    loader, indices = make_loader(train_ds, args.batchsize, dist, args.seed, workers, device)
+    steps_per_epoch = len(loader)
+    total = args.epochs * steps_per_epoch
+    if args.max_steps > 0:
+        total = min(total, args.max_steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total, args.warmup_steps, args.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    ema = EMA(model, args.ema_decay) if args.ema else None
+
+    epoch, skip, step, history = 0, 0, 0, []
+    latest = save_dir / LATEST
+    if args.resume:
+        if not latest.is_file():
+            raise TrainError(f"--resume: {latest} not found (nothing to resume; drop --resume to start over)")
+        blob = torch.load(latest, map_location=device, weights_only=True)
+        model.load_state_dict(blob["state_dict"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        scaler.load_state_dict(blob["scaler"])
+        if ema is not None:
+            if blob.get("ema") is not None:
+                ema.load_state_dict(blob["ema"])
+            else:
+                ema = EMA(model, args.ema_decay)
+        epoch, skip, step = blob["epoch"], blob["batch_in_epoch"], blob["step"]
+        history = list(blob.get("history", []))
+        set_rng_state(blob["rng"][min(dist.rank, len(blob["rng"]) - 1)])
+        old = blob.get("args", {})
+        for key in ("batchsize", "lr", "epochs", "max_steps", "warmup_steps", "seed", "size"):
+            if key in old and str(old[key]) != str(getattr(args, key)):
+                log.warning("--resume with %s=%s, the saved run used %s: the continuation will differ",
+                            key, getattr(args, key), old[key])
+        if dist.is_main:
+            log.info("resuming from %s at epoch %d, step %d", latest, epoch, step)
+    train_log = JsonlLog(save_dir / "train_log.jsonl", dist.is_main, step if args.resume else None)
+    metrics_log = JsonlLog(save_dir / "metrics.jsonl", dist.is_main, step if args.resume else None)
+    writer = tensorboard_writer(save_dir / "runs", dist.is_main, step if args.resume else None)
+    validator = Validator(val_ds, args.val_frames, args.lmd_frames, device, loss_fn, amp) if dist.is_main else None
+
+    net = model
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net.train()
+    loss_fn.train()
+    last_ckpt: Path | None = None
+
+    def save_latest(epoch_: int, skip_: int) -> None:
+        states = [rng_state()]
+        if dist.world > 1:
+            gathered: list = [None] * dist.world
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        if not dist.is_main:
+            return
+        atomic_torch_save({
+            "state_dict": model.state_dict(),
+            "meta": unet_meta(train_ds, epoch_, step, ema is not None),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+            "epoch": epoch_, "batch_in_epoch": skip_, "step": step, "rng": states, "history": history,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }, latest)
+
+    def validate(epoch_label: float, save_numbered: bool) -> Path | None:
+        """Held-out metrics -> metrics.jsonl / TensorBoard; with `save_numbered`, also <epoch>.pth."""
+        eval_model = ema.model if ema is not None else model
+        metrics, grid = validator(eval_model)
+        elapsed = time.perf_counter() - t_start
+        entry = {"step": step, "epoch": epoch_label, **metrics,
+                 "samples_per_s": samples / elapsed if elapsed > 0 else 0.0}
+        path = None
+        if save_numbered:
+            path = save_dir / f"{int(epoch_label)}.pth"
+            meta = unet_meta(train_ds, int(epoch_label), step, ema is not None)
+            meta["val"] = {k: v for k, v in metrics.items() if k != "val_seconds"}
+            save_checkpoint(path, eval_model.state_dict(), meta)
+            entry["checkpoint"] = str(path)
+        metrics_log.write(entry)
+        history.append(entry)
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"val/{k}", v, step)
+            writer.add_image("val/reference_masked_generated_real", grid, step)
+            writer.flush()
+        log.info("epoch %s (step %d): %s", f"{epoch_label:g}", step,
+                 ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return path
+
+    done = step >= total
+    if done and dist.is_main:
+        log.info("nothing to do: step %d already reached the limit %d", step, total)
+    t_start, samples = time.perf_counter(), 0
+    while not done and epoch < args.epochs:
+        indices.set(epoch, skip * args.batchsize)
+        it = iter(loader)
+        pbar = None
+        if dist.is_main:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
+                        disable=None, leave=False)
+        batch_i = skip
+        for image, audio, label in it:
+            image = image.to(device, non_blocking=True)
+            audio = audio.to(device, non_blocking=True)
+            label = label.to(device, non_blocking=True)
+            if device.type == "cuda":
+                image = image.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)  # upstream's SyncNet forgot this; we never do
+            with autocast(device, amp):
+                pred = net(image, audio)
+                loss, terms = loss_fn(pred, label, audio)
+            scaler.scale(loss).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            batch_i += 1
+            samples += len(image) * dist.world
+            if pbar is not None:
+                pbar.update(1)
+            if step % args.log_every == 0 or step == total:
+                values = torch.stack([loss.detach().float()] + [terms[k].float() for k in sorted(terms)])
+                if dist.world > 1:
+                    torch.distributed.all_reduce(values)
+                    values /= dist.world
+                values = values.tolist()
+                entry = {"step": step, "epoch": epoch + 1, "loss": values[0],
+                         **dict(zip(sorted(terms), values[1:])), "lr": scheduler.get_last_lr()[0]}
+                train_log.write(entry)
+                if writer is not None:
+                    for k, v in entry.items():
+                        if k not in ("step", "epoch"):
+                            writer.add_scalar(f"train/{k}", v, step)
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{values[0]:.4f}")
+            done = step >= total
+            if done:
+                break
+            if args.val_every > 0 and step % args.val_every == 0 and batch_i < steps_per_epoch:
+                if dist.is_main:
+                    validate(round(epoch + batch_i / steps_per_epoch, 3), False)
+                    net.train()
+                dist.barrier()
+            if args.latest_every > 0 and step % args.latest_every == 0 and batch_i < steps_per_epoch:
+                save_latest(epoch, batch_i)
+        if pbar is not None:
+            pbar.close()
+        epoch_done = batch_i >= steps_per_epoch
+        if epoch_done:
+            epoch, skip = epoch + 1, 0
+        else:
+            skip = batch_i
+        label_epoch = epoch if epoch_done else epoch + 1  # number of (possibly partial) epochs trained
+        final = done or epoch >= args.epochs
+        if dist.is_main:
+            saved = validate(label_epoch, label_epoch % args.save_every == 0 or final)
+            last_ckpt = saved or last_ckpt
+        save_latest(epoch, skip)
+        dist.barrier()
+        if final:
+            break
+    if writer is not None:
+        writer.close()
+    if last_ckpt is None:  # resumed a finished run: the newest epoch checkpoint is the result
+        existing = sorted((int(p.stem), p) for p in save_dir.glob("*.pth") if p.stem.isdigit())
+        last_ckpt = existing[-1][1] if existing else latest
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return last_ckpt
+
+
+def unet_meta(ds: AvatarDataset, epoch: int, step: int, ema: bool) -> dict:
+    return {"kind": "unet", "mode": ds.mode, "size": ds.size.name, "epoch": epoch, "step": step,
+            "dataset": ds.name, "ema": ema, "val_fraction": 0.1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(description="Train the lip-sync U-Net on one preprocessed dataset.")
+    p.add_argument("--dataset_dir", required=True, help="dataset/NAME (made by data_utils/process.py)")
+    p.add_argument("--save_dir", required=True, help="checkpoint/NAME")
+    p.add_argument("--use_syncnet", action="store_true", help="add the SyncNet loss term")
+    p.add_argument("--syncnet_checkpoint", default=None, help="syncnet_ckpt/NAME/best.pth")
+    p.add_argument("--size", default=d["size"], choices=["328", "small"])
+    p.add_argument("--mode", "--asr", dest="mode", default=d["mode"], choices=["whisper", "ave"])
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--max_steps", type=int, default=d["max_steps"])
+    p.add_argument("--batchsize", type=int, default=d["batchsize"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--warmup_steps", type=int, default=d["warmup_steps"])
+    p.add_argument("--min_lr_ratio", type=float, default=d["min_lr_ratio"])
+    p.add_argument("--grad_clip", type=float, default=d["grad_clip"])
+    p.add_argument("--l1_weight", type=float, default=d["l1_weight"])
+    p.add_argument("--ssim_weight", type=float, default=d["ssim_weight"])
+    p.add_argument("--ssim", default=d["ssim"], choices=["auto", "ssim", "msssim"])
+    p.add_argument("--sync_weight", type=float, default=d["sync_weight"])
+    p.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"])
+    p.add_argument("--ema", action="store_true", default=d["ema"])
+    p.add_argument("--ema_decay", type=float, default=d["ema_decay"])
+    p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--device", default=d["device"])
+    p.add_argument("--workers", type=int, default=d["workers"])
+    p.add_argument("--threads", type=int, default=d["threads"])
+    p.add_argument("--save_every", type=int, default=d["save_every"])
+    p.add_argument("--latest_every", type=int, default=d["latest_every"])
+    p.add_argument("--log_every", type=int, default=d["log_every"])
+    p.add_argument("--val_every", type=int, default=d["val_every"])
+    p.add_argument("--val_frames", type=int, default=d["val_frames"])
+    p.add_argument("--lmd_frames", type=int, default=d["lmd_frames"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--resume", action="store_true", help=f"continue from SAVE_DIR/{LATEST}")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for key in ("epochs", "batchsize", "save_every", "log_every"):
+        if getattr(args, key) < 1:
+            raise TrainError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.lr <= 0:
+        raise TrainError(f"--lr must be > 0, got {args.lr}")
+    if min(args.max_steps, args.latest_every, args.val_every) < 0:
+        raise TrainError("--max_steps, --latest_every and --val_every must be >= 0")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise TrainError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+
+
+def run_cli(fn, argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
+    """Parse, run `fn(args)`, print its result; user errors -> one `error:` line and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        check_args(args) if fn is train else None
+        result = fn(args)
+    except (TrainError, DatasetError, CheckpointError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except torch.OutOfMemoryError:
+        sys.stderr.write(f"error: CUDA out of memory at --batchsize {args.batchsize}; "
+                         f"try a smaller --batchsize (e.g. {max(1, args.batchsize // 2)})\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted; continue later with --resume\n")
+        return 130
+    if os.environ.get("RANK", "0") == "0":  # one line from a torchrun job, not one per process
+        print(result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(train, argv, build_parser())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
