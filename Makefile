@@ -26,7 +26,7 @@ $(DEVSTAMP): $(STAMP) requirements-dev.txt
 install: $(STAMP)
 install-dev: $(DEVSTAMP)
 
-# Debian packages: espeak-ng (TTS fallback), chromium (browser tests), plantuml (docs). Best effort:
+# Debian packages: espeak-ng (TTS fallback), chromium (browser tests), sox (test audio). Best effort:
 # tests that need a missing one skip with the reason.
 system-deps:
 	@missing=""; \
@@ -46,7 +46,7 @@ test: $(DEVSTAMP) system-deps
 	$(PY) -m pytest -q
 
 docs:
-	@command -v plantuml >/dev/null 2>&1 || { echo "plantuml not installed (apt-get install plantuml)"; exit 2; }
+	@command -v plantuml >/dev/null 2>&1 || { echo "plantuml not installed: apt-get install plantuml"; exit 2; }
 	plantuml -tpng docs/diagrams/*.puml
 	plantuml -tsvg docs/diagrams/*.puml
 
