@@ -366,19 +366,27 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        # warm-up: early on the average follows the model closely (decay (1+n)/(10+n) < `decay`), otherwise
+        # the random initial weights would dominate the average for thousands of steps
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
+            e.lerp_(p.detach(), 1.0 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
     def state_dict(self) -> dict:
-        return self.model.state_dict()
+        return {"weights": self.model.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
+        if "weights" in state:
+            self.updates = int(state["updates"])
+            state = state["weights"]
         self.model.load_state_dict(state)
 
 

@@ -247,7 +247,8 @@ def test_kill_and_resume_continues_the_same_loss_curve(fake_dataset, tmp_path):
     assert [e["loss"] for e in got] == [e["loss"] for e in expected]  # bit-for-bit
     a = torch.load(tmp_path / "ref" / "latest.pth", weights_only=True)
     b = torch.load(save / "latest.pth", weights_only=True)
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 12
+    assert all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["ema"]["weights"])
 
 
 def test_ddp_two_cpu_processes(fake_dataset, tmp_path):
@@ -344,3 +345,18 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(monkeypatch, capsys, tmp_pa
     rc = train_328.main(["--dataset_dir", str(tmp_path), "--save_dir", str(tmp_path / "o"), "--batchsize", "8"])
     err = capsys.readouterr().err
     assert rc == 2 and err == "error: CUDA out of memory at --batchsize 8; try a smaller --batchsize (e.g. 4)\n"
+
+
+def test_ema_warms_up_instead_of_keeping_the_initial_weights():
+    """With decay 0.999 and no warm-up, 400 steps would leave 67% of the random init in the average."""
+    from train_328 import EMA
+
+    model = torch.nn.Linear(4, 4)
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        for _ in range(50):
+            model.weight.add_(1.0)
+            ema.update(model)
+    gap = (ema.model.weight - model.weight).abs().mean().item()
+    assert gap < 10.0, gap  # a plain 0.999 average would still lag by about 49
+    assert ema.state_dict()["updates"] == 50
