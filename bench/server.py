@@ -182,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bi = load_bench_inference()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_server_"))
-    audio_path = bi.make_audio(bi.default_audio(), args.seconds, work)
-    upload = audio_path.read_bytes()
+    import audio_io
+
+    speech = wav_to_16k(bi.make_audio(bi.default_audio(), args.seconds + 10, work).read_bytes())
+    start = max(0, first_voiced_frame(speech) - 5) * 640  # 0.2 s of lead-in, then speech
+    audio_io.write_wav(work / "upload.wav", speech[start: start + int(args.seconds * 16000)], 16000)
+    upload = (work / "upload.wav").read_bytes()
     upload_voiced = first_voiced_frame(wav_to_16k(upload))
     report: dict = {"cpu_count": os.cpu_count(), "threads": args.threads, "batch_size": args.batch_size,
                     "upload_seconds": args.seconds, "sizes": {}}
