@@ -3,14 +3,14 @@
 # synthetic talking head (public-domain astronaut photo + Piper voice) -> preprocessing -> SyncNet ->
 # small U-Net -> evaluation (training voice + an espeak-ng voice) -> package into demo_avatar/.
 #
-#   bash scripts/build_demo_avatar.sh [SEED] [SECONDS] [EPOCHS]
+#   bash scripts/build_demo_avatar.sh [SEED] [SECONDS] [STEPS]
 #
 # CPU only is fine (about an hour on 2 cores); a GPU is used when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEED=${1:-7}
 SECONDS_OF_VIDEO=${2:-150}
-EPOCHS=${3:-3}
+STEPS=${3:-1260}  # 3 epochs of 420 steps
 PY=${PYTHON:-.venv/bin/python}
 NAME=demo
 DS=dataset/$NAME
@@ -23,10 +23,10 @@ echo "== 2/6 preprocessing"
 $PY data_utils/process.py "$DS/$NAME.mp4" --crop_sizes 328,168 --quiet
 
 echo "== 3/6 SyncNet"
-$PY syncnet_328.py --dataset_dir "$DS" --save_dir "syncnet_ckpt/$NAME" --size small --max_steps 600 --seed "$SEED"
+$PY syncnet_328.py --dataset_dir "$DS" --save_dir "syncnet_ckpt/$NAME" --size small --max_steps 300 --seed "$SEED"
 
 echo "== 4/6 U-Net (small)"
-$PY train_328.py --dataset_dir "$DS" --save_dir "checkpoint/$NAME" --size small --epochs "$EPOCHS" \
+$PY train_328.py --dataset_dir "$DS" --save_dir "checkpoint/$NAME" --size small --epochs 40 --max_steps "$STEPS" \
   --batchsize 8 --lr 2e-3 --ema --save_every 1 --val_every 200 --seed "$SEED"
 
 echo "== 5/6 evaluation (held-out self-reconstruction + an espeak-ng voice the model never heard)"
@@ -43,4 +43,4 @@ PYEOF
 $PY evaluate.py --name "$NAME" --audio result/demo_build/espeak_f3.wav
 
 echo "== 6/6 package -> demo_avatar/"
-$PY scripts/package_demo_avatar.py --name "$NAME"
+$PY scripts/package_demo_avatar.py --name "$NAME" --checkpoint 3
