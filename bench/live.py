@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,24 +31,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import free_port, load_bench_inference  # noqa: E402  (bench/common.py)
+
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 FPS = 25
-
-
-def load_bench_inference():
-    """bench/inference.py as a module (its avatar and audio builders are reused here)."""
-    spec = importlib.util.spec_from_file_location("bench_inference", REPO / "bench" / "inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(root: Path, threads: int, log_path: Path) -> tuple[subprocess.Popen, int]:

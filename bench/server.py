@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,25 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import free_port, load_bench_inference  # noqa: E402  (bench/common.py)
+
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 FPS = 25
 SENTENCE = "Streaming lip sync should start quickly and keep pace with the voice, request number {k}."
-
-
-def load_bench_inference():
-    """bench/inference.py as a module (its avatar and audio builders are reused here)."""
-    spec = importlib.util.spec_from_file_location("bench_inference", REPO / "bench" / "inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def first_voiced_frame(audio16k: np.ndarray) -> int:

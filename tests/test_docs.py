@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
-from pathlib import Path
 
 import pytest
 
