@@ -86,21 +86,14 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return _error(422, "invalid_request", detail)
 
-    @app.exception_handler(UnknownAvatarError)
-    async def unknown_avatar(_: Request, exc: UnknownAvatarError) -> JSONResponse:
-        return _error(404, "unknown_avatar", str(exc))
+    # the services' domain errors: exception class -> (HTTP status, error code); the message is the detail
+    domain_errors = {UnknownAvatarError: (404, "unknown_avatar"), NoAvatarError: (503, "no_avatar"),
+                     AvatarLoadError: (503, "avatar_unavailable"), TTSUnavailable: (503, "tts_unavailable")}
+    for exc_class, (status, code) in domain_errors.items():
+        async def domain_error(_: Request, exc: Exception, status: int = status, code: str = code) -> JSONResponse:
+            return _error(status, code, str(exc))
 
-    @app.exception_handler(NoAvatarError)
-    async def no_avatar(_: Request, exc: NoAvatarError) -> JSONResponse:
-        return _error(503, "no_avatar", str(exc))
-
-    @app.exception_handler(AvatarLoadError)
-    async def avatar_load(_: Request, exc: AvatarLoadError) -> JSONResponse:
-        return _error(503, "avatar_unavailable", str(exc))
-
-    @app.exception_handler(TTSUnavailable)
-    async def tts_unavailable(_: Request, exc: TTSUnavailable) -> JSONResponse:
-        return _error(503, "tts_unavailable", str(exc))
+        app.add_exception_handler(exc_class, domain_error)
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

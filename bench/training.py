@@ -65,6 +65,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def samples_per_second(step, batch: int, steps: int, device: torch.device) -> float:
+    """Samples/s of `steps` calls of `step()` on `batch` samples each, after one warm-up call."""
+    step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
 def time_unet(size: str, batch: int, steps: int, device: torch.device, amp) -> float:
     """Samples/s of full U-Net training steps (after one warm-up step)."""
     model = build_unet("whisper", size).to(device)
@@ -85,13 +96,7 @@ def time_unet(size: str, batch: int, steps: int, device: torch.device, amp) -> f
         loss.backward()
         opt.step()
 
-    step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch * steps / (time.perf_counter() - t0)
+    return samples_per_second(step, batch, steps, device)
 
 
 def time_syncnet(size: str, batch: int, steps: int, device: torch.device, amp) -> float:
@@ -108,13 +113,7 @@ def time_syncnet(size: str, batch: int, steps: int, device: torch.device, amp) -
         loss.backward()
         opt.step()
 
-    step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch * steps / (time.perf_counter() - t0)
+    return samples_per_second(step, batch, steps, device)
 
 
 def main() -> None:
