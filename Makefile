@@ -8,15 +8,16 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-dev system-deps docs bench clean
+.PHONY: run test lint install install-dev system-deps docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): requirements.txt requirements-mediapipe.txt | $(PY)
+$(STAMP): requirements.txt requirements-mediapipe.txt pyproject.toml | $(PY)
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps -r requirements-mediapipe.txt
+	$(PIP) install --no-deps --no-build-isolation --quiet -e .
 	touch $@
 
 $(DEVSTAMP): $(STAMP) requirements-dev.txt
@@ -42,7 +43,11 @@ system-deps:
 run: $(STAMP)
 	$(PY) api.py
 
-test: $(DEVSTAMP) system-deps
+lint: $(DEVSTAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(DEVSTAMP) system-deps lint
 	$(PY) -m pytest -q
 
 docs:

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import anyio
 import numpy as np
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,12 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from config import Settings
+from config import settings as default_settings
 from services.debug import DebugRecorder, wav_bytes
-from services.deps import (DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services,
-                           require_token)
+from services.deps import DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services, require_token
+from services.live import router as live_router
 from services.models import AvatarInfo, AvatarLoadError, ModelService, NoAvatarError, UnknownAvatarError
 from services.streaming import MJPEG_END, MJPEG_MEDIA_TYPE, MJPEGResponse, mjpeg_part, paced_parts
-from services.tts import TTSUnavailable
+from services.tts import TextError, TTSUnavailable, build_tts
+from services.tts import check_text as tts_check_text
+from synctalk.audio import load_audio
+from synctalk.timing import SAMPLE_RATE
 
 log = logging.getLogger("api")
 
@@ -113,13 +119,11 @@ MJPEG_OK: dict[int | str, dict[str, Any]] = {200: {
 
 
 def check_text(text: str, max_chars: int) -> str:
-    """The text to speak, stripped; 400 when empty or longer than `max_chars`."""
-    text = text.strip()
-    if not text:
-        raise APIError(400, "empty_text", "text is empty")
-    if len(text) > max_chars:
-        raise APIError(400, "text_too_long", f"text is {len(text)} characters long, the limit is {max_chars}")
-    return text
+    """The text to speak, stripped (`synctalk.tts.check_text`); 400 when empty or too long."""
+    try:
+        return tts_check_text(text, max_chars)
+    except TextError as exc:
+        raise APIError(400, exc.code, str(exc)) from None
 
 
 async def check_voice(services: Services, voice: str | None) -> str | None:
@@ -140,7 +144,6 @@ async def synthesize(services: Services, text: str, voice: str | None) -> Any:
         raise
     except ValueError as exc:
         raise APIError(400, "bad_text", str(exc)) from None
-    services.tts_last_engine = result.engine
     return result
 
 
@@ -153,11 +156,11 @@ async def stream_audio(services: Services, audio16k: np.ndarray, info: AvatarInf
                                        jpeg_quality=settings.server.jpeg_quality, stats=services.stats)
     assert services.debug is not None
     session = DebugRecorder.new_session(kind)
-    await anyio.to_thread.run_sync(services.debug.save_audio_clip, session, audio16k, 16000)
+    await anyio.to_thread.run_sync(services.debug.save_audio_clip, session, audio16k, SAMPLE_RATE)
     source = await anyio.to_thread.run_sync(generator.job, audio16k, services.debug.frame_sink(session))
     if source.total == 0:
         raise APIError(400, "audio_too_short", "the audio is shorter than one video frame (40 ms)")
-    headers = {"X-Frame-Count": str(source.total), "X-Audio-Duration": f"{len(audio16k) / 16000:.4f}",
+    headers = {"X-Frame-Count": str(source.total), "X-Audio-Duration": f"{len(audio16k) / SAMPLE_RATE:.4f}",
                "X-FPS": str(generator.fps), "X-Avatar": info.name, "Cache-Control": "no-store",
                "X-Accel-Buffering": "no", **(extra_headers or {})}
     return MJPEGResponse(paced_parts(source, services.stats, generator.fps), headers=headers)
@@ -201,7 +204,6 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
 
 async def decode_upload(data: bytes, extension: str) -> np.ndarray:
     """16 kHz mono float32 audio of an uploaded file; 400 when it cannot be decoded."""
-    from audio_io import load_audio
 
     try:
         audio = await anyio.to_thread.run_sync(load_audio, data)
@@ -348,10 +350,7 @@ def health(services: ServicesDep) -> dict[str, Any]:
     models = services.models.status()
     default = models["default"]
     state = "unavailable" if default is None else ("ok" if default in models["loaded"] else "degraded")
-    engines = [getattr(e, "name", "?") for e in getattr(services.tts, "engines", [services.tts])]
-    tts = {"engines": engines, "last_engine": services.tts_last_engine, "voices": services.tts.voices(),
-           "cache_hits": getattr(services.tts, "cache_hits", None),
-           "cache_misses": getattr(services.tts, "cache_misses", None)}
+    tts = services.tts.status()
     return {"status": state, "device": services.settings.models.resolved_device(),
             "backend": services.settings.models.backend, "model": {"default": default, "loaded": models["loaded"]},
             "avatars": models["avatars"], "tts": tts, "streams": services.stats.snapshot()}
@@ -370,8 +369,6 @@ def debug_config(debug: DebugDep, stats: StatsDep, body: DebugUpdate) -> dict[st
     return {**debug.status(), "streams": stats.snapshot()}
 
 
-from live import router as live_router  # noqa: E402  (GET /idle, WS /ws/live)
-
 ROUTERS: list[APIRouter] = [page_router, speech_router, system_router, live_router]
 
 
@@ -379,24 +376,10 @@ ROUTERS: list[APIRouter] = [page_router, speech_router, system_router, live_rout
 # App
 
 
-def warm_tts(tts: Any) -> None:
-    """Load the TTS engines' voices now rather than in the first request (failures only logged: the
-    chain falls back per request)."""
-    for engine in getattr(tts, "engines", [tts]):
-        try:
-            engine.voices()
-            if hasattr(engine, "load"):
-                engine.load()
-        except Exception as exc:  # a broken engine is skipped by the fallback chain later
-            log.warning("tts engine %s not available: %s", getattr(engine, "name", engine), exc)
-
-
-def create_app(services: Services | None = None, settings: Any = None) -> FastAPI:
+def create_app(services: Services | None = None, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app around `services` (built from `settings` or `config.settings` at start-up when
     None). The lifespan loads the default avatar once before serving."""
     if settings is None:
-        from config import settings as default_settings
-
         settings = services.settings if services is not None else default_settings
 
     @asynccontextmanager
@@ -405,7 +388,7 @@ def create_app(services: Services | None = None, settings: Any = None) -> FastAP
             app.state.services = build_services(settings)
         svc: Services = app.state.services
         name = await anyio.to_thread.run_sync(svc.models.warm_up)
-        await anyio.to_thread.run_sync(warm_tts, svc.tts)
+        await anyio.to_thread.run_sync(svc.tts.warm_up)
         log.info("ready: default avatar %s, device %s, backend %s", name or "(none)",
                  svc.settings.models.resolved_device(), svc.settings.models.backend)
         yield
@@ -428,8 +411,7 @@ app = create_app()
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: start uvicorn with the app (flags override the configuration)."""
-    from config import settings
-
+    settings = default_settings
     parser = argparse.ArgumentParser(description="SyncTalk 2D streaming server")
     parser.add_argument("--host", default=settings.server.host, help="bind address (default %(default)s)")
     parser.add_argument("--port", type=int, default=settings.server.port, help="port (default %(default)s)")
@@ -446,10 +428,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.avatar not in models.names() and args.avatar != settings.models.default_avatar:
         sys.stderr.write(f"error: avatar {args.avatar!r} not found; available: {', '.join(models.names()) or 'none'}\n")
         return 2
-    from services.tts import build_tts
-
-    import uvicorn
-
     server_app = create_app(Services(settings=cfg, models=models, tts=build_tts(cfg)))
     uvicorn.run(server_app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

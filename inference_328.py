@@ -21,11 +21,19 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
+from tqdm import tqdm
+
+from config import auto_device, settings
+from synctalk import audio as audio_io
+from synctalk.avatar import AvatarError, AvatarRegistry, AvatarRoot
+from synctalk.engine import EngineError, LipSyncEngine, ensure_onnx
+from synctalk.timing import FPS, frames_for_samples
+from unet_328 import CheckpointError
 
 log = logging.getLogger("inference")
 
-FPS = 25
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
 
@@ -34,8 +42,6 @@ class InferenceError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from config import settings
-
     # defaults
     dataset_root = settings.paths.dataset_root
     checkpoint_root = settings.paths.checkpoint_root
@@ -47,14 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     crf = 20  # upstream's mux quality
 
     p = argparse.ArgumentParser(description="Lip-sync an avatar to an audio file (mp4 out).")
-    p.add_argument("--name", required=True, help="avatar name: dataset/<name>/ and checkpoint/<name>/")
+    p.add_argument("--name", required=True, help="avatar name: dataset/<name>/ and checkpoint/<name>/, or the bundled demo")
     p.add_argument("--audio_path", help="driving audio (any format PyAV decodes)")
     p.add_argument("--checkpoint", help="epoch number in checkpoint/<name>/ or a .pth path (default: latest)")
     p.add_argument("--output", help="output mp4 (default: result/<name>_<audio stem>_<ckpt>.mp4)")
     p.add_argument("--backend", choices=["onnx", "torch"], default=backend)
     p.add_argument("--device", default=device, help="auto, cpu, cuda[:N] or mps")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="torch backend on CUDA (default from config)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=settings.models.dtype,
+                   help="torch backend on CUDA (default %(default)s)")
     p.add_argument("--threads", type=int, default=threads, help="intra-op threads of the U-Net backend")
     p.add_argument("--start_frame", type=int, default=0, help="source frame the ping-pong starts from")
     p.add_argument("--loop_back", action="store_true", help="end the clip on the frame it started from")
@@ -81,46 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Inputs
 
 
-def available_avatars(dataset_root: Path) -> list[str]:
-    """Names of the preprocessed datasets under `dataset_root` (folders with full_body_img/)."""
-    if not dataset_root.is_dir():
-        return []
-    return sorted(d.name for d in dataset_root.iterdir() if (d / "full_body_img").is_dir())
-
-
-def resolve_dataset(dataset_root: Path, name: str) -> Path:
-    """dataset_root/name, or InferenceError listing the available avatars."""
-    path = dataset_root / name
-    if (path / "full_body_img").is_dir():
-        return path
-    names = available_avatars(dataset_root)
-    listing = ", ".join(names) if names else f"none (no preprocessed dataset under {dataset_root})"
-    raise InferenceError(f"unknown avatar {name!r}; available: {listing}")
-
-
-def resolve_checkpoint(checkpoint_root: Path, name: str, spec: str | None) -> Path:
-    """A checkpoint path from `--checkpoint` (epoch number or path; default: largest epoch)."""
-    folder = checkpoint_root / name
-    if spec and not spec.isdigit():
-        path = Path(spec)
-        if not path.is_file():
-            raise InferenceError(f"checkpoint not found: {path}")
-        return path
-    if spec:
-        path = folder / f"{spec}.pth"
-        if not path.is_file():
-            have = sorted((p.stem for p in folder.glob("*.pth") if p.stem.isdigit()), key=int)
-            raise InferenceError(f"checkpoint not found: {path} (available epochs: {', '.join(have) or 'none'})")
-        return path
-    epochs = [p for p in folder.glob("*.pth") if p.stem.isdigit()]
-    if not epochs:
-        raise InferenceError(f"no checkpoint for {name!r}: {folder} has no <epoch>.pth (train it first)")
-    return max(epochs, key=lambda p: int(p.stem))
-
-
 def load_audio_16k(path: str) -> np.ndarray:
     """16 kHz mono float32 of an audio file, or InferenceError (missing, unreadable or empty)."""
-    import audio_io
 
     if not Path(path).is_file():
         raise InferenceError(f"audio file not found: {path}")
@@ -145,8 +113,6 @@ class Mp4Writer:
     Both streams are declared up front (the mp4 header is written at the first packet)."""
 
     def __init__(self, path: Path, width: int, height: int, audio_path: str, crf: int = 20):
-        import av
-
         self.path = path
         self.tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.mp4")
         self.audio_path = audio_path
@@ -168,8 +134,6 @@ class Mp4Writer:
 
     def write_frame(self, frame: np.ndarray) -> None:
         """Encode one BGR uint8 frame (called from the engine's worker thread)."""
-        import av
-
         if frame.shape[0] != self.height or frame.shape[1] != self.width:
             frame = np.ascontiguousarray(frame[: self.height, : self.width])
         vf = av.VideoFrame.from_ndarray(frame, format="bgr24")
@@ -179,8 +143,6 @@ class Mp4Writer:
 
     def write_audio(self) -> float:
         """Re-encode the audio file's first track to AAC at its own rate (mono or stereo); seconds."""
-        import av
-
         resampler = av.AudioResampler(format="fltp", layout=self.audio_layout, rate=self.audio_rate)
         samples = 0
 
@@ -219,22 +181,25 @@ class Mp4Writer:
 def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
     """Do the work; returns (output path or None for export-only, frames, seconds)."""
     # cheap checks first: a bad name, checkpoint or audio file is reported before torch is imported
-    dataset_dir = resolve_dataset(args.dataset_root, args.name)
-    checkpoint = resolve_checkpoint(args.checkpoint_root, args.name, args.checkpoint)
+    registry = AvatarRegistry([AvatarRoot(args.dataset_root, args.checkpoint_root, "user"),
+                               *settings.paths.avatar_roots()[1:]])
+    try:
+        avatar = registry.find(args.name, args.checkpoint)
+    except AvatarError as exc:
+        raise InferenceError(str(exc)) from None
+    dataset_dir, checkpoint = avatar.dataset_dir, avatar.checkpoint_path
     audio = load_audio_16k(args.audio_path) if args.audio_path else None
-
-    from unet_328 import CheckpointError
-
-    from services.generator import EngineError, LipSyncEngine, ensure_onnx
-
+    device = auto_device() if args.device == "auto" else args.device
     try:
         if args.export_onnx:
             print(ensure_onnx(checkpoint, force=True))
             if audio is None:
                 return None, 0, 0.0
-        engine = LipSyncEngine.load(dataset_dir, checkpoint, backend=args.backend, device=args.device,
+        engine = LipSyncEngine.load(dataset_dir, checkpoint, backend=args.backend, device=device,
                                     dtype=args.dtype, batch_size=args.batch_size, threads=args.threads,
-                                    blend=args.blend, color_match=args.color_match)
+                                    blend=args.blend, color_match=args.color_match,
+                                    ave_checkpoint=settings.models.ave_checkpoint,
+                                    feature_config=settings.audio.feature_config())
     except (EngineError, CheckpointError) as exc:
         raise InferenceError(str(exc)) from None
 
@@ -243,7 +208,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
         features = engine.features(audio)
     except ValueError as exc:  # e.g. ave mode without the AVE checkpoint
         raise InferenceError(str(exc)) from None
-    n = int(round(FPS * len(audio) / 16000))
+    n = frames_for_samples(len(audio))
     order = engine.frame_order(n, args.start_frame, args.loop_back)
 
     out = Path(args.output) if args.output else (
@@ -251,8 +216,6 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
     out.parent.mkdir(parents=True, exist_ok=True)
     h, w = engine.frame_shape[:2]
     writer = Mp4Writer(out, w, h, args.audio_path, args.crf)
-    from tqdm import tqdm
-
     try:
         with tqdm(total=n, unit="frame", desc=args.name, disable=None) as bar:
             engine.run(features, order, writer.write_frame, progress=bar.update)

@@ -14,13 +14,12 @@ See docs/training-guide.md.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import ModelSize, audio_input_shape, get_size
+from synctalk.sizes import ModelSize, audio_input_shape, get_size
+from unet_328 import CheckpointError, read_checkpoint
 
 
 class Conv2d(nn.Module):
@@ -121,7 +120,6 @@ def load_syncnet_checkpoint(path, device: str | torch.device = "cpu", expect_mod
                             expect_size: str | None = None) -> tuple[SyncNet_color, dict]:
     """Build the SyncNet a checkpoint describes (eval mode); CheckpointError on any mismatch. The meta
     carries mode, size, accuracy and the logit head (scale, bias)."""
-    from unet_328 import CheckpointError, read_checkpoint
 
     state, meta = read_checkpoint(path)
     if meta.get("kind", "syncnet") != "syncnet":
@@ -144,268 +142,18 @@ def load_syncnet_checkpoint(path, device: str | torch.device = "cpu", expect_mod
     return net.to(device).eval(), meta
 
 
-def embed(net: SyncNet_color, face: torch.Tensor | None = None, audio: torch.Tensor | None = None):
-    """L2-normalised face and/or audio embeddings, each tower run once (same as forward)."""
+def embed(net: SyncNet_color, face: torch.Tensor | None = None, audio: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """L2-normalised (audio, face) embeddings -- the order `forward` returns -- each tower run only
+    when its input is given (None otherwise)."""
     v = F.normalize(net.face_encoder(face).flatten(1), p=2, dim=1) if face is not None else None
     a = F.normalize(net.audio_encoder(audio).flatten(1), p=2, dim=1) if audio is not None else None
-    return v, a
-
-
-def triplet_loss(net: SyncNet_color, head: SyncHead, face: torch.Tensor, audio: torch.Tensor,
-                 shifted: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Balanced BCE over one batch of triplets: weight 1/2 on the B positives, 1/4 on the B shifted
-    negatives, 1/4 on the in-batch far negatives (face i with audio j, frames >= MIN_SHIFT apart).
-    Returns (loss, accuracy on positives + shifted negatives)."""
-    from datasets import MIN_SHIFT
-
-    v, _ = embed(net, face=face)
-    _, a = embed(net, audio=torch.cat([audio, shifted]))
-    a_pos, a_neg = a[: len(face)], a[len(face):]
-    sim = v.float() @ a_pos.float().t()  # [B, B] cosines, diagonal = in sync
-    logits = head.scale * sim + head.bias
-    pos = logits.diagonal()
-    neg_shift = head.scale * (v.float() * a_neg.float()).sum(1) + head.bias
-    far_mask = (frames[:, None] - frames[None, :]).abs() >= MIN_SHIFT
-    bce = F.binary_cross_entropy_with_logits
-    loss = 0.5 * bce(pos, torch.ones_like(pos)) + 0.25 * bce(neg_shift, torch.zeros_like(neg_shift))
-    if far_mask.any():
-        far = logits[far_mask]
-        loss = loss + 0.25 * bce(far, torch.zeros_like(far))
-    acc = float(torch.cat([(pos > 0), (neg_shift <= 0)]).float().mean())
-    return loss, acc
-
-
-# ----------------------------------------------------------------------------------------------
-# Training: python syncnet_328.py --dataset_dir dataset/NAME --save_dir syncnet_ckpt/NAME [--size small]
-
-DEFAULTS = dict(
-    size="328",          # model size preset: 328 or small
-    mode=None,           # audio mode; default: from the dataset's feature file
-    epochs=50,           # passes over the training split (upstream: 100, positives only)
-    max_steps=0,         # stop after this many optimizer steps (0 = no limit)
-    batchsize=16,        # (upstream: 16)
-    lr=5e-4,             # peak learning rate, Adam; linear warm-up then cosine (upstream: 1e-3 constant)
-    warmup_steps=200,    # capped at 5 % of the run
-    min_lr_ratio=0.05,
-    amp="auto",          # auto (bf16 on CUDA when supported), bf16, fp16, none; CPU runs fp32
-    device="auto",       # auto, cpu, cuda, cuda:N
-    workers=-1,          # DataLoader workers (-1: 0 on CPU, up to 8 on CUDA)
-    threads=0,           # torch intra-op CPU threads (0 = torch's default)
-    eval_every=0,        # also evaluate every N steps inside an epoch (0 = epoch ends only)
-    in_batch=True,       # train on triplets + in-batch far negatives (False: plain balanced pairs)
-    bn_samples=128,      # training samples to re-estimate BatchNorm statistics before each evaluation (0 = off)
-    log_every=10,
-    seed=0,
-)
-
-
-@torch.no_grad()
-def precise_bn(net: SyncNet_color, batches, device: torch.device, amp=None) -> None:
-    """Re-estimate every BatchNorm's running statistics as the plain average over `batches` of training
-    triplets (PreciseBN). After a short or fast-moving run the momentum averages lag far behind the
-    weights, and eval-mode outputs are then miscalibrated; this makes held-out numbers trustworthy."""
-    from train_328 import autocast
-
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    net.train()
-    for face, audio, shifted, _ in batches:
-        with autocast(device, amp):
-            embed(net, face=face.to(device), audio=torch.cat([audio, shifted]).to(device))
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-
-
-def evaluate_pairs(net: SyncNet_color, head: SyncHead, loader, device: torch.device, amp) -> dict:
-    """Held-out accuracy (logit > 0), BCE loss, ROC AUC and mean positive / negative sync probability."""
-    from train_328 import autocast
-
-    net.eval()
-    correct, total, loss_sum, pos, neg = 0, 0, 0.0, [], []
-    with torch.no_grad():
-        for face, audio, label in loader:
-            face, audio, label = face.to(device), audio.to(device), label.to(device)
-            with autocast(device, amp):
-                a, v = net(face, audio)
-            logits = head(a, v)
-            loss_sum += float(F.binary_cross_entropy_with_logits(logits, label, reduction="sum"))
-            correct += int(((logits > 0).float() == label).sum())
-            total += len(label)
-            prob = torch.sigmoid(logits)
-            pos.append(prob[label > 0.5].cpu())
-            neg.append(prob[label <= 0.5].cpu())
-    net.train()
-    pos_t, neg_t = torch.cat(pos), torch.cat(neg)
-    # ROC AUC (Mann-Whitney): the chance that a positive scores above a negative; threshold-free
-    auc = float(((pos_t[:, None] > neg_t[None, :]).float() + 0.5 * (pos_t[:, None] == neg_t[None, :]).float())
-                .mean()) if len(pos_t) and len(neg_t) else float("nan")
-    return {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "pairs": total, "auc": auc,
-            "p_positive": float(pos_t.mean()) if len(pos_t) else float("nan"),
-            "p_negative": float(neg_t.mean()) if len(neg_t) else float("nan")}
-
-
-def train_syncnet(args) -> "Path":
-    """Train with balanced positive / off-sync pairs; keep the best held-out accuracy as best.pth."""
-    import time
-    from pathlib import Path
-
-    import numpy as np
-
-    from datasets import DatasetError, SyncNetDataset, ensure_crop_cache
-    from train_328 import (Dist, JsonlLog, TrainError, autocast, cosine_with_warmup, make_loader,
-                           resolve_amp, resolve_device, resolve_workers, seed_everything, setup_logging,
-                           tensorboard_writer)
-    from unet_328 import save_checkpoint
-
-    setup_logging(True)
-    log = logging.getLogger("syncnet_328")
-    device = resolve_device(args.device)
-    amp = resolve_amp(args.amp, device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    for key in ("epochs", "batchsize", "log_every"):
-        if getattr(args, key) < 1:
-            raise TrainError(f"--{key} must be >= 1, got {getattr(args, key)}")
-    try:
-        ensure_crop_cache(args.dataset_dir, args.size)
-    except DatasetError as exc:
-        raise TrainError(str(exc)) from None
-    train_ds = SyncNetDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
-                              triplets=args.in_batch)
-    val_ds = SyncNetDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
-    dist = Dist()
-    workers = resolve_workers(args.workers, device, 1)
-    loader, indices = make_loader(train_ds, args.batchsize, dist, args.seed, workers, device)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=64, shuffle=False, num_workers=min(workers, 2))
-    net = build_syncnet(train_ds.mode, train_ds.size.name).to(device)
-    head = SyncHead().to(device)
-    params = list(net.parameters()) + list(head.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.lr)
-    total = args.epochs * len(loader)
-    if args.max_steps > 0:
-        total = min(total, args.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total, args.warmup_steps, args.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    save_dir = Path(args.save_dir)
-    best_path = save_dir / "best.pth"
-    train_log = JsonlLog(save_dir / "train_log.jsonl", True)
-    metrics_log = JsonlLog(save_dir / "metrics.jsonl", True)
-    writer = tensorboard_writer(save_dir / "runs", True, None)
-    log.info("SyncNet on %s: mode %s, size %s, %d training / %d held-out pairs, %d steps", train_ds.name,
-             train_ds.mode, train_ds.size.name, len(train_ds), len(val_ds), total)
-
-    best: tuple[float, float] | None = None  # (accuracy, -loss)
-    step, t0 = 0, time.perf_counter()
-
-    calib_ds = SyncNetDataset(args.dataset_dir, args.size, train_ds.mode, "train", seed=args.seed,
-                              build_cache=False, triplets=True)
-    calib_idx = np.random.default_rng(args.seed).permutation(len(calib_ds))[: args.bn_samples].tolist()
-    calib_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(calib_ds, calib_idx),
-                                               batch_size=args.batchsize, num_workers=min(workers, 2))
-
-    def evaluate(epoch_label: float) -> None:
-        nonlocal best
-        if args.bn_samples > 0:
-            precise_bn(net, calib_loader, device, amp)
-        res = evaluate_pairs(net, head, val_loader, device, amp)
-        res.update(step=step, epoch=epoch_label, logit_scale=head.scale.item(), logit_bias=head.bias.item())
-        key = (res["accuracy"], -res["loss"])
-        if best is None or key > best:
-            best = key
-            meta = {"kind": "syncnet", "mode": train_ds.mode, "size": train_ds.size.name,
-                    "accuracy": res["accuracy"], "val_loss": res["loss"], "epoch": epoch_label, "step": step,
-                    "dataset": train_ds.name, "logit_scale": head.scale.item(), "logit_bias": head.bias.item()}
-            save_checkpoint(best_path, net.state_dict(), meta)
-            res["saved"] = str(best_path)
-        metrics_log.write(res)
-        if writer is not None:
-            for k in ("accuracy", "auc", "loss", "p_positive", "p_negative"):
-                writer.add_scalar(f"val/{k}", res[k], step)
-        log.info("held-out after %d steps: accuracy %.3f, AUC %.3f, loss %.4f, p(pos) %.3f, p(neg) %.3f%s",
-                 step, res["accuracy"], res["auc"], res["loss"], res["p_positive"], res["p_negative"],
-                 " (best so far, saved)" if "saved" in res else "")
-
-    done = False
-    for epoch in range(args.epochs):
-        indices.set(epoch)
-        net.train()
-        for batch_i, batch in enumerate(loader, 1):
-            batch = [t.to(device, non_blocking=True) for t in batch]
-            optimizer.zero_grad(set_to_none=True)  # upstream never cleared gradients
-            with autocast(device, amp):
-                if args.in_batch:
-                    loss, acc = triplet_loss(net, head, *batch)
-                else:
-                    face, audio, label = batch
-                    a, v = net(face, audio)
-                    logits = head(a, v)
-                    loss = F.binary_cross_entropy_with_logits(logits, label)
-                    acc = float(((logits.detach() > 0).float() == label).float().mean())
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            if step % args.log_every == 0 or step == total:
-                entry = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "accuracy": acc,
-                         "lr": scheduler.get_last_lr()[0]}
-                train_log.write(entry)
-                if writer is not None:
-                    writer.add_scalar("train/loss", entry["loss"], step)
-                    writer.add_scalar("train/accuracy", acc, step)
-            done = step >= total
-            if done or (args.eval_every > 0 and step % args.eval_every == 0 and batch_i < len(loader)):
-                evaluate(epoch + batch_i / len(loader))
-            if done:
-                break
-        if done:
-            break
-        evaluate(epoch + 1)
-    if writer is not None:
-        writer.close()
-    log.info("SyncNet done in %.0f s: best held-out accuracy %.3f -> %s", time.perf_counter() - t0,
-             best[0] if best else float("nan"), best_path)
-    return best_path
-
-
-def build_parser():
-    import argparse
-
-    d = DEFAULTS
-    p = argparse.ArgumentParser(description="Train the per-person SyncNet (balanced in/off-sync pairs).")
-    p.add_argument("--dataset_dir", required=True, help="dataset/NAME (made by data_utils/process.py)")
-    p.add_argument("--save_dir", required=True, help="syncnet_ckpt/NAME")
-    p.add_argument("--size", default=d["size"], choices=["328", "small"])
-    p.add_argument("--mode", "--asr", dest="mode", default=d["mode"], choices=["whisper", "ave"])
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--max_steps", type=int, default=d["max_steps"])
-    p.add_argument("--batchsize", type=int, default=d["batchsize"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--warmup_steps", type=int, default=d["warmup_steps"])
-    p.add_argument("--min_lr_ratio", type=float, default=d["min_lr_ratio"])
-    p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--device", default=d["device"])
-    p.add_argument("--workers", type=int, default=d["workers"])
-    p.add_argument("--threads", type=int, default=d["threads"])
-    p.add_argument("--eval_every", type=int, default=d["eval_every"])
-    p.add_argument("--in_batch", action=argparse.BooleanOptionalAction, default=d["in_batch"],
-                   help="triplets with in-batch far negatives (--no-in_batch: plain balanced pairs)")
-    p.add_argument("--bn_samples", type=int, default=d["bn_samples"])
-    p.add_argument("--log_every", type=int, default=d["log_every"])
-    p.add_argument("--seed", type=int, default=d["seed"])
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from train_328 import run_cli
-
-    return run_cli(train_syncnet, argv, build_parser())
+    return a, v
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The trainer lives in the training kit (a network module imports no trainer); this keeps
+    # upstream's `python syncnet_328.py --dataset_dir ... --save_dir ...` entry point working.
+    import runpy
+
+    runpy.run_module("synctalk.train_syncnet", run_name="__main__", alter_sys=True)

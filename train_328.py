@@ -16,16 +16,10 @@ docs/training-guide.md explains every choice and how it differs from upstream.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import json
 import logging
 import math
-import os
-import random
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +27,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets import AvatarDataset, DatasetError, ensure_crop_cache
+from syncnet_328 import load_syncnet_checkpoint
+from synctalk import face as face_crop
+from synctalk import metrics
+from synctalk.dataset import AvatarDataset, DatasetError, ensure_crop_cache
+from synctalk.landmarks import FaceMesh
+from synctalk.trainkit import (
+    LATEST,
+    JsonlLog,
+    TrainError,
+    atomic_torch_save,
+    autocast,
+    cosine_with_warmup,
+    init_distributed,
+    make_loader,
+    resolve_amp,
+    resolve_device,
+    resolve_workers,
+    rng_state,
+    run_cli,
+    seed_everything,
+    set_rng_state,
+    setup_logging,
+    tensorboard_writer,
+)
 from unet_328 import CheckpointError, build_unet, save_checkpoint
 
 log = logging.getLogger("train_328")
@@ -70,208 +87,6 @@ DEFAULTS = dict(
     lmd_frames=8,          # held-out frames for the mediapipe mouth-landmark distance (0 = skip)
     seed=0,
 )
-
-LATEST = "latest.pth"
-
-
-# ----------------------------------------------------------------------------------------------
-# Small shared helpers (also used by syncnet_328's trainer)
-
-
-class TrainError(Exception):
-    """A problem the user can fix; main() prints it as one `error:` line and exits with code 2."""
-
-
-def setup_logging(is_main: bool = True) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (world 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(device_arg: str) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_arg != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank)
-
-
-def resolve_device(arg: str, dist: Dist | None = None) -> torch.device:
-    """cpu / cuda / cuda:N / auto -> a torch.device; under DDP on CUDA each process takes cuda:LOCAL_RANK."""
-    if arg == "auto":
-        arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if arg.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {arg} requested but CUDA is not available; use --device cpu")
-        if dist is not None and dist.world > 1:
-            return torch.device("cuda", dist.local_rank)
-        return torch.device(arg)
-    if arg != "cpu":
-        raise TrainError(f"--device must be auto, cpu, cuda or cuda:N, got {arg!r}")
-    return torch.device("cpu")
-
-
-def resolve_amp(arg: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = fp32). AMP is CUDA-only here."""
-    if device.type != "cuda":
-        if arg in ("bf16", "fp16"):
-            log.info("--amp %s ignored on %s (fp32)", arg, device)
-        return None
-    if arg == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[arg]
-
-
-def resolve_workers(arg: int, device: torch.device, world: int) -> int:
-    if arg >= 0:
-        return arg
-    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // world - 1))
-
-
-def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
-    """LR multiplier for step s (0-based): linear warm-up to 1, then cosine down to `min_ratio`."""
-    warmup = max(0, min(warmup, total // 20))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-class EpochIndices(torch.utils.data.Sampler):
-    """Yields (epoch, index) pairs from a DistributedSampler, skipping the first `skip` of the epoch.
-
-    The epoch travels with each index, so samples stay a function of (seed, epoch, frame) even with
-    persistent loader workers, and a resumed run can start mid-epoch on exactly the next batch."""
-
-    def __init__(self, sampler: torch.utils.data.DistributedSampler):
-        self.sampler, self.epoch, self.skip = sampler, 0, 0
-
-    def set(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        for k, idx in enumerate(self.sampler):
-            if k >= self.skip:
-                yield (self.epoch, idx)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
-def make_loader(dataset, batch: int, dist: Dist, seed: int, workers: int, device: torch.device,
-                shuffle: bool = True) -> tuple[torch.utils.data.DataLoader, EpochIndices]:
-    """A DataLoader over `dataset` sharded across DDP ranks (DistributedSampler) plus its index wrapper."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
-                                                  shuffle=shuffle, seed=seed, drop_last=False)
-    indices = EpochIndices(sampler)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, sampler=indices, num_workers=workers, drop_last=False,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    return loader, indices
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states in a form torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class JsonlLog:
-    """Append-only JSON-lines log; on resume, entries after the resumed step are dropped first."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.unlink(missing_ok=True)
-        elif path.is_file():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
-
-    def write(self, entry: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-
-def tensorboard_writer(logdir: Path, enabled: bool, purge_step: int | None):
-    """A SummaryWriter, or None when disabled or tensorboard is unavailable."""
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception as exc:  # protobuf / tensorboard version trouble must not stop training
-        log.warning("TensorBoard logging disabled: %s", exc)
-        return None
-    return SummaryWriter(str(logdir), purge_step=purge_step)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss
-
 
 def vgg19_weights_file() -> Path | None:
     """torchvision's VGG19 ImageNet weights in the local torch hub cache, if someone put them there."""
@@ -405,7 +220,8 @@ class Validator:
         self.positions = np.unique(np.linspace(0, n - 1, min(n, val_frames)).round().astype(int))
         self.lmd_positions = (np.unique(np.linspace(0, n - 1, min(n, lmd_frames)).round().astype(int))
                               if lmd_frames > 0 else np.zeros(0, int))
-        self._mesh = None
+        self._mesh: FaceMesh | None = None
+        self.paster = face_crop.Paster(dataset.size)  # the engine's paste: validation sees what users see
         self._real_lips: dict[int, np.ndarray] = {}
         self._lmd_disabled = lmd_frames <= 0
 
@@ -430,7 +246,6 @@ class Validator:
                 torch.cat(conf).numpy() if conf else None)
 
     def lip_points(self, frame_bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
-        import metrics
 
         lm = self._mesh(frame_bgr)[None]
         return metrics.to_crop_coords(metrics.lip_points(lm), np.asarray(box)[None], self.ds.size.crop)[0]
@@ -441,13 +256,9 @@ class Validator:
             return float("nan"), 0.0
         import cv2
 
-        import face_crop
-        import metrics
 
         try:
             if self._mesh is None:
-                from evaluate import FaceMesh
-
                 self._mesh = FaceMesh()
             boxes = np.asarray(face_crop.dataset_crop_boxes(self.ds.dataset_dir))
         except Exception as exc:  # no mediapipe or no frames: report the other metrics anyway
@@ -466,7 +277,7 @@ class Validator:
                 self._real_lips[idx] = self.lip_points(frame, boxes[idx])
             crop = np.array(self.ds.crops[idx])
             crop[b:b + s, b:b + s] = p
-            gen.append(self.lip_points(face_crop.paste_back(frame, crop, boxes[idx]), boxes[idx]))
+            gen.append(self.lip_points(self.paster(frame, crop, boxes[idx]), boxes[idx]))
             real.append(self._real_lips[idx])
         if not gen:
             return float("nan"), 0.0
@@ -476,7 +287,6 @@ class Validator:
 
     def __call__(self, model: nn.Module) -> tuple[dict, torch.Tensor]:
         """Metrics dict and an image grid [3, H, W] RGB (rows: reference, masked, generated, real)."""
-        import metrics
 
         was_training = model.training
         model.eval()
@@ -499,18 +309,12 @@ class Validator:
         return out, grid
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
 def load_frozen_syncnet(path: str | None, mode: str, size: str, device: torch.device):
     """(SyncNet in eval mode with frozen parameters, (logit scale, bias))."""
-    from syncnet_328 import load_syncnet_checkpoint
-
     if not path:
         raise TrainError("--use_syncnet needs --syncnet_checkpoint PATH (train one with syncnet_328.py)")
     try:
@@ -802,29 +606,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
 
 
-def run_cli(fn, argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
-    """Parse, run `fn(args)`, print its result; user errors -> one `error:` line and exit code 2."""
-    args = parser.parse_args(argv)
-    try:
-        check_args(args) if fn is train else None
-        result = fn(args)
-    except (TrainError, DatasetError, CheckpointError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    except torch.OutOfMemoryError:
-        sys.stderr.write(f"error: CUDA out of memory at --batchsize {args.batchsize}; "
-                         f"try a smaller --batchsize (e.g. {max(1, args.batchsize // 2)})\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted; continue later with --resume\n")
-        return 130
-    if os.environ.get("RANK", "0") == "0":  # one line from a torchrun job, not one per process
-        print(result)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(train, argv, build_parser())
+    return run_cli(train, argv, build_parser(), check_args)
 
 
 if __name__ == "__main__":

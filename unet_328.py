@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import AUDIO_MODES, ModelSize, audio_input_shape, get_size
+from synctalk.sizes import AUDIO_MODES, ModelSize, audio_input_shape, get_size
 
 log = logging.getLogger(__name__)
 

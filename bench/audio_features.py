@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import audio_io  # noqa: E402
-import speech_features as sf  # noqa: E402
-from config import settings  # noqa: E402
+from config import settings
+from synctalk import audio as audio_io
+from synctalk import features as sf
 
 DEFAULT_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "media" / "audio" / "latentsync_demo2_audio.wav"
 TARGET_MS = 5.0
@@ -65,7 +62,7 @@ def cpu_ms(fn, repeats: int) -> tuple[float, float]:
 
 
 def measure(audio: np.ndarray, repeats: int, chunk: int) -> dict:
-    frames = round(len(audio) / sf.VIDEO_FRAME)
+    frames = round(len(audio) / sf.SAMPLES_PER_FRAME)
     encoder = sf.load_whisper_encoder()
     ex = sf.StreamingFeatures(encoder)
     jobs: dict[str, tuple] = {}
@@ -102,7 +99,7 @@ def measure(audio: np.ndarray, repeats: int, chunk: int) -> dict:
 
     short = audio[: min(len(audio), 4 * sf.SAMPLE_RATE)]  # the naive routine is slow: 4 s is enough
     naive = sf.StreamingFeatures(encoder, window_s=settings.audio.window_s, hop_s=0.04, lookahead_s=0.16)
-    record("naive_hop40", lambda: naive.process_file(short), round(len(short) / sf.VIDEO_FRAME))
+    record("naive_hop40", lambda: naive.process_file(short), round(len(short) / sf.SAMPLES_PER_FRAME))
 
     try:
         import ctranslate2

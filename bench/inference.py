@@ -21,19 +21,17 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
+
+from utils import audio_window, get_size
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from utils import audio_window, get_size  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "media"
 FPS = 25
@@ -54,7 +52,7 @@ def default_video() -> Path | None:
 def make_audio(path: Path | None, seconds: float, out_dir: Path) -> Path:
     """A WAV of exactly `seconds` (looped if the source is shorter; a synthetic vowel-like signal when
     there is no source)."""
-    import audio_io
+    from synctalk import audio as audio_io
 
     if path is not None:
         audio = audio_io.load_audio(str(path), sr=16000)
@@ -73,7 +71,7 @@ def make_avatar(video: Path | None, root: Path, size: str, mode: str, max_frames
     """dataset/<bench>/ (frames, crop_boxes.npy, crops cache) and a random checkpoint of `size`."""
     import av
 
-    import face_crop
+    from synctalk import face as face_crop
     from unet_328 import build_unet, save_checkpoint
 
     ds = root / "dataset" / "bench"
@@ -138,10 +136,10 @@ def bench_upstream(ds: Path, ckpt: Path, audio_path: Path, out_dir: Path) -> dic
     """(c) upstream's loop: eager batch 1, per-frame JPEG + crop, hard paste, frames to disk, then mux."""
     import av
 
-    import audio_io
-    import face_crop
-    import speech_features
-    from services.generator import pingpong_order
+    from synctalk import audio as audio_io
+    from synctalk import face as face_crop
+    from synctalk import features as speech_features
+    from synctalk.engine import pingpong_order
     from unet_328 import load_unet_checkpoint
 
     model, meta = load_unet_checkpoint(ckpt)
@@ -218,7 +216,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-    from services.generator import LipSyncEngine
+    from synctalk.engine import LipSyncEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)

@@ -28,13 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+import numpy as np
+from common import free_port, load_bench_inference  # bench/common.py
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import free_port, load_bench_inference  # noqa: E402  (bench/common.py)
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
 
 FPS = 25
 
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("error: --seconds must be in 2..600 and --chunk_ms in 5..1000\n")
         return 2
     bi = load_bench_inference()
-    import audio_io
+    from synctalk import audio as audio_io
 
     result: dict = {"seconds": args.seconds, "chunk_ms": args.chunk_ms, "threads": args.threads,
                     "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "sizes": {}}

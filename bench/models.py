@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from syncnet_328 import build_syncnet  # noqa: E402
-from unet_328 import build_unet, export_onnx  # noqa: E402
-from utils import count_parameters  # noqa: E402
+from syncnet_328 import build_syncnet
+from unet_328 import build_unet, export_onnx
+from utils import count_parameters
 
 
 def flops(model: torch.nn.Module, inputs: tuple) -> int:
@@ -57,8 +54,8 @@ def bench_unet(mode: str, size: str, threads: int, seconds: float) -> dict:
             image, audio = model.example_inputs(batch)
             feeds = {"image": image.numpy(), "audio": audio.numpy()}
             with torch.no_grad():
-                eager = throughput(lambda: model(image, audio), batch, seconds)
-            onnx = throughput(lambda: sess.run(None, feeds), batch, seconds)
+                eager = throughput(lambda i=image, a=audio: model(i, a), batch, seconds)
+            onnx = throughput(lambda f=feeds: sess.run(None, f), batch, seconds)
             result[f"batch{batch}"] = {"torch_eager_fps": round(eager, 2), "onnxruntime_fps": round(onnx, 2),
                                        "onnx_over_eager": round(onnx / eager, 2)}
     return result

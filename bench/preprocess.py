@@ -26,13 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+
+from data_utils import process
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from data_utils import process  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "media" / "video" / "real3dportrait_May_5s.mp4"
 SIZES = {"512": (512, 512), "1080p": (1920, 1080)}
@@ -119,7 +118,7 @@ def main() -> None:
         sys.stderr.write(f"error: source clip not found: {SOURCE}\n")
         sys.exit(2)
     args.cache.mkdir(parents=True, exist_ok=True)
-    from data_utils.landmarks import FaceTracker
+    from synctalk.landmarks import FaceTracker
 
     FaceTracker().close()  # import and graph set-up outside the timings
     result = {"machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),

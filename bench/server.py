@@ -29,13 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+import numpy as np
+from common import free_port, load_bench_inference  # bench/common.py
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import free_port, load_bench_inference  # noqa: E402  (bench/common.py)
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
 
 FPS = 25
 SENTENCE = "Streaming lip sync should start quickly and keep pace with the voice, request number {k}."
@@ -49,7 +47,7 @@ def first_voiced_frame(audio16k: np.ndarray) -> int:
 
 
 def wav_to_16k(data: bytes) -> np.ndarray:
-    import audio_io
+    from synctalk import audio as audio_io
 
     return audio_io.load_audio(data, sr=16000)
 
@@ -132,8 +130,9 @@ def engine_baselines(root: Path, audio16k: np.ndarray, threads: int, batch: int)
     """In-process: engine-only frames/s (render + JPEG) and first-frame time without streaming."""
     import torch
 
-    from services.generator import FrameGenerationService, LipSyncEngine
+    from services.generator import FrameGenerationService
     from services.models import warm_engine
+    from synctalk.engine import LipSyncEngine
 
     torch.set_num_threads(threads)
     ds, ckpt = root / "dataset" / "bench", root / "checkpoint" / "bench" / "1.pth"
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bi = load_bench_inference()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_server_"))
-    import audio_io
+    from synctalk import audio as audio_io
 
     speech = wav_to_16k(bi.make_audio(bi.default_audio(), args.seconds + 10, work).read_bytes())
     start = max(0, first_voiced_frame(speech) - 5) * 640  # 0.2 s of lead-in, then speech

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets import AvatarDataset, SyncNetDataset  # noqa: E402
-from syncnet_328 import SyncHead, build_syncnet, triplet_loss  # noqa: E402
-from train_328 import GeneratorLoss, autocast, resolve_amp  # noqa: E402
-from unet_328 import build_unet  # noqa: E402
-from utils import get_size  # noqa: E402
+from syncnet_328 import SyncHead, build_syncnet
+from synctalk.dataset import AvatarDataset, SyncNetDataset
+from synctalk.train_syncnet import triplet_loss
+from train_328 import GeneratorLoss, autocast, resolve_amp
+from unet_328 import build_unet
+from utils import get_size
 
 
 def fabricate(root: Path, sizes: list[str], n: int) -> Path:

@@ -14,10 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from config import settings
+from synctalk import audio as audio_io
+from synctalk import features as speech_features
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("audio_features")
 
 DEFAULTS = {
@@ -50,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
         import torch
 
-        import audio_io
-        import speech_features
-        from config import settings
 
         torch.set_num_threads(args.threads or settings.models.threads)
         out = Path(args.out)

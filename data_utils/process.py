@@ -35,26 +35,29 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+import cv2
+import numpy as np
+
+from config import settings
+from synctalk import audio as audio_io
+from synctalk import face as face_crop
+from synctalk import features as speech_features
+from synctalk.audio import silence_segments, speech_envelope
+from synctalk.landmarks import FaceTracker, face_width, head_pose
+from synctalk.sizes import SIZE_PRESETS
+from synctalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-import face_crop  # noqa: E402
 
 log = logging.getLogger("process")
 
 # ---- defaults (CLI and `process_video`) ---------------------------------------------------------------
-FPS = 25
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 MIN_SECONDS = 2.0            # shorter input is refused
 MAX_MISSING = 0.10           # refuse when the face is missing in more than this share of frames
 MAX_SECOND_FACE = 0.20       # refuse when a second face is seen in more than this share of frames
@@ -66,7 +69,7 @@ MAX_FACES = 2                # face mesh max_num_faces: 2 notices a second face
 CLIP_LEVEL = 0.999           # |sample| at or above this (of full scale) counts as clipped
 SILENCE_MIN_S = 1.0          # report/advice: silence wanted at start and end of the recording
 RECOMMENDED_SECONDS = 60.0   # advice below this duration
-CROP_SIZES = (328, 168)      # crop caches written by default: the crops of utils.SIZE_PRESETS (checked by a test)
+CROP_SIZES = tuple(size.crop for size in SIZE_PRESETS.values())  # crop caches written by default
 STAGES = ("audio", "frames", "features", "report")
 STAGE_FILE = ".stages.json"
 FORMAT_VERSION = 1
@@ -442,7 +445,6 @@ class FrameWorker:
     and (in a thread pool) the JPEG. `error` holds the first failure (a ProcessError stops early)."""
 
     def __init__(self, tmp: Path, info: MediaInfo, opts: Options):
-        from data_utils.landmarks import FaceTracker, face_width, head_pose
 
         self.tmp, self.info, self.opts = tmp, info, opts
         self.n = info.n_frames
@@ -728,8 +730,6 @@ def _box_steps(boxes: np.ndarray) -> np.ndarray:
 
 def build_report(out: Path, info: MediaInfo, audio_stats: dict, opts: Options, timings: dict) -> dict:
     """The quality report (dict) from the dataset folder's outputs."""
-    import audio_io
-    import metrics
 
     tr = np.load(out / "face_track.npz")
     found, faces, boxes, raw_boxes = tr["found"], tr["faces"], tr["boxes"], tr["raw_boxes"]
@@ -742,10 +742,10 @@ def build_report(out: Path, info: MediaInfo, audio_stats: dict, opts: Options, t
     second = np.flatnonzero(faces > 1)
 
     audio = audio_io.load_audio(out / "aud.wav")
-    env = metrics.speech_envelope(audio, SAMPLE_RATE, FPS)
+    env = speech_envelope(audio, SAMPLE_RATE, FPS)
     rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) if audio.size else 0.0
     loud = float(np.percentile(env, 95)) if env.size else 0.0
-    segments = metrics.silence_segments(env, FPS, min_ms=300.0) if loud > 0 else [(0, len(env))]
+    segments = silence_segments(env, FPS, min_ms=300.0) if loud > 0 else [(0, len(env))]
     lead = segments[0][1] / FPS if segments and segments[0][0] == 0 else 0.0
     trail = (n - segments[-1][0]) / FPS if segments and segments[-1][1] >= len(env) else 0.0
     longest = sorted(segments, key=lambda s: s[0] - s[1])[:5]
@@ -881,7 +881,6 @@ def process_video(opts: Options) -> dict:
     if not video.exists():
         raise ProcessError(f"video not found: {video}")
     if opts.features == "ave":  # fail now rather than after the long frames stage
-        from config import settings
 
         ckpt = settings.models.ave_checkpoint
         if ckpt is None or not Path(ckpt).is_file():
@@ -904,7 +903,6 @@ def process_video(opts: Options) -> dict:
         if info.n_frames / FPS < opts.min_seconds:
             raise ProcessError(f"{video} is too short: {info.n_frames / FPS:.2f} s of video, at least "
                                f"{opts.min_seconds:g} s needed (--min_seconds)")
-        import audio_io
 
         audio_io.write_wav(out / "aud.wav", audio, SAMPLE_RATE)
         rec = {"result": {"info": info.__dict__, "audio": audio_stats}}
@@ -975,8 +973,6 @@ def process_video(opts: Options) -> dict:
 
 def write_features(out: Path, n_frames: int, mode: str, progress: bool = False) -> Path:
     """`aud_<mode>.npy` from `aud.wav` (whisper: one row per video frame)."""
-    import audio_io
-    import speech_features
 
     audio = audio_io.load_audio(out / "aud.wav")
     try:
@@ -1001,7 +997,6 @@ def write_features(out: Path, n_frames: int, mode: str, progress: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from config import settings  # (utils.SIZE_PRESETS would import torch: CROP_SIZES mirrors it)
 
     d = Options(video=Path("."), out=Path("."), features=settings.audio.feature_mode)
     p = argparse.ArgumentParser(description="Turn a talking-head video into a training dataset (see "

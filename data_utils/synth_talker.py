@@ -19,22 +19,21 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from synctalk.timing import FPS, SAMPLE_RATE
+from synctalk.tts import EspeakTTS, PiperTTS
 
+REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("synth_talker")
 
 # ---- defaults (CLI and synthesize_talker) -------------------------------------------------------------
-FPS = 25
-SAMPLE_RATE = 16000
 DEFAULT_SECONDS = 12.0
 DEFAULT_SIZE = 512          # output frames are square
 FACE_FRACTION = 0.42        # face width / frame width
@@ -186,7 +185,6 @@ def build_speech(
     """Place synthesised sentences on a `seconds`-long 16 kHz timeline with varied silences.
 
     Returns the audio, global phoneme alignments (merged modifiers) and the sentence records."""
-    from services.tts import EspeakTTS, PiperTTS
 
     piper = PiperTTS(noise_scale=0.0, noise_w_scale=0.0)  # no VITS noise: same seed, same audio
     espeak = EspeakTTS() if espeak_voices else None
@@ -826,7 +824,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sentences = read_sentences(Path(args.text)) if args.text else None
         voices = [v.strip() for v in args.espeak_voices.split(",") if v.strip()]
         if voices:
-            from services.tts import EspeakTTS
 
             known = EspeakTTS().voices()
             bad = [v for v in voices if v not in known]

@@ -11,18 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
+
+from unet_328 import load_unet_checkpoint, save_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from unet_328 import load_unet_checkpoint, save_checkpoint  # noqa: E402
 
 
 def pick_checkpoint(folder: Path, wanted: str | None) -> Path:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, WebSocketException, status
 from starlette.requests import HTTPConnection
 
+from config import Settings
 from services.debug import DebugRecorder
+from services.generator import EnhancedFrameGenerationService, FrameGenerationService
 from services.models import ModelService
 from services.streaming import StreamStats
-from services.tts import TTSService
+from services.tts import FallbackTTS, build_tts
 
 log = logging.getLogger(__name__)
 
@@ -27,28 +29,23 @@ log = logging.getLogger(__name__)
 class Services:
     """Everything the routes use; one instance per app."""
 
-    settings: Any
+    settings: Settings
     models: ModelService
-    tts: TTSService
-    generator_cls: type | None = None  # FrameGenerationService subclass; None = from settings
+    tts: FallbackTTS
+    generator_cls: type[FrameGenerationService] | None = None  # FrameGenerationService subclass; None = from settings
     stats: StreamStats = field(default_factory=StreamStats)
     debug: DebugRecorder | None = None
-    tts_last_engine: str | None = None
 
     def __post_init__(self) -> None:
         if self.debug is None:
             self.debug = DebugRecorder(self.settings.debug)
         if self.generator_cls is None:
-            from services.generator import EnhancedFrameGenerationService, FrameGenerationService
-
-            motion = getattr(self.settings.server, "motion", "enhanced")
+            motion = self.settings.server.motion
             self.generator_cls = EnhancedFrameGenerationService if motion == "enhanced" else FrameGenerationService
 
 
-def build_services(settings: Any) -> Services:
+def build_services(settings: Settings) -> Services:
     """Services from the configuration (cheap: nothing is loaded until warm-up or first use)."""
-    from services.tts import build_tts
-
     return Services(settings=settings, models=ModelService(settings), tts=build_tts(settings))
 
 
@@ -63,7 +60,7 @@ def get_services(conn: HTTPConnection) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> Any:
+def get_settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
@@ -71,7 +68,7 @@ def get_models(services: ServicesDep) -> ModelService:
     return services.models
 
 
-def get_tts(services: ServicesDep) -> TTSService:
+def get_tts(services: ServicesDep) -> FallbackTTS:
     return services.tts
 
 
@@ -84,9 +81,9 @@ def get_debug(services: ServicesDep) -> DebugRecorder:
     return services.debug
 
 
-SettingsDep = Annotated[Any, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModelsDep = Annotated[ModelService, Depends(get_models)]
-TTSDep = Annotated[TTSService, Depends(get_tts)]
+TTSDep = Annotated[FallbackTTS, Depends(get_tts)]
 StatsDep = Annotated[StreamStats, Depends(get_stats)]
 DebugDep = Annotated[DebugRecorder, Depends(get_debug)]
 

@@ -1,10 +1,8 @@
 """Avatar registry for the server: finds avatars on disk, loads each one's engine once, keeps the
 default one warm and reports what is loaded.
 
-An avatar is a dataset folder `<dataset_root>/<name>/` with `full_body_img/<i>.jpg` frames plus a
-checkpoint folder `<checkpoint_root>/<name>/` holding `<epoch>.pth` files (the largest epoch is used).
-The bundled demo avatar lives under `<demo_root>/dataset/<name>/` and `<demo_root>/checkpoint/<name>/`
-(the same layout); an avatar of the same name under the user's roots wins over the demo one.
+Avatars are found by `synctalk.avatar.AvatarRegistry` over `settings.paths.avatar_roots()` (the user's
+dataset/checkpoint roots, then the bundled demo avatar): the same registry the CLIs use.
 
 Nothing is loaded at import time: `ModelService(settings)` only scans folders; engines are built on
 first use (`engine(name)`) or by `warm_up()` (the server's lifespan), each under its own lock so two
@@ -17,93 +15,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from config import Settings
+from synctalk.avatar import AvatarError, AvatarInfo, NoAvatarError, UnknownAvatarError
+from synctalk.engine import LipSyncEngine
+from synctalk.timing import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
-
-
-class AvatarError(Exception):
-    """Base class of the registry's errors (each has a readable message)."""
-
-
-class UnknownAvatarError(AvatarError, KeyError):
-    """The requested avatar name is not one of the discovered avatars."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else "unknown avatar"
-
-
-class NoAvatarError(AvatarError):
-    """No avatar is available at all (nothing trained, no demo avatar)."""
 
 
 class AvatarLoadError(AvatarError):
     """An avatar was found on disk but its engine could not be built."""
 
 
-@dataclass(frozen=True)
-class AvatarInfo:
-    """One avatar found on disk (paths come from the scan, never from a request)."""
-
-    name: str
-    dataset_dir: Path
-    checkpoint_path: Path
-    epoch: int
-    num_frames: int
-    source: str  # "user" (dataset/checkpoint roots) or "demo"
-
-    def first_frame_path(self) -> Path:
-        """The avatar's still image: source frame 0."""
-        return self.dataset_dir / "full_body_img" / "0.jpg"
-
-    def public(self) -> dict[str, Any]:
-        """What /health reports (no absolute paths)."""
-        return {"name": self.name, "epoch": self.epoch, "frames": self.num_frames, "source": self.source,
-                "checkpoint": self.checkpoint_path.name}
-
-
-def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
-    """The `<epoch>.pth` with the largest integer epoch in `folder`; other files are ignored."""
-    best: tuple[Path, int] | None = None
-    if not folder.is_dir():
-        return None
-    for path in folder.glob("*.pth"):
-        if path.stem.isdigit() and path.is_file() and (best is None or int(path.stem) > best[1]):
-            best = (path, int(path.stem))
-    return best
-
-
-def count_frames(dataset_dir: Path) -> int:
-    """Number of consecutive frames `full_body_img/0.jpg, 1.jpg, ...`."""
-    frames = dataset_dir / "full_body_img"
-    if not frames.is_dir():
-        return 0
-    names = {p.name for p in frames.iterdir()}
-    n = 0
-    while f"{n}.jpg" in names:
-        n += 1
-    return n
-
-
-def discover_avatars(dataset_root: Path, checkpoint_root: Path, source: str) -> dict[str, AvatarInfo]:
-    """Every `<dataset_root>/<name>/` with frames and a matching `<checkpoint_root>/<name>/<epoch>.pth`."""
-    found: dict[str, AvatarInfo] = {}
-    if not dataset_root.is_dir():
-        return found
-    for folder in sorted(dataset_root.iterdir()):
-        if not folder.is_dir() or folder.name.startswith("."):
-            continue
-        ckpt = latest_checkpoint(checkpoint_root / folder.name)
-        frames = count_frames(folder)
-        if ckpt is None or frames == 0:
-            log.debug("skipping %s: %s", folder, "no checkpoint" if ckpt is None else "no frames")
-            continue
-        found[folder.name] = AvatarInfo(folder.name, folder, ckpt[0], ckpt[1], frames, source)
-    return found
-
-
-EngineFactory = Callable[[AvatarInfo], Any]
+EngineFactory = Callable[[AvatarInfo], LipSyncEngine]
 
 
 @dataclass
@@ -111,7 +39,7 @@ class _Slot:
     """Load state of one avatar."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    engine: Any = None
+    engine: LipSyncEngine | None = None
     error: str | None = None
     load_seconds: float | None = None
 
@@ -123,7 +51,7 @@ class ModelService:
     with the backend/device/threads from `settings.models`. Tests can pass their own factory.
     """
 
-    def __init__(self, settings: Any, engine_factory: EngineFactory | None = None,
+    def __init__(self, settings: Settings, engine_factory: EngineFactory | None = None,
                  default_avatar: str | None = None):
         self.settings = settings
         self._factory = engine_factory or self._build_engine
@@ -137,11 +65,9 @@ class ModelService:
 
     def refresh(self) -> dict[str, AvatarInfo]:
         """Rescan the roots (cheap: directory listings only) and return the avatars by name."""
-        paths = self.settings.paths
-        demo = discover_avatars(Path(paths.demo_root) / "dataset", Path(paths.demo_root) / "checkpoint", "demo")
-        user = discover_avatars(Path(paths.dataset_root), Path(paths.checkpoint_root), "user")
+        found = self.settings.paths.avatar_registry().scan()
         with self._lock:
-            self._avatars = {**demo, **user}
+            self._avatars = found
             for name in self._avatars:
                 self._slots.setdefault(name, _Slot())
         log.info("avatars: %s", ", ".join(sorted(self._avatars)) or "none")
@@ -182,7 +108,7 @@ class ModelService:
 
     # -- engines -----------------------------------------------------------------------------
 
-    def engine(self, name: str | None = None) -> Any:
+    def engine(self, name: str | None = None) -> LipSyncEngine:
         """The loaded engine of avatar `name` (default avatar when None); loads it on first use.
         Blocking: call it from a worker thread in async code."""
         info = self.resolve(name)
@@ -204,12 +130,6 @@ class ModelService:
                 log.info("loaded avatar %s (%s, epoch %d) in %.2f s", info.name, info.checkpoint_path.name,
                          info.epoch, slot.load_seconds)
         return slot.engine
-
-    def loaded(self, name: str) -> Any | None:
-        """The engine of `name` if it is already loaded, else None (never loads)."""
-        with self._lock:
-            slot = self._slots.get(name)
-        return slot.engine if slot is not None else None
 
     def warm_up(self) -> str | None:
         """Load the default avatar (server start-up). Returns its name, or None when there is none or
@@ -240,7 +160,7 @@ class ModelService:
             if slot and slot.error:
                 entry["error"] = slot.error
             engine = slot.engine if slot else None
-            if engine is not None and hasattr(engine, "describe"):
+            if engine is not None:
                 entry["engine"] = engine.describe()
             out.append(entry)
         return {"default": self.default_name, "avatars": out,
@@ -248,29 +168,19 @@ class ModelService:
 
     # -- default factory ---------------------------------------------------------------------
 
-    def _build_engine(self, info: AvatarInfo) -> Any:
-        from services.generator import LipSyncEngine  # heavy imports only when an avatar is loaded
-
+    def _build_engine(self, info: AvatarInfo) -> LipSyncEngine:
         models = self.settings.models
         engine = LipSyncEngine.load(
             info.dataset_dir, info.checkpoint_path, backend=models.backend, device=models.resolved_device(),
             dtype=models.dtype, threads=models.threads, batch_size=models.batch_size,
-            ave_checkpoint=models.ave_checkpoint,
+            ave_checkpoint=models.ave_checkpoint, feature_config=self.settings.audio.feature_config(),
         )
         warm_engine(engine)
         return engine
 
 
-def warm_engine(engine: Any) -> None:
-    """Run the feature encoder and the U-Net once on silence, so that one-time costs (weight loading,
-    first-call allocations) are paid at load time rather than by the first request."""
-    import numpy as np
-
-    import speech_features
-
-    silence = np.zeros(16000, np.float32)
-    if engine.mode == "whisper":
-        features = speech_features.extract_features(silence, "whisper", device=engine.describe()["device"])
-    else:
-        features = engine.features(silence)
+def warm_engine(engine: LipSyncEngine) -> None:
+    """Run the feature encoder and the U-Net once on a second of silence, so that one-time costs
+    (weight loading, first-call allocations) are paid at load time rather than by the first request."""
+    features = engine.features(np.zeros(SAMPLE_RATE, np.float32))
     engine.render(engine.audio_windows(features, [0]), [0])

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
+import numpy as np
+import simplejpeg
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -25,6 +27,12 @@ log = logging.getLogger(__name__)
 BOUNDARY = "frame"
 MJPEG_MEDIA_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
 MJPEG_END = f"--{BOUNDARY}--\r\n".encode()
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of a uint8 BGR frame (simplejpeg, 4:2:0 chroma): the one encoder of every stream."""
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=int(quality), colorspace="BGR",
+                                  colorsubsampling="420")
 
 
 def mjpeg_part(jpeg: bytes) -> bytes:
@@ -146,17 +154,3 @@ class MJPEGResponse(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-
-class StaticFrames:
-    """A `FrameSource` of ready-made JPEGs (the still-frame initializer stream)."""
-
-    def __init__(self, jpegs: list[bytes]):
-        self._jpegs: list[bytes] | None = list(jpegs)
-        self.total = len(jpegs)
-        self.cancel = threading.Event()
-
-    def next_batch(self) -> list[bytes] | None:
-        batch, self._jpegs = self._jpegs, None
-        return batch
-

@@ -1,7 +1,6 @@
 """Shared test fixtures: repository paths, real media from ../shared (skipped when absent)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,6 @@ SHARED = REPO.parent / "shared"
 REFERENCE = SHARED / "reference"
 MEDIA = SHARED / "media"
 ARTIFACTS = REPO / "test-artifacts"
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # `fixture_avatar` (session): the synthetic fixture video preprocessed and trained once per session.
 # Test modules take it as an argument; importing it into a module would train it again there.

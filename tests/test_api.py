@@ -19,7 +19,6 @@ import soundfile as sf
 
 from services.generator import FrameGenerationService
 
-
 FPS = 25
 JITTER = 0.02  # s
 
@@ -268,8 +267,8 @@ def test_generate_from_audio_upload(client, live, fmt, ext):
 def test_streamed_frames_equal_the_offline_render_of_the_same_audio(client, live):
     """Frame i of the stream is frame i of the offline pipeline (whole-file features, the training
     indexing): same count, same pixels up to float rounding."""
-    import audio_io
-    import speech_features
+    from synctalk import audio as audio_io
+    from synctalk import features as speech_features
 
     data = audio_file("WAV", 1.0)
     with client.stream("POST", "/generate-from-audio", files={"audio_file": ("clip.wav", data)}) as r:

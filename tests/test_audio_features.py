@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import MEDIA, REPO, need_shared
 
-import audio_io
-import speech_features as sf
 import utils
+from synctalk import audio as audio_io
+from synctalk import features as sf
 
 SR = 16000
 
@@ -303,10 +302,7 @@ def test_speaker_independence_real_speech(tmp_path):
 # AVE mode and the CLI
 
 
-def test_ave_mode_refuses_without_checkpoint_and_loads_one(tmp_path, speech, monkeypatch):
-    from config import settings
-
-    monkeypatch.setattr(settings.models, "ave_checkpoint", None)
+def test_ave_mode_refuses_without_checkpoint_and_loads_one(tmp_path, speech):
     with pytest.raises(ValueError, match="AVE"):
         sf.extract_features(speech[:SR], "ave")
     torch.manual_seed(0)
@@ -315,8 +311,7 @@ def test_ave_mode_refuses_without_checkpoint_and_loads_one(tmp_path, speech, mon
     feats = sf.extract_features(speech[: 2 * SR], "ave", ave_checkpoint=ckpt)
     n_mels = 1 + 2 * SR // 200
     assert feats.shape == (utils.ave_window_count(n_mels) + 2, 512)
-    monkeypatch.setattr(settings.models, "ave_checkpoint", ckpt)  # the configured default is used
-    np.testing.assert_array_equal(sf.extract_features(speech[: 2 * SR], "ave"), feats)
+    np.testing.assert_array_equal(sf.extract_features(speech[: 2 * SR], "ave", ave_checkpoint=str(ckpt)), feats)
     with pytest.raises(ValueError, match="unknown audio feature mode"):
         sf.extract_features(speech[:SR], "mfcc")
 

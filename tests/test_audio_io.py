@@ -8,11 +8,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
 from conftest import MEDIA, need_shared
 
-import audio_io
-from audio_io import AudioError, load_audio, to_float32, write_wav
+from synctalk import audio as audio_io
+from synctalk.audio import AudioError, load_audio, to_float32, write_wav
 
 
 def tone(freq: float, seconds: float, sr: int, amp: float = 0.5) -> np.ndarray:

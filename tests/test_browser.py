@@ -14,7 +14,6 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-
 from test_live import MouthMeter, ServerProcess, speech_clip
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -29,7 +28,7 @@ MIC_PARTS: list = [1.5, "Hello there, how are you doing today?", 2.5, "I am fine
 
 @pytest.fixture(scope="module")
 def mic_wav(tmp_path_factory) -> tuple[Path, np.ndarray]:
-    from audio_io import write_wav
+    from synctalk.audio import write_wav
 
     audio = speech_clip(MIC_PARTS)
     path = tmp_path_factory.mktemp("mic") / "speech.wav"

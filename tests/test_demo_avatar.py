@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import REPO
 from test_api import free_port, read_stream
 

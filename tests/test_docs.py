@@ -14,7 +14,6 @@ import importlib
 import re
 
 import pytest
-
 from conftest import REPO
 
 DOCS = REPO / "docs"
@@ -189,7 +188,7 @@ def test_parameter_counts_equal_the_code(network, model_details):
 
 
 def test_audio_encoder_counts_equal_the_code(model_details):
-    from speech_features import WhisperEncoder
+    from synctalk.features import WhisperEncoder
     from utils import AudioEncoder, count_parameters
 
     text = model_details["Audio encoders"]
@@ -251,7 +250,7 @@ def test_syncnet_embedding_shapes(model_details):
 
 
 def test_crop_geometry_equals_the_code(model_details):
-    from face_crop import mask_rect
+    from synctalk.face import mask_rect
     from utils import SIZE_PRESETS
 
     rows = table_with_header(model_details["Crop geometry"], "preset")

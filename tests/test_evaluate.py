@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-import metrics as M
+from synctalk import metrics as M
+from synctalk.audio import segments_to_mask, silence_segments, speech_envelope
 
 RNG = np.random.default_rng(0)
 
@@ -211,12 +212,12 @@ def test_envelope_silences_and_closure():
     tone = lambda s: 0.5 * np.sin(2 * np.pi * 220 * np.arange(int(s * sr)) / sr)  # noqa: E731
     quiet = lambda s: np.zeros(int(s * sr))  # noqa: E731
     audio = np.concatenate([tone(1.0), quiet(0.5), tone(1.0), quiet(0.2), tone(0.6)])
-    env = M.speech_envelope(audio, sr, fps)
+    env = speech_envelope(audio, sr, fps)
     assert len(env) == 83  # 3.3 s at 25 fps
     assert env[5] == pytest.approx(0.5 / math.sqrt(2), rel=5e-3)
-    segments = M.silence_segments(env, fps, min_ms=300)
+    segments = silence_segments(env, fps, min_ms=300)
     assert segments == [(25, 37)]  # the 0.5 s pause; the 0.2 s one is too short
-    silent = M.segments_to_mask(segments, len(env))
+    silent = segments_to_mask(segments, len(env))
     opening = np.where(silent, 0.01, 0.2)
     closed = M.closed_mouth_threshold(opening)
     assert closed == pytest.approx(0.01 + 0.15 * 0.19)
@@ -243,7 +244,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     rc = evaluate.main(["--name", "no_such_avatar", "--dataset_root", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: dataset folder not found") and err.count("\n") == 1
+    assert rc == 2 and err.startswith("error: unknown avatar 'no_such_avatar'; available:") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
     rc = evaluate.main(["--name", "x", "--audio", str(tmp_path / "missing.wav")])
     assert rc == 2 and "audio file not found" in capsys.readouterr().err

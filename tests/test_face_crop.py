@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-import face_crop as fc
+from synctalk import face as fc
 
 
 def mp_face(cx=200.0, top=150.0, width=120.0, chin=250.0, n=478) -> np.ndarray:

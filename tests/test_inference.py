@@ -10,11 +10,10 @@ import av
 import cv2
 import numpy as np
 import pytest
-
 from conftest import REPO
 
-import face_crop
-from services.generator import LipSyncEngine, ensure_onnx, onnx_model_path, pingpong_order
+from synctalk import face as face_crop
+from synctalk.engine import LipSyncEngine, ensure_onnx, onnx_model_path, pingpong_order
 
 FIXTURE_VIDEO = REPO / "tests" / "fixtures" / "synth_fixture.mp4"
 
@@ -188,7 +187,6 @@ def test_run_streams_through_a_fixed_pool_and_equals_render(engine):
     expected = engine.render(engine.audio_windows(feats, range(11)), order)
     for got, want in zip(frames, expected):
         np.testing.assert_array_equal(got, want)
-    assert len(list(engine.iter_frames(feats, order))) == 11
 
 
 def test_onnx_model_is_cached_and_reexported_when_the_checkpoint_changes(avatar, tmp_path):

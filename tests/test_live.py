@@ -74,7 +74,7 @@ class ServerProcess:
         self.names = names
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "api.py", "--port", str(self.port), "--avatar", self.names[0],
                                       "--log-level", "info"], cwd=REPO, env=self.env, stdout=log, stderr=log)
@@ -272,7 +272,7 @@ def speech() -> np.ndarray:
 
 
 def test_pingpong_walk_never_repeats_at_turns():
-    from live import pingpong_step
+    from services.live import pingpong_step
 
     pos, direction, seen = -1, 1, []
     for _ in range(12):
@@ -283,7 +283,7 @@ def test_pingpong_walk_never_repeats_at_turns():
 
 
 def test_energy_gate_is_chunking_independent_with_hangover():
-    from live import EnergyGate
+    from services.live import EnergyGate
 
     rng = np.random.default_rng(0)
     audio = np.zeros(16000 * 2, np.float32)
@@ -304,7 +304,7 @@ def test_energy_gate_is_chunking_independent_with_hangover():
 
 
 def test_pcm_decoder_handles_odd_chunks_and_resamples():
-    from live import PCMDecoder
+    from services.live import PCMDecoder
 
     tone = (np.sin(np.arange(48000) * 2 * np.pi * 440 / 48000) * 16000).astype("<i2").tobytes()
     whole = PCMDecoder(16000).decode(tone)
@@ -319,7 +319,7 @@ def test_pcm_decoder_handles_odd_chunks_and_resamples():
 
 
 def test_control_messages_are_validated():
-    from live import ClientMessageError, parse_control
+    from services.live import ClientMessageError, parse_control
 
     assert parse_control('{"type": "config", "sample_rate": 48000}')["sample_rate"] == 48000
     assert parse_control('{"type": "stop"}') == {"type": "stop"}
@@ -335,7 +335,7 @@ def test_control_messages_are_validated():
 
 
 def test_feature_delay_covers_the_unet_window():
-    from live import feature_delay_samples
+    from services.live import feature_delay_samples
 
     # hop 200 ms, look-ahead 200 ms: frame a needs row a+7, emitted by call (a+7)//5 once samples reach
     # ((a+7)//5 + 2) * 3200; the worst case (a = 3 mod 5) is 17 frames = 680 ms after frame a starts.
@@ -458,7 +458,7 @@ def closed_by_server(sock: socket.socket, timeout_s: float = 15.0) -> bool:
         try:
             if not sock.recv(1 << 20):
                 return True
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return True

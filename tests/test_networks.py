@@ -6,12 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import MEDIA, REFERENCE, need_shared
+
 from syncnet_328 import build_syncnet
 from unet_328 import CheckpointError, build_unet, export_onnx, load_unet_checkpoint
-from utils import (AudioEncoder, audio_input_shape, audio_window, ave_mel_windows, count_parameters,
-                   load_ave_encoder, melspectrogram, pad_ave_features)
+from utils import (
+    AudioEncoder,
+    audio_input_shape,
+    audio_window,
+    ave_mel_windows,
+    count_parameters,
+    load_ave_encoder,
+    melspectrogram,
+    pad_ave_features,
+)
 
 MODES = ["ave", "hubert", "wenet", "whisper"]
 

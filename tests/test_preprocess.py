@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-import face_crop
 from conftest import MEDIA, REPO, need_shared
+
 from data_utils import process
+from synctalk import face as face_crop
 
 VIDEO = MEDIA / "video"
 REAL_CLIPS = {  # name -> (path, size)
@@ -36,8 +36,9 @@ def write_clip(path: Path, frames, fps: float = 25, audio: np.ndarray | None = N
                rotation: int | None = None, pts: list[int] | None = None, time_base: int = 1000) -> Path:
     """H.264 (+ AAC when `audio` is given, mono or [samples, 2]) mp4. `pts` (in 1/time_base s) makes a
     variable-frame-rate file; `rotation` sets the display matrix (degrees counter-clockwise)."""
-    import av
     from fractions import Fraction
+
+    import av
 
     frames = list(frames)
     with av.open(str(path), "w") as out:
@@ -340,7 +341,7 @@ def test_truncated_file_is_refused(may_frames, tmp_path, capsys):
 
 
 def test_audio_only_and_silent_video_are_refused(may_frames, tmp_path, capsys):
-    import audio_io
+    from synctalk import audio as audio_io
 
     (tmp_path / "a").mkdir()
     wav = audio_io.write_wav(tmp_path / "a" / "a.wav", speechy(3.0))

@@ -17,7 +17,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 
 FAST = ["--size", "small", "--device", "cpu", "--threads", "1", "--workers", "0"]
@@ -74,7 +73,7 @@ def jsonl(path: Path) -> list[dict]:
 
 
 def test_split_is_disjoint_guarded_and_skips_trailing_silence(tmp_path):
-    from datasets import GUARD, dataset_split, split_frames
+    from synctalk.dataset import GUARD, dataset_split, split_frames
 
     val, train = split_frames(350, "val"), split_frames(350, "train")
     assert list(val) == list(range(315, 350)) and train.max() == 315 - GUARD - 1
@@ -88,8 +87,8 @@ def test_split_is_disjoint_guarded_and_skips_trailing_silence(tmp_path):
 
 
 def test_crop_cache_is_built_once_with_the_inference_crop(fake_dataset):
-    import face_crop
-    from datasets import ensure_crop_cache
+    from synctalk import face as face_crop
+    from synctalk.dataset import ensure_crop_cache
 
     path = ensure_crop_cache(fake_dataset, "small")
     cache = np.load(path, mmap_mode="r")
@@ -103,8 +102,8 @@ def test_crop_cache_is_built_once_with_the_inference_crop(fake_dataset):
 
 
 def test_unet_samples_follow_upstream_construction(fake_dataset):
-    import face_crop
-    from datasets import AvatarDataset
+    from synctalk import face as face_crop
+    from synctalk.dataset import AvatarDataset
 
     ds = AvatarDataset(fake_dataset, "small", split="train")
     assert ds.mode == "whisper" and len(ds) == 60 - 6 - 8
@@ -123,7 +122,7 @@ def test_unet_samples_follow_upstream_construction(fake_dataset):
 
 
 def test_syncnet_pairs_are_balanced_and_off_sync(fake_dataset):
-    from datasets import MIN_SHIFT, SyncNetDataset
+    from synctalk.dataset import MIN_SHIFT, SyncNetDataset
 
     val = SyncNetDataset(fake_dataset, "small", split="val")
     labels = [float(val[i][2]) for i in range(len(val))]
@@ -141,10 +140,10 @@ def test_syncnet_pairs_are_balanced_and_off_sync(fake_dataset):
 
 
 def test_missing_dataset_is_one_line_with_the_fix(tmp_path, capsys):
-    import syncnet_328
     import train_328
+    from synctalk import train_syncnet
 
-    for main in (train_328.main, syncnet_328.main):
+    for main in (train_328.main, train_syncnet.main):
         rc = main(["--dataset_dir", str(tmp_path / "nobody"), "--save_dir", str(tmp_path / "out"), *FAST])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: dataset folder not found") and err.count("\n") == 1
@@ -163,7 +162,8 @@ def test_missing_dataset_is_one_line_with_the_fix(tmp_path, capsys):
 def test_sync_loss_is_defined_for_negative_cosines():
     import torch.nn.functional as F
 
-    from syncnet_328 import SyncHead, build_syncnet, triplet_loss
+    from synctalk.train_syncnet import triplet_loss
+    from syncnet_328 import SyncHead, build_syncnet
 
     head = SyncHead()
     a = F.normalize(torch.randn(8, 32), dim=1)

@@ -18,7 +18,6 @@ of loader workers.
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +25,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils import WINDOW, ModelSize, audio_window, get_size
+from synctalk import face as face_crop
+from synctalk.audio import silence_mask, speech_envelope
+from synctalk.fileio import atomic_path
+from synctalk.sizes import ModelSize, audio_window, get_size
+from synctalk.timing import WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +103,8 @@ def split_frames(n: int, split: str, val_fraction: float = VAL_FRACTION, end: in
 
 def speech_end(dataset_dir: str | Path, n: int, margin: int = 2) -> int:
     """Exclusive end frame of the last speech in `aud.wav` plus `margin` frames (the mouth closes),
-    capped at n; n when the file is missing or unreadable. Silence = metrics.silence_mask (-35 dB
+    capped at n; n when the file is missing or unreadable. Silence = silence_mask (-35 dB
     below the loud level)."""
-    import metrics
 
     wav = Path(dataset_dir) / "aud.wav"
     try:
@@ -111,8 +113,8 @@ def speech_end(dataset_dir: str | Path, n: int, margin: int = 2) -> int:
         audio, sr = sf.read(str(wav), dtype="float32", always_2d=True)
     except Exception:  # no audio: hold out the plain tail
         return n
-    env = metrics.speech_envelope(audio.mean(axis=1), sr=sr)[:n]
-    loud = np.flatnonzero(~metrics.silence_mask(env))
+    env = speech_envelope(audio.mean(axis=1), sr=sr)[:n]
+    loud = np.flatnonzero(~silence_mask(env))
     return n if len(loud) == 0 else min(n, int(loud[-1]) + 1 + margin)
 
 
@@ -148,7 +150,6 @@ def ensure_crop_cache(dataset_dir: str | Path, size: str | ModelSize = "328", wo
     import cv2
     from tqdm import tqdm
 
-    import face_crop
 
     dataset_dir = check_dataset(dataset_dir)
     size = size if isinstance(size, ModelSize) else get_size(size)
@@ -167,26 +168,22 @@ def ensure_crop_cache(dataset_dir: str | Path, size: str | ModelSize = "328", wo
     if missing:
         raise DatasetError(f"{frames_dir}/{missing[0]}.jpg is missing; run: {preprocess_hint(dataset_dir)}")
     log.info("building crop cache %s (%d frames, %d px)", path, len(boxes), size.crop)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(boxes), size.crop, size.crop, 3))
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(boxes), size.crop, size.crop, 3))
 
-    def one(i: int) -> None:
-        frame = cv2.imread(str(frames_dir / f"{i}.jpg"), cv2.IMREAD_COLOR)
-        if frame is None:
-            raise DatasetError(f"cannot read {frames_dir}/{i}.jpg; run: {preprocess_hint(dataset_dir)}")
-        out[i] = face_crop.crop_face(frame, boxes[i], size.crop)
+        def one(i: int, out: np.ndarray = out) -> None:
+            frame = cv2.imread(str(frames_dir / f"{i}.jpg"), cv2.IMREAD_COLOR)
+            if frame is None:
+                raise DatasetError(f"cannot read {frames_dir}/{i}.jpg; run: {preprocess_hint(dataset_dir)}")
+            out[i] = face_crop.crop_face(frame, boxes[i], size.crop)
 
-    try:
         with ThreadPoolExecutor(max(1, workers)) as pool:  # cv2 releases the GIL while decoding
             for _ in tqdm(pool.map(one, range(len(boxes))), total=len(boxes), desc=f"crops_{size.crop}",
                           disable=None):
                 pass
         out.flush()
-        del out
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        del out, one
     return path
 
 
@@ -279,7 +276,6 @@ class AvatarDataset(Dataset):
         return audio_window(self.features, frame, self.mode)
 
     def unet_sample(self, frame: int, ref: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        import face_crop
 
         target = np.asarray(self.crops[frame])
         image = face_crop.make_unet_input(target, np.asarray(self.crops[ref]), self.size.name)

@@ -14,11 +14,14 @@ Conventions (see docs/preprocessing.md for the arithmetic with figures):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
+
+from synctalk.sizes import ModelSize, get_size
+from synctalk.timing import FPS
 
 # ----------------------------------------------------------------------------------------------
 # Landmark indices
@@ -40,7 +43,6 @@ UP_LEFT, UP_RIGHT, UP_TOP = 1, 31, 52
 SMOOTH_MIN_CUTOFF = 1.0  # Hz: cut-off at rest (lower = steadier, more lag)
 SMOOTH_BETA = 4.0  # cut-off increase per face width per second of motion (higher = less lag when moving)
 SMOOTH_D_CUTOFF = 1.0  # Hz: cut-off of the speed estimate
-FPS = 25.0
 
 Box = tuple[int, int, int, int]
 
@@ -111,7 +113,7 @@ class OneEuroFilter:
     the element's (smoothed) speed, `fc = min_cutoff + beta * |dx/dt|`, so the signal is steady at rest
     and follows quickly when it moves. `scale` divides the values first (speeds in `scale` units)."""
 
-    def __init__(self, fps: float = FPS, min_cutoff: float = SMOOTH_MIN_CUTOFF, beta: float = SMOOTH_BETA,
+    def __init__(self, fps: float = float(FPS), min_cutoff: float = SMOOTH_MIN_CUTOFF, beta: float = SMOOTH_BETA,
                  d_cutoff: float = SMOOTH_D_CUTOFF, scale: float = 1.0):
         self.dt = 1.0 / fps
         self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
@@ -142,7 +144,7 @@ class BoxTracker:
     then the box rule matching the point count, then `clamp_box`. Preprocessing (online) and
     `dataset_crop_boxes` (from saved `.lms`) run this same code, so both give the same boxes."""
 
-    def __init__(self, frame_w: int, frame_h: int, smooth: bool = True, fps: float = FPS,
+    def __init__(self, frame_w: int, frame_h: int, smooth: bool = True, fps: float = float(FPS),
                  min_cutoff: float = SMOOTH_MIN_CUTOFF, beta: float = SMOOTH_BETA):
         self.frame_w, self.frame_h = int(frame_w), int(frame_h)
         self.smooth = smooth
@@ -293,9 +295,7 @@ def mask_rect(inner: int) -> tuple[int, int, int, int]:
     return side, side, inner - 2 * side, inner - side - bottom
 
 
-def _size(size_preset):
-    from utils import ModelSize, get_size
-
+def _size(size_preset: str | ModelSize) -> ModelSize:
     return size_preset if isinstance(size_preset, ModelSize) else get_size(size_preset)
 
 
@@ -385,3 +385,29 @@ def paste_back(frame: np.ndarray, crop_pred: np.ndarray, box: Sequence[int], mas
     blended = resized.astype(np.float32) * m[..., None] + target.astype(np.float32) * (1.0 - m[..., None])
     target[...] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
     return frame
+
+
+BLEND_MODES = ("feather", "none")
+
+
+class Paster:
+    """The one paste-back policy shared by the engine, evaluation and training validation: the
+    feathered mask of the model size (or upstream's hard paste with `blend="none"`), optionally with
+    colour matching on the feather ring."""
+
+    def __init__(self, size_preset, blend: str = "feather", color_match: bool = False):
+        if blend not in BLEND_MODES:
+            raise ValueError(f"unknown blend {blend!r}; choose one of {BLEND_MODES}")
+        size = _size(size_preset)
+        self.blend = blend
+        self.color_match = color_match
+        self.mask = paste_mask(size.crop, size.border)
+
+    def __call__(self, frame: np.ndarray, crop_pred: np.ndarray, box: Sequence[int],
+                 crop_orig: np.ndarray | None = None) -> np.ndarray:
+        """Paste `crop_pred` into `frame` (modified and returned); `crop_orig` is the source crop used
+        for colour matching (cut from the frame when not given)."""
+        if self.blend == "none":
+            return paste_back(frame, crop_pred, box, None)
+        return paste_back(frame, crop_pred, box, self.mask, color_match=self.color_match,
+                          crop_orig=crop_orig if self.color_match else None)

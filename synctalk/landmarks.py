@@ -16,7 +16,10 @@ import sys
 import threading
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+
+from synctalk import face as face_crop
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's C++ start-up warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -48,8 +51,6 @@ class Faces:
 
 def face_width(points: np.ndarray) -> float:
     """Cheek-to-cheek distance (points 234-454) in pixels."""
-    import face_crop
-
     a, b = points[face_crop.MP_CHEEK_LEFT], points[face_crop.MP_CHEEK_RIGHT]
     return float(np.hypot(*(b[:2] - a[:2])))
 
@@ -58,8 +59,6 @@ def head_pose(points: np.ndarray) -> tuple[float, float]:
     """(roll in degrees, yaw proxy) of one face. Roll: angle of the outer-eye-corner line (positive =
     clockwise in the image). Yaw proxy: where the nose tip sits between the cheeks, minus 0.5 (0 =
     frontal, +-0.5 = profile)."""
-    import face_crop
-
     l, r = points[EYE_OUTER_L], points[EYE_OUTER_R]
     roll = float(np.degrees(np.arctan2(r[1] - l[1], r[0] - l[0])))
     cl, cr = points[face_crop.MP_CHEEK_LEFT, 0], points[face_crop.MP_CHEEK_RIGHT, 0]
@@ -171,8 +170,38 @@ class FaceTracker:
             self._filter.close()
             self._filter = None
 
-    def __enter__(self) -> "FaceTracker":
+    def __enter__(self) -> FaceTracker:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LandmarkError(RuntimeError):
+    """mediapipe is missing or cannot start."""
+
+
+class FaceMesh:
+    """mediapipe 0.10.21 face mesh in static-image mode (no tracking, so no smoothing hides jitter):
+    BGR frame -> `[478, 2]` pixels, NaN when no face is found. Used by evaluation and training
+    validation; preprocessing uses the tracking `FaceTracker`."""
+
+    def __init__(self, min_detection_confidence: float = 0.3):
+        try:
+            import mediapipe as mp  # optional at import: only the landmark metrics need it
+        except ImportError as exc:  # pragma: no cover - mediapipe is a runtime dependency
+            raise LandmarkError(f"mediapipe is needed for the landmark metrics: {exc}") from None
+        self._mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                                     refine_landmarks=True,
+                                                     min_detection_confidence=min_detection_confidence)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        h, w = frame.shape[:2]
+        res = self._mesh.process(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        if not res.multi_face_landmarks:
+            return np.full((NUM_POINTS, 2), np.nan)
+        pts = res.multi_face_landmarks[0].landmark
+        return np.array([(p.x * w, p.y * h) for p in pts], dtype=np.float64)
+
+    def close(self) -> None:
+        self._mesh.close()

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import wave
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 
+from synctalk.timing import FPS, SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 
 class AudioError(ValueError):
@@ -67,7 +71,7 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_audio(source: AudioSource, sr: int = 16000) -> np.ndarray:
+def load_audio(source: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of `source` (path, bytes or binary file) to float32 mono at `sr` Hz.
 
     Channels are averaged; the result is 1-D and C-contiguous. Raises `AudioError` (a ValueError) when
@@ -138,7 +142,7 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(audio, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
-def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = 16000) -> Path:
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE) -> Path:
     """Write mono (1-D) or [samples, channels] audio as PCM16 WAV, atomically (temp file + rename).
 
     Float input is clipped to [-1, 1] and rounded; int16 is written as is."""
@@ -170,3 +174,53 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = 16000) -> Pa
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Speech activity: per-frame envelope and silences (relative to the loud level of the clip)
+
+
+def speech_envelope(audio: np.ndarray, sr: int = SAMPLE_RATE, fps: float = FPS) -> np.ndarray:
+    """RMS amplitude of the audio per video frame: entry i covers samples [i sr/fps, (i+1) sr/fps).
+    A trailing partial frame counts if it holds at least half a frame."""
+    x = np.asarray(audio, np.float64).reshape(-1)
+    hop = sr / fps
+    n = int(len(x) / hop + 0.5)
+    env = np.zeros(n)
+    for i in range(n):
+        seg = x[int(round(i * hop)):int(round((i + 1) * hop))]
+        env[i] = math.sqrt(float(np.mean(seg * seg))) if len(seg) else 0.0
+    return env
+
+
+def silence_mask(envelope: np.ndarray, threshold_db: float = -35.0, ref_percentile: float = 95.0) -> np.ndarray:
+    """Frames quieter than `threshold_db` below the loud level (the `ref_percentile` of the envelope)."""
+    env = np.asarray(envelope, np.float64)
+    ref = float(np.percentile(env, ref_percentile)) if len(env) else 0.0
+    if ref <= 0:
+        return np.ones(len(env), bool)
+    return env < ref * 10.0 ** (threshold_db / 20.0)
+
+
+def silence_segments(envelope: np.ndarray, fps: float = FPS, min_ms: float = 300.0,
+                     threshold_db: float = -35.0) -> list[tuple[int, int]]:
+    """Runs of silent frames lasting at least `min_ms`: a list of (start, end) frame indices, end
+    exclusive."""
+    quiet = silence_mask(envelope, threshold_db)
+    segments, start = [], None
+    for i, q in enumerate(list(quiet) + [False]):
+        if q and start is None:
+            start = i
+        elif not q and start is not None:
+            if (i - start) * 1000.0 / fps >= min_ms - 1e-9:
+                segments.append((start, i))
+            start = None
+    return segments
+
+
+def segments_to_mask(segments: Sequence[tuple[int, int]], n: int) -> np.ndarray:
+    """Boolean `[n]` mask of the frames inside the (start, end) segments."""
+    mask = np.zeros(n, bool)
+    for s, e in segments:
+        mask[max(s, 0):min(e, n)] = True
+    return mask
