@@ -8,13 +8,13 @@ state_dict keys and shapes equal upstream SyncTalk_2D's, so its checkpoints load
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from synctalk.fileio import atomic_path
 from synctalk.sizes import AUDIO_MODES, ModelSize, audio_input_shape, get_size
 
 log = logging.getLogger(__name__)
@@ -250,23 +250,16 @@ def load_unet_checkpoint(path: str | Path, expect_mode: str | None = None,
 
 def save_checkpoint(path: str | Path, state_dict: dict, meta: dict) -> None:
     """Write {state_dict, meta} atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"state_dict": state_dict, "meta": meta}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state_dict, "meta": meta}, tmp)
 
 
 def export_onnx(model: Model, path: str | Path, batch: int = 1, dynamic_batch: bool = True) -> Path:
     """Export the generator to ONNX (inputs `image`, `audio`; output `pred`), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.onnx")
     model = model.eval().float().cpu()
     image, audio = model.example_inputs(batch)
     axes = {"image": {0: "batch"}, "audio": {0: "batch"}, "pred": {0: "batch"}} if dynamic_batch else None
-    with torch.no_grad():
+    with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(model, (image, audio), str(tmp), input_names=["image", "audio"],
                           output_names=["pred"], dynamic_axes=axes, opset_version=17, dynamo=False)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from config import settings
 from synctalk import audio as audio_io
 from synctalk import features as speech_features
+from synctalk.fileio import atomic_path
+from synctalk.timing import SAMPLE_RATE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("audio_features")
 
 DEFAULTS = {
-    "mode": None,  # None = settings.audio.feature_mode
+    "mode": settings.audio.feature_mode,
     "device": "cpu",
-    "ave_checkpoint": None,  # None = settings.models.ave_checkpoint
-    "threads": None,  # None = settings.models.threads
+    "ave_checkpoint": settings.models.ave_checkpoint,
+    "threads": settings.models.threads,
 }
 
 
@@ -48,29 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        import numpy as np
-        import torch
-
-
-        torch.set_num_threads(args.threads or settings.models.threads)
+        torch.set_num_threads(args.threads)
         out = Path(args.out)
         if out.suffix != ".npy":
             raise ValueError(f"output must be a .npy file, got {out}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {args.device} requested but CUDA is not available")
-        audio = audio_io.load_audio(args.audio, sr=speech_features.SAMPLE_RATE)
+        audio = audio_io.load_audio(args.audio, sr=SAMPLE_RATE)
         feats = speech_features.extract_features(
             audio, args.mode, device=args.device, ave_checkpoint=args.ave_checkpoint,
-            progress=not args.quiet,
+            config=settings.audio.feature_config(), progress=not args.quiet,
         )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.npy")
-        try:
+        with atomic_path(out) as tmp:
             np.save(tmp, feats.astype(np.float32, copy=False))
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     except (ValueError, OSError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         sys.stderr.write(f"error: {msg}\n")

@@ -49,6 +49,7 @@ from synctalk import audio as audio_io
 from synctalk import face as face_crop
 from synctalk import features as speech_features
 from synctalk.audio import silence_segments, speech_envelope
+from synctalk.fileio import atomic_path, remove_stale_temporaries, write_text_atomic
 from synctalk.landmarks import FaceTracker, face_width, head_pose
 from synctalk.sizes import SIZE_PRESETS
 from synctalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -665,9 +666,7 @@ class Stages:
 
     def mark(self, name: str, key: dict, result: dict, seconds: float) -> None:
         self.data["stages"][name] = {"key": self.digest(key), "result": result, "seconds": round(seconds, 3)}
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=1, default=_json_default))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=_json_default))
 
     def drop_after(self, name: str) -> None:
         """Forget the stages after `name` (their inputs are being redone)."""
@@ -700,6 +699,8 @@ def _replace(src: Path, dst: Path) -> None:
 
 
 def _clean_temps(out: Path) -> None:
+    """Remove what a killed earlier run left behind (temporaries, half-moved folders)."""
+    remove_stale_temporaries(out)
     for p in out.glob(".tmp_*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in out.glob(".*.old*"):
@@ -881,7 +882,6 @@ def process_video(opts: Options) -> dict:
     if not video.exists():
         raise ProcessError(f"video not found: {video}")
     if opts.features == "ave":  # fail now rather than after the long frames stage
-
         ckpt = settings.models.ave_checkpoint
         if ckpt is None or not Path(ckpt).is_file():
             raise ProcessError("--features ave needs upstream's AVE audio encoder: set SYNCTALK_MODELS__AVE_CHECKPOINT "
@@ -963,22 +963,21 @@ def process_video(opts: Options) -> dict:
     for name, rec_s in stages.data["stages"].items():
         timings.setdefault(name, rec_s.get("seconds", 0.0))
     report = build_report(out, info, audio_stats, opts, {k: round(v, 3) for k, v in timings.items()})
-    tmp = out / f".report.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=1, default=_json_default))
-    os.replace(tmp, out / "report.json")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=_json_default))
     stages.mark("report", dict(key_feat, stage="report"), {"warnings": len(report["warnings"])},
                 time.perf_counter() - t0)
     return report
 
 
 def write_features(out: Path, n_frames: int, mode: str, progress: bool = False) -> Path:
-    """`aud_<mode>.npy` from `aud.wav` (whisper: one row per video frame)."""
-
+    """`aud_<mode>.npy` from `aud.wav` (whisper: one row per video frame), with the configured
+    feature settings and AVE checkpoint."""
     audio = audio_io.load_audio(out / "aud.wav")
     try:
         # offline, so the encoder runs on batches of windows (5x less CPU than one window per call)
-        feats = np.asarray(speech_features.extract_features(audio, mode, batch_size=FEATURE_BATCH,
-                                                            progress=progress), dtype=np.float32)
+        feats = np.asarray(speech_features.extract_features(
+            audio, mode, batch_size=FEATURE_BATCH, progress=progress, config=settings.audio.feature_config(),
+            ave_checkpoint=settings.models.ave_checkpoint), dtype=np.float32)
     except (ValueError, FileNotFoundError) as exc:
         raise ProcessError(f"audio features ({mode}): {_short(exc)}") from None
     if mode == "whisper" and len(feats) != n_frames:
@@ -986,9 +985,8 @@ def write_features(out: Path, n_frames: int, mode: str, progress: bool = False) 
         feats = feats[:n_frames] if len(feats) > n_frames else np.concatenate(
             [feats, np.repeat(feats[-1:], n_frames - len(feats), axis=0)])
     path = out / f"aud_{mode}.npy"
-    tmp = out / f".tmp_aud_{mode}{os.getpid()}.npy"
-    np.save(tmp, feats)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, feats)
     return path
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from synctalk.fileio import atomic_path, write_text_atomic
 from synctalk.timing import FPS, SAMPLE_RATE
 from synctalk.tts import EspeakTTS, PiperTTS
 
@@ -736,16 +737,9 @@ def synthesize_talker(
     if contact_sheet_path is not None:
         sentence_contact_sheet(talker, contact_sheet_path)
     gt_path = gt_path_for(out)
-    tmp_mp4 = out.with_name(out.name + ".tmp.mp4")
-    tmp_gt = gt_path.with_name(gt_path.name + ".tmp")
-    try:
+    with atomic_path(out) as tmp_mp4:
         write_mp4(tmp_mp4, talker.frames(), talker.audio, size, talker.gt["n_frames"], crf=crf)
-        tmp_gt.write_text(json.dumps(talker.gt, indent=None, separators=(",", ":")), encoding="utf-8")
-        os.replace(tmp_mp4, out)
-        os.replace(tmp_gt, gt_path)
-    finally:
-        for p in (tmp_mp4, tmp_gt):
-            p.unlink(missing_ok=True)
+        write_text_atomic(gt_path, json.dumps(talker.gt, indent=None, separators=(",", ":")))
     return talker.gt
 
 
@@ -771,9 +765,8 @@ def contact_sheet(frames: Sequence[np.ndarray], labels: Sequence[str], path: str
     while len(tiles) % cols:
         tiles.append(np.zeros_like(tiles[0]))
     rows = [np.hstack(tiles[i:i + cols]) for i in range(0, len(tiles), cols)]
-    tmp = Path(str(path) + ".tmp.png")
-    cv2.imwrite(str(tmp), np.vstack(rows), [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        cv2.imwrite(str(tmp), np.vstack(rows), [cv2.IMWRITE_PNG_COMPRESSION, 9])
 
 
 def sentence_contact_sheet(talker: Talker, path: str | Path, n: int = 12, sentence: int = 0) -> None:

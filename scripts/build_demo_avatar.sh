@@ -32,9 +32,8 @@ $PY train_328.py --dataset_dir "$DS" --save_dir "checkpoint/$NAME" --size small 
 echo "== 5/6 evaluation (held-out self-reconstruction + an espeak-ng voice the model never heard)"
 mkdir -p result/demo_build
 $PY - <<'PYEOF'
-import sys; sys.path.insert(0, ".")
-from audio_io import write_wav
-from services.tts import EspeakTTS
+from synctalk.audio import write_wav
+from synctalk.tts import EspeakTTS
 text = ("Hello, I am the demo avatar. Type a sentence and I will say it. "
         "Silence keeps my mouth closed, and speech opens it again.")
 res = EspeakTTS(voice="en-us+f3").synthesize(text)

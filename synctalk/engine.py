@@ -173,7 +173,7 @@ class _OrtRunner:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared cores: don't spin
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 dev_id = int(device.split(":")[1]) if ":" in device else 0
@@ -286,7 +286,7 @@ class LipSyncEngine:
             onnx_path = ensure_onnx(checkpoint_path)
             meta.setdefault("mode", "ave")
             meta.setdefault("size", "328")
-            runner = _OrtRunner(onnx_path, device, threads)
+            runner: _OrtRunner | _TorchRunner = _OrtRunner(onnx_path, device, threads)
         else:
             model, meta = load_unet_checkpoint(checkpoint_path)
             runner = _TorchRunner(model, device, dtype, threads)
@@ -371,7 +371,7 @@ class LipSyncEngine:
             return self._crop_cache[index]
         return face_crop.crop_face(self.frames.get(index), self.boxes[index], self.size.crop)
 
-    def _prepare(self, slot: _Slot, frame_indices: Sequence[int]) -> int:
+    def _prepare(self, slot: _Slot, frame_indices: Sequence[int] | np.ndarray) -> int:
         """Fill slot.image [:b] with (reference, masked) inputs and slot.crops with the source crops."""
         b = len(frame_indices)
         for k, fi in enumerate(frame_indices):
@@ -400,14 +400,14 @@ class LipSyncEngine:
     def render_crops(self, windows: np.ndarray, frame_indices: Sequence[int]) -> np.ndarray:
         """Generated crops (uint8 BGR [B, crop, crop, 3]; the border ring is the source's) for audio
         `windows` [B, C, H, W] on source frames `frame_indices` (no paste-back)."""
-        frame_indices = np.asarray(frame_indices, dtype=np.int64)
-        if len(windows) != len(frame_indices):
-            raise ValueError(f"{len(windows)} audio windows for {len(frame_indices)} frames")
-        out = np.empty((len(frame_indices), self.size.crop, self.size.crop, 3), np.uint8)
+        indices = np.asarray(frame_indices, dtype=np.int64)
+        if len(windows) != len(indices):
+            raise ValueError(f"{len(windows)} audio windows for {len(indices)} frames")
+        out = np.empty((len(indices), self.size.crop, self.size.crop, 3), np.uint8)
         with self._lock:
             slot = self._slots[0]
-            for s in range(0, len(frame_indices), self.batch_size):
-                b = self._prepare(slot, frame_indices[s:s + self.batch_size])
+            for s in range(0, len(indices), self.batch_size):
+                b = self._prepare(slot, indices[s:s + self.batch_size])
                 slot.audio[:b] = windows[s:s + b]
                 self._infer(slot, b)
                 out[s:s + b] = slot.crops[:b]
@@ -417,17 +417,17 @@ class LipSyncEngine:
                out: Sequence[np.ndarray] | np.ndarray | None = None) -> list[np.ndarray]:
         """Full frames (uint8 BGR) for audio `windows` [B, C, H, W] on source frames `frame_indices`,
         written into `out` (B preallocated frames) when given, else into new arrays."""
-        frame_indices = np.asarray(frame_indices, dtype=np.int64)
-        if len(windows) != len(frame_indices):
-            raise ValueError(f"{len(windows)} audio windows for {len(frame_indices)} frames")
+        indices = np.asarray(frame_indices, dtype=np.int64)
+        if len(windows) != len(indices):
+            raise ValueError(f"{len(windows)} audio windows for {len(indices)} frames")
         if out is None:
-            out = [np.empty(self.frame_shape, np.uint8) for _ in frame_indices]
-        elif len(out) != len(frame_indices):
-            raise ValueError(f"{len(out)} output buffers for {len(frame_indices)} frames")
+            out = [np.empty(self.frame_shape, np.uint8) for _ in indices]
+        elif len(out) != len(indices):
+            raise ValueError(f"{len(out)} output buffers for {len(indices)} frames")
         with self._lock:
             slot = self._slots[0]
-            for s in range(0, len(frame_indices), self.batch_size):
-                idx = frame_indices[s:s + self.batch_size]
+            for s in range(0, len(indices), self.batch_size):
+                idx = indices[s:s + self.batch_size]
                 b = self._prepare(slot, idx)
                 slot.audio[:b] = windows[s:s + b]
                 self._infer(slot, b)
@@ -441,8 +441,8 @@ class LipSyncEngine:
         (audio windows taken from per-frame `features`) and call `sink(frame)` for each, in order, from
         one worker thread; `frame` is a pooled buffer, valid only during the call. The U-Net runs on
         the calling thread while the worker pastes and sinks the previous batch. Returns the count."""
-        frame_indices = np.asarray(frame_indices, dtype=np.int64)
-        n = len(frame_indices)
+        indices = np.asarray(frame_indices, dtype=np.int64)
+        n = len(indices)
         pool = [np.empty(self.frame_shape, np.uint8) for _ in range(2)]
 
         def finish(slot: _Slot, idx: np.ndarray) -> None:
@@ -458,7 +458,7 @@ class LipSyncEngine:
             try:
                 for k, s in enumerate(range(0, n, self.batch_size)):
                     slot = self._slots[k % 2]  # its previous batch (k-2) finished: see the wait below
-                    idx = frame_indices[s:s + self.batch_size]
+                    idx = indices[s:s + self.batch_size]
                     b = self._prepare(slot, idx)
                     self.audio_windows(features, range(first_frame + s, first_frame + s + b), slot.audio[:b])
                     self._infer(slot, b)

@@ -133,6 +133,7 @@ class OneEuroFilter:
             return x * self.scale
         dx = (x - self.x_hat) / self.dt
         a_d = self._alpha(self.d_cutoff)
+        assert self.dx_hat is not None
         self.dx_hat = a_d * dx + (1.0 - a_d) * self.dx_hat
         a = self._alpha(self.min_cutoff + self.beta * np.abs(self.dx_hat))
         self.x_hat = a * x + (1.0 - a) * self.x_hat

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from synctalk import ave
 from synctalk.audio import to_float32
+from synctalk.fileio import atomic_path
 from synctalk.timing import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def mel_filterbank(sr: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_ME
         return np.where(m >= 15.0, log_part, lin)
 
     fft_freqs = np.linspace(0.0, sr / 2.0, 1 + n_fft // 2)
-    mel_freqs = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2.0), n_mels + 2))
+    mel_freqs = mel_to_hz(np.linspace(hz_to_mel(np.array(0.0)), hz_to_mel(np.array(sr / 2.0)), n_mels + 2))
     widths = np.diff(mel_freqs)
     ramps = mel_freqs[:, None] - fft_freqs[None, :]
     lower = -ramps[:-2] / widths[:-1, None]
@@ -96,6 +97,9 @@ class LogMel(nn.Module):
     STFT n_fft 400 / hop 160 / periodic Hann, centred with reflect padding, last frame dropped; power
     spectrum -> 80 Slaney mels -> log10(max(x, 1e-10)), floored at (per-item max - 8), then (x + 4) / 4.
     """
+
+    window: torch.Tensor
+    filters: torch.Tensor
 
     def __init__(self, n_mels: int = N_MELS):
         super().__init__()
@@ -169,6 +173,7 @@ class WhisperEncoder(nn.Module):
         self.n_mels, self.dim, self.heads, self.n_layers, self.n_ctx = n_mels, dim, heads, layers, n_ctx
         self.conv1 = nn.Conv1d(n_mels, dim, 3, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, 3, stride=2, padding=1)
+        self.positions: torch.Tensor
         self.register_buffer("positions", sinusoids(n_ctx, dim))
         self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(layers))
         self.ln_post = nn.LayerNorm(dim)
@@ -381,8 +386,6 @@ def export_onnx(path: str | Path, encoder: WhisperEncoder | None = None, window_
     include_frontend=True: input `audio` [B, window_samples] float32 16 kHz -> `features` [B, T, dim]
     (the exact computation of one streaming call). False: input `mel` [B, n_mels, window_samples / 160].
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     encoder = encoder if encoder is not None else load_whisper_encoder()
     module: nn.Module = WhisperFeatureModel(encoder) if include_frontend else encoder
     module = module.float().cpu().eval()
@@ -390,18 +393,12 @@ def export_onnx(path: str | Path, encoder: WhisperEncoder | None = None, window_
         example, name = torch.zeros(1, window_samples), "audio"
     else:
         example, name = torch.zeros(1, encoder.n_mels, window_samples // HOP_LENGTH), "mel"
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.onnx")
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer/STFT deprecation chatter; the result is tested
-            torch.onnx.export(module, (example,), str(tmp), input_names=[name], output_names=["features"],
-                              dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}},
-                              opset_version=opset, dynamo=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer/STFT deprecation chatter; the result is tested
+        torch.onnx.export(module, (example,), str(tmp), input_names=[name], output_names=["features"],
+                          dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,6 +621,5 @@ def extract_features(audio16k: np.ndarray, mode: str = "whisper", *, device: str
         return StreamingFeatures(encoder, device=device, batch_size=batch_size,
                                  config=cfg).process_file(audio16k, progress)
     if mode == "ave":
-        encoder = ave.load_ave_encoder(ave_checkpoint, str(device))
-        return ave.ave_features(audio16k, encoder)
+        return ave.ave_features(audio16k, ave.load_ave_encoder(ave_checkpoint, str(device)))
     raise ValueError(f"unknown audio feature mode {mode!r}; choose 'whisper' or 'ave'")

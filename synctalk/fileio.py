@@ -49,8 +49,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 60.0) -> list[Path]:
     """Delete temporaries (`.<name>.tmp<pid>...`) under `folder` left by killed processes: those whose
-    process is gone, or older than `older_than_s`. Returns what was removed."""
-    removed = []
+    writing process is gone (another live process's temporaries are kept), and those without a pid
+    older than `older_than_s`. Returns what was removed."""
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
@@ -59,8 +60,9 @@ def remove_stale_temporaries(folder: str | os.PathLike, older_than_s: float = 60
         if not p.is_file():
             continue
         pid = _pid_of(p.name)
-        alive = pid is not None and pid != os.getpid() and _process_alive(pid)
-        if (pid is not None and not alive and pid != os.getpid()) or now - p.stat().st_mtime > older_than_s:
+        orphan = pid != os.getpid() and not _process_alive(pid) if pid is not None else \
+            now - p.stat().st_mtime > older_than_s
+        if orphan:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

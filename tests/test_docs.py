@@ -23,7 +23,7 @@ FRAMEWORK_ROUTES = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 SCRIPTS = {
     "inference_328": ("parse_args", ["inference.md"]),
     "train_328": ("build_parser", ["training-guide.md"]),
-    "syncnet_328": ("build_parser", ["training-guide.md"]),
+    "synctalk.train_syncnet": ("build_parser", ["training-guide.md"]),
     "data_utils.process": ("build_parser", ["preprocessing.md"]),
     "data_utils.audio_features": ("parse_args", ["data-flow.md"]),
     "data_utils.synth_talker": ("main", ["synthetic-talker.md"]),

@@ -162,8 +162,8 @@ def test_missing_dataset_is_one_line_with_the_fix(tmp_path, capsys):
 def test_sync_loss_is_defined_for_negative_cosines():
     import torch.nn.functional as F
 
-    from synctalk.train_syncnet import triplet_loss
     from syncnet_328 import SyncHead, build_syncnet
+    from synctalk.train_syncnet import triplet_loss
 
     head = SyncHead()
     a = F.normalize(torch.randn(8, 32), dim=1)
