@@ -1,0 +1,92 @@
+"""The per-engine frame scheduler (synctalk/scheduler.py): shared batches render exactly what a
+stream would get alone, streams really share batches, cancellation and deadlines."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from synctalk.engine import LipSyncEngine
+from synctalk.scheduler import FrameScheduler
+
+
+@pytest.fixture(scope="module")
+def engine(fixture_avatar):
+    a = fixture_avatar
+    return LipSyncEngine.load(a.dataset_dir, a.checkpoint_path, backend="onnx", device="cpu", batch_size=8,
+                              threads=1)
+
+
+@pytest.fixture(scope="module")
+def features(fixture_avatar):
+    return np.load(fixture_avatar.dataset_dir / "aud_whisper.npy")
+
+
+def stream_inputs(engine, features, start: int, n: int, source_start: int):
+    """Audio windows of output frames start..start+n on source frames walking from `source_start`."""
+    windows = engine.audio_windows(features, range(start, start + n))
+    order = engine.frame_order(n, start_frame=source_start)
+    return windows, order
+
+
+def test_frames_rendered_in_shared_batches_equal_frames_rendered_alone(engine, features):
+    streams = [stream_inputs(engine, features, 10 * s, 3 + s, 7 * s) for s in range(4)]
+    alone = [engine.render(w, o) for w, o in streams]
+    sched = FrameScheduler(engine, max_batch=8, max_wait_s=0.2)
+    try:
+        results: list = [None] * len(streams)
+
+        def client(i: int) -> None:
+            results[i] = sched.render(*streams[i])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(streams))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sched.stats.frames == sum(len(o) for _, o in streams)
+        assert sched.stats.batches < len(streams)  # the streams shared batches (3+4+5+6 frames in <= 3)
+        for got, want in zip(results, alone):
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+    finally:
+        sched.close()
+
+
+def test_earliest_deadline_first_and_cancelled_requests_are_never_rendered(engine, features):
+    sched = FrameScheduler(engine, max_batch=2, max_wait_s=0.0)
+    try:
+        w, o = stream_inputs(engine, features, 0, 6, 0)
+        now = time.monotonic()
+        busy = sched.submit(w, o, deadline=now)  # occupies the worker for three batches
+        late = sched.submit(w[:2], o[:2], deadline=now + 10.0)
+        gone = sched.submit(w[:2], o[:2], deadline=now + 5.0)
+        urgent = sched.submit(w[:2], o[:2], deadline=now + 1.0)
+        assert gone.cancel()
+        order = []
+        for name, fut in (("late", late), ("urgent", urgent), ("busy", busy)):
+            fut.add_done_callback(lambda f, name=name: order.append((name, time.monotonic())))
+        busy.result(60), urgent.result(60), late.result(60)
+        assert [name for name, _ in sorted(order, key=lambda x: x[1])].index("urgent") < \
+            [name for name, _ in sorted(order, key=lambda x: x[1])].index("late")
+        assert sched.stats.cancelled == 1 and sched.stats.frames == 10
+    finally:
+        sched.close()
+
+
+def test_crops_mode_and_bad_input(engine, features):
+    sched = FrameScheduler(engine)
+    try:
+        w, o = stream_inputs(engine, features, 5, 3, 2)
+        crops = sched.submit(w, o, paste=False).result(60)
+        np.testing.assert_array_equal(np.stack(crops), engine.render_crops(w, o))
+        assert sched.submit(w[:0], o[:0]).result(1) == []
+        with pytest.raises(ValueError, match="2 audio windows for 3 frames"):
+            sched.submit(w[:2], o)
+    finally:
+        sched.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        sched.submit(w, o)
