@@ -24,7 +24,8 @@ import torch
 from syncnet_328 import SyncHead, build_syncnet
 from synctalk.dataset import AvatarDataset, SyncNetDataset
 from synctalk.train_syncnet import triplet_loss
-from train_328 import GeneratorLoss, autocast, resolve_amp
+from synctalk.trainkit import autocast, resolve_amp
+from train_328 import GeneratorLoss
 from unet_328 import build_unet
 from utils import get_size
 
