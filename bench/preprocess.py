@@ -26,10 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 
 from data_utils import process
+from synctalk.landmarks import FaceTracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,6 @@ SIZES = {"512": (512, 512), "1080p": (1920, 1080)}
 
 def make_input(src: Path, dst: Path, size: tuple[int, int], seconds: float) -> Path:
     """`src` looped to `seconds`, its picture scaled to the frame height and centred in `size`."""
-    import av
 
     if dst.is_file():
         return dst
@@ -118,7 +119,6 @@ def main() -> None:
         sys.stderr.write(f"error: source clip not found: {SOURCE}\n")
         sys.exit(2)
     args.cache.mkdir(parents=True, exist_ok=True)
-    from synctalk.landmarks import FaceTracker
 
     FaceTracker().close()  # import and graph set-up outside the timings
     result = {"machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),

@@ -31,7 +31,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from common import free_port, load_bench_inference  # bench/common.py
+
+from services.generator import FrameGenerationService
+from services.models import warm_engine
+from synctalk import audio as audio_io
+from synctalk.engine import LipSyncEngine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +53,6 @@ def first_voiced_frame(audio16k: np.ndarray) -> int:
 
 
 def wav_to_16k(data: bytes) -> np.ndarray:
-    from synctalk import audio as audio_io
 
     return audio_io.load_audio(data, sr=16000)
 
@@ -128,17 +133,11 @@ async def run_level(url: str, kind: str, clients: int, payloads: list, voiced_of
 
 def engine_baselines(root: Path, audio16k: np.ndarray, threads: int, batch: int) -> dict:
     """In-process: engine-only frames/s (render + JPEG) and first-frame time without streaming."""
-    import torch
-
-    from services.generator import FrameGenerationService
-    from services.models import warm_engine
-    from synctalk.engine import LipSyncEngine
-
     torch.set_num_threads(threads)
     ds, ckpt = root / "dataset" / "bench", root / "checkpoint" / "bench" / "1.pth"
     engine = LipSyncEngine.load(ds, ckpt, backend="onnx", device="cpu", threads=threads, batch_size=batch)
     warm_engine(engine)  # weights loaded and first calls made, as in the server
-    service = FrameGenerationService(engine, batch_size=batch)
+    service = FrameGenerationService(engine, jpeg_quality=85, batch_size=batch)
     start = time.perf_counter()
     features = engine.features(audio16k)  # whole utterance first, as upstream's offline path
     order = engine.frame_order(len(features))
@@ -167,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
 
     bi = load_bench_inference()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_server_"))
-    from synctalk import audio as audio_io
 
     speech = wav_to_16k(bi.make_audio(bi.default_audio(), args.seconds + 10, work).read_bytes())
     start = max(0, first_voiced_frame(speech) - 5) * 640  # 0.2 s of lead-in, then speech

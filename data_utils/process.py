@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from config import settings
 from synctalk import audio as audio_io
@@ -107,7 +109,6 @@ class Options:
 
 
 def _av():
-    import av
 
     return av
 
@@ -234,7 +235,6 @@ def scan_media(path: Path, progress: bool | None = None) -> tuple[MediaInfo, np.
     """One demux pass: the video timeline from packet timestamps (no video decoding, but the first frame
     for size and rotation), and the audio decoded to 16 kHz mono. Returns (info, audio aligned to the
     first video frame and exactly n_frames x 640 samples long, audio statistics)."""
-    from tqdm import tqdm
 
     av = _av()
     container, vs, aus = open_media(path)
@@ -554,7 +554,6 @@ class FrameWorker:
 def run_frames(path: Path, info: MediaInfo, tmp: Path, opts: Options) -> FaceTrack:
     """Stage 2 into `tmp`: decode (main thread), faces + crops (one thread, in frame order) and JPEGs
     (a thread pool) run concurrently; with `opts.pipeline` False everything runs in this thread."""
-    from tqdm import tqdm
 
     # the bar first: the face tracker routes stderr through a filter, which is not a terminal
     bar = tqdm(total=info.n_frames, desc="frames", unit="frame", leave=False, disable=_no_bar(opts.progress))
@@ -799,9 +798,11 @@ def quality_warnings(r: dict) -> list[dict]:
         warn("short_recording", f"only {r['duration_s']:.1f} s of video",
              "record 3 to 5 minutes of natural speech for a good avatar")
     side = r["face_size_px"]["box_side"].get("median", 0.0)
-    if side and side < 328:
-        warn("face_small", f"the mouth crop is {side:.0f} px wide and is enlarged to 328 px, so it will look soft",
-             "move closer to the camera or record at a higher resolution (the crop should be 328 px or more)")
+    crop = max(r.get("settings", {}).get("crop_sizes") or CROP_SIZES)  # the largest crop side in use
+    if side and side < crop:
+        warn("face_small", f"the face crop box is {side:.0f} px wide and is enlarged to the {crop} px crop in "
+             "use, so it will look soft",
+             f"move closer to the camera or record at a higher resolution (the box should be {crop} px or more)")
     f = r["face"]
     if f["missing_count"]:
         warn("face_missing", f"no face found in {f['missing_count']} frames (listed in report.json)",

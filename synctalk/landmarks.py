@@ -131,7 +131,7 @@ class FaceTracker:
 
     def __init__(self, max_faces: int = 2, min_detection_confidence: float = 0.5,
                  min_tracking_confidence: float = 0.5):
-        import mediapipe as mp
+        import mediapipe as mp  # optional heavy dependency: only the landmark stages need it
 
         self._filter = _StderrFilter() if QUIET_START else None
         self._mesh = mp.solutions.face_mesh.FaceMesh(
