@@ -18,22 +18,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from synctalk.layers import ConvBNAct
 from synctalk.sizes import ModelSize, audio_input_shape, get_size
 from unet_328 import CheckpointError, read_checkpoint
 
 
-class Conv2d(nn.Module):
-    """Conv2d (bias) -> BN -> LeakyReLU(0.01), with an optional residual add before the activation."""
-
-    def __init__(self, cin: int, cout: int, kernel, stride, padding, residual: bool = False):
-        super().__init__()
-        self.conv_block = nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding), nn.BatchNorm2d(cout))
-        self.act = nn.LeakyReLU(0.01, inplace=True)
-        self.residual = residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv_block(x)
-        return self.act(out + x if self.residual else out)
+def Conv2d(cin: int, cout: int, kernel: int | tuple[int, int], stride: int | tuple[int, int],  # noqa: N802
+           padding: int | tuple[int, int], residual: bool = False) -> ConvBNAct:
+    """Upstream SyncNet's block: conv -> BN -> LeakyReLU(0.01) (`synctalk.layers.ConvBNAct`)."""
+    return ConvBNAct(cin, cout, kernel, stride, padding, residual, negative_slope=0.01)
 
 
 class SyncNet_color(nn.Module):

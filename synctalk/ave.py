@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from synctalk.layers import ConvBNAct
 from synctalk.timing import FPS, SAMPLE_RATE
 
 # ----------------------------------------------------------------------------------------------
@@ -74,18 +75,7 @@ def pad_ave_features(encoded: np.ndarray) -> np.ndarray:
 # AVE audio encoder (Wav2Lip-style SyncNet audio tower), keys `audio_encoder.<i>.conv_block.*`
 
 
-class Conv2dBNReLU(nn.Module):
-    """Conv2d (bias) -> BN -> ReLU, with an optional residual add before the activation."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride, padding, residual: bool = False):
-        super().__init__()
-        self.conv_block = nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding), nn.BatchNorm2d(cout))
-        self.act = nn.ReLU()
-        self.residual = residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv_block(x)
-        return self.act(out + x if self.residual else out)
+Conv2dBNReLU = ConvBNAct  # upstream name of the AVE block (ReLU)
 
 
 class AudioEncoder(nn.Module):
