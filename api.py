@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,21 +26,33 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config import Settings
+from config import REPO_ROOT, Settings
 from config import settings as default_settings
 from services.debug import DebugRecorder, wav_bytes
 from services.deps import DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services, require_token
 from services.live import router as live_router
-from services.models import AvatarInfo, AvatarLoadError, ModelService, NoAvatarError, UnknownAvatarError
+from services.models import (
+    AvatarInfo,
+    AvatarLoadError,
+    ModelService,
+    NoAvatarError,
+    UnknownAvatarError,
+    limit_torch_threads,
+    torch_threads,
+)
 from services.streaming import MJPEG_END, MJPEG_MEDIA_TYPE, MJPEGResponse, mjpeg_part, paced_parts
-from services.tts import TextError, TTSUnavailable, build_tts
+from services.tts import SynthesisCancelled, TextError, TTSBusy, TTSUnavailable, build_tts, estimate_speech_seconds
 from services.tts import check_text as tts_check_text
-from synctalk.audio import load_audio
+from services.webrtc import router as webrtc_router
+from synctalk.audio import AudioTooLong, load_audio
+from synctalk.fileio import remove_stale_temporaries
 from synctalk.timing import SAMPLE_RATE
 
 log = logging.getLogger("api")
@@ -71,8 +84,9 @@ class APIError(HTTPException):
 
 
 _DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                  405: "method_not_allowed", 411: "length_required", 413: "upload_too_large",
+                  405: "method_not_allowed", 408: "body_timeout", 411: "length_required", 413: "upload_too_large",
                   415: "unsupported_media_type", 422: "invalid_request", 503: "unavailable"}
+LIMIT_SETTING = "server.max_audio_seconds"
 
 
 def _error(status_code: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -105,13 +119,117 @@ def install_error_handlers(app: FastAPI) -> None:
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "bad input (empty or too long text, corrupt audio)"},
     404: {"model": ErrorBody, "description": "unknown avatar or voice"},
-    503: {"model": ErrorBody, "description": "no avatar available, or TTS unavailable"},
+    413: {"model": ErrorBody, "description": "the speech or audio would be longer than server.max_audio_seconds"},
+    503: {"model": ErrorBody, "description": "no avatar available, TTS unavailable, or TTS busy (with Retry-After)"},
 }
 MJPEG_OK: dict[int | str, dict[str, Any]] = {200: {
     "content": {MJPEG_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
     "description": "multipart MJPEG, one JPEG part per 40 ms of audio, paced in real time; headers "
                    "`X-Frame-Count`, `X-Audio-Duration` (s), `X-FPS`, `X-Avatar`",
 }}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability plumbing: body-read timeout, secrets out of the logs, paths out of the answers
+
+
+class BodyTimeoutMiddleware:
+    """408 when a request body stalls: each read of the body waits at most `timeout_s` (a slow but steady
+    upload is fine; a client that stops sending is not). Reads after the body is complete (waiting for
+    a disconnect during a stream) are never timed."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                with anyio.fail_after(self.timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise APIError(408, "body_timeout", f"no request body data for {self.timeout_s:g} s "
+                                                    "(server.body_timeout_s)") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+TOKEN_IN_TEXT = re.compile(r"(access_token=)[^&\s\"']*")
+
+
+class RedactTokens(logging.Filter):
+    """Replaces `access_token=<secret>` in a log record's message with `access_token=***` (uvicorn's
+    access and WebSocket lines carry the query string verbatim)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact in place: the message and each string argument (uvicorn's access formatter unpacks the
+        arguments, so their number and order stay)."""
+        if isinstance(record.msg, str):
+            record.msg = self.redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: self.redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+    @staticmethod
+    def redact(text: str) -> str:
+        """`text` with every `access_token=` value replaced by `***`."""
+        return TOKEN_IN_TEXT.sub(r"\1***", text) if "access_token=" in text else text
+
+
+def install_log_redaction() -> None:
+    """Add `RedactTokens` to uvicorn's loggers (once; called at start-up, after uvicorn set up logging)."""
+    for name in ("uvicorn.access", "uvicorn.error", "uvicorn"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/[^\s'\"(),;]+")
+
+
+def public_path(path: str) -> str:
+    """`path` relative to the project when inside it, else only its last component."""
+    p = Path(path)
+    try:
+        return str(p.relative_to(REPO_ROOT))
+    except ValueError:
+        return f".../{p.name}"
+
+
+def public_paths(value: Any) -> Any:
+    """`value` (JSON-like) with every absolute filesystem path made project-relative or cut to its name."""
+    if isinstance(value, dict):
+        return {k: public_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_paths(v) for v in value]
+    if isinstance(value, str):
+        return ABSOLUTE_PATH.sub(lambda m: public_path(m.group(0)), value)
+    return value
+
+
+STALE_TEMPORARY_S = 3600.0  # a temporary of a live process older than this is stale too
+
+
+def clean_stale_temporaries(settings: Settings) -> int:
+    """Remove temporaries left by killed exports and preprocessing (`.*.tmp<pid>*`) under the dataset
+    and checkpoint roots: those of a process that is gone, or over an hour old (a live training run or
+    export writing one now is left alone); returns how many."""
+    removed = [p for root in (settings.paths.dataset_root, settings.paths.checkpoint_root)
+               for p in remove_stale_temporaries(root, older_than_s=STALE_TEMPORARY_S)]
+    for path in removed:
+        log.info("removed stale temporary %s", path)
+    return len(removed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +244,15 @@ def check_text(text: str, max_chars: int) -> str:
         raise APIError(400, exc.code, str(exc)) from None
 
 
+def check_speech_length(text: str, max_seconds: float) -> None:
+    """413 when `text` would take longer than `max_seconds` to speak, estimated from its length
+    (`synctalk.tts.estimate_speech_seconds`) before any synthesis."""
+    estimate = estimate_speech_seconds(text)
+    if estimate > max_seconds:
+        raise APIError(413, "audio_too_long", f"the text would take about {estimate:.0f} s to speak; the limit "
+                                              f"({LIMIT_SETTING}) is {max_seconds:g} s")
+
+
 async def check_voice(services: Services, voice: str | None) -> str | None:
     """`voice` if the TTS chain knows it (None = default voice); 404 otherwise."""
     if voice is None or voice == "":
@@ -136,10 +263,21 @@ async def check_voice(services: Services, voice: str | None) -> str | None:
     return voice
 
 
-async def synthesize(services: Services, text: str, voice: str | None) -> Any:
-    """TTS in a worker thread (cached by (text, voice) in the chain); 400 when nothing is speakable."""
+async def synthesize(services: Services, text: str, voice: str | None, request: Request | None = None) -> Any:
+    """TTS in a worker thread (cached by (text, voice) in the chain); 400 when nothing is speakable, 503 +
+    Retry-After when every synthesis slot and queue place is taken; stops (499) when `request`'s client
+    disconnects while it waits or between text pieces."""
+
+    def cancelled() -> bool:  # asked from the worker thread
+        return request is not None and anyio.from_thread.run(request.is_disconnected)
+
     try:
-        result = await anyio.to_thread.run_sync(services.tts.synthesize, text, voice)
+        result = await anyio.to_thread.run_sync(services.tts.synthesize, text, voice, cancelled)
+    except TTSBusy as exc:
+        raise APIError(503, "tts_busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+    except SynthesisCancelled as exc:
+        log.info("synthesis stopped: %s", exc)
+        raise APIError(499, "client_closed_request", str(exc)) from None
     except TTSUnavailable:
         raise
     except ValueError as exc:
@@ -166,12 +304,14 @@ async def stream_audio(services: Services, audio16k: np.ndarray, info: AvatarInf
     return MJPEGResponse(paced_parts(source, services.stats, generator.fps), headers=headers)
 
 
-async def speak_text(services: Services, text: str, avatar: str | None, voice: str | None) -> MJPEGResponse:
+async def speak_text(services: Services, text: str, avatar: str | None, voice: str | None,
+                     request: Request | None = None) -> MJPEGResponse:
     """Validate, synthesise and stream (the body of both /generate routes)."""
     text = check_text(text, services.settings.tts.max_text_chars)
+    check_speech_length(text, services.settings.server.max_audio_seconds)
     info = services.models.resolve(avatar)
     voice = await check_voice(services, voice)
-    result = await synthesize(services, text, voice)
+    result = await synthesize(services, text, voice, request)
     return await stream_audio(services, result.to_16k(), info, "text", {"X-TTS-Engine": result.engine})
 
 
@@ -202,11 +342,16 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
     return data, extension
 
 
-async def decode_upload(data: bytes, extension: str) -> np.ndarray:
-    """16 kHz mono float32 audio of an uploaded file; 400 when it cannot be decoded."""
+async def decode_upload(data: bytes, extension: str, max_seconds: float) -> np.ndarray:
+    """16 kHz mono float32 audio of an uploaded file; 413 when it is longer than `max_seconds` (from the
+    container's declared duration before decoding, else while decoding); 400 when it cannot be decoded."""
 
     try:
-        audio = await anyio.to_thread.run_sync(load_audio, data)
+        audio = await anyio.to_thread.run_sync(lambda: load_audio(data, max_seconds=max_seconds))
+    except AudioTooLong as exc:
+        length = f"{exc.duration_s:.0f} s long" if exc.duration_s is not None else "longer than the limit"
+        raise APIError(413, "audio_too_long", f"the {extension} file is {length}; the limit "
+                                              f"({LIMIT_SETTING}) is {max_seconds:g} s") from None
     except Exception as exc:  # each decoder has its own error types; all mean "not valid audio"
         log.info("cannot decode %s upload: %s", extension, exc)
         raise APIError(400, "corrupt_audio", f"cannot decode the {extension} file: {exc}") from None
@@ -271,16 +416,17 @@ def static_file(name: str) -> FileResponse:
 
 
 @speech_router.get("/generate", response_class=MJPEGResponse, responses={**MJPEG_OK, **ERRORS})
-async def generate_get(services: ServicesDep, text: Annotated[str, Query(description="what to say")],
+async def generate_get(services: ServicesDep, request: Request,
+                       text: Annotated[str, Query(description="what to say")],
                        avatar: AvatarQuery = None, voice: VoiceQuery = None) -> MJPEGResponse:
     """Stream MJPEG of the avatar speaking `text` (for an `<img src=...>`)."""
-    return await speak_text(services, text, avatar, voice)
+    return await speak_text(services, text, avatar, voice, request)
 
 
 @speech_router.post("/generate", response_class=MJPEGResponse, responses={**MJPEG_OK, **ERRORS})
-async def generate_post(services: ServicesDep, body: GenerateRequest) -> MJPEGResponse:
+async def generate_post(services: ServicesDep, request: Request, body: GenerateRequest) -> MJPEGResponse:
     """Stream MJPEG of the avatar speaking the JSON body's `text`."""
-    return await speak_text(services, body.text, body.avatar, body.voice)
+    return await speak_text(services, body.text, body.avatar, body.voice, request)
 
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -297,7 +443,7 @@ async def generate_from_audio(services: ServicesDep, request: Request,
     """Stream MJPEG of the avatar speaking an uploaded recording (form field `audio_file`)."""
     info = services.models.resolve(avatar)
     data, extension = await read_upload(request, services.settings.server.max_upload_bytes)
-    audio = await decode_upload(data, extension)
+    audio = await decode_upload(data, extension, services.settings.server.max_audio_seconds)
     return await stream_audio(services, audio, info, "audio")
 
 
@@ -321,11 +467,12 @@ async def avatar_image(models: ModelsDep, avatar: AvatarQuery = None) -> Respons
 @speech_router.get("/get-tts-audio", response_class=Response, responses={
     200: {"content": {"audio/wav": {}}, "description": "16-bit mono WAV; header `X-Audio-Duration` (s)"},
     **ERRORS})
-async def get_tts_audio(services: ServicesDep, text: Annotated[str, Query(description="what to say")],
-                        voice: VoiceQuery = None) -> Response:
+async def get_tts_audio(services: ServicesDep, request: Request,
+                        text: Annotated[str, Query(description="what to say")], voice: VoiceQuery = None) -> Response:
     """The speech for `text` as a WAV file (cached, so a following /generate does not synthesise again)."""
     text = check_text(text, services.settings.tts.max_text_chars)
-    result = await synthesize(services, text, await check_voice(services, voice))
+    check_speech_length(text, services.settings.server.max_audio_seconds)
+    result = await synthesize(services, text, await check_voice(services, voice), request)
     headers = {"X-Audio-Duration": f"{result.duration_s:.4f}", "X-TTS-Engine": result.engine,
                "Content-Disposition": 'attachment; filename="tts_audio.wav"', "Cache-Control": "no-store"}
     return Response(wav_bytes(result.audio, result.sample_rate), media_type="audio/wav", headers=headers)
@@ -342,34 +489,64 @@ class HealthBody(BaseModel):
     avatars: list[dict[str, Any]]
     tts: dict[str, Any]
     streams: dict[str, int]
+    threads: dict[str, int] = Field(description="torch intra-op and inter-op threads (models.threads)")
 
 
 @system_router.get("/health", response_model=HealthBody)
 def health(services: ServicesDep) -> dict[str, Any]:
-    """Cheap status: default/loaded avatars, TTS chain, device and stream counters (no synthesis)."""
+    """Cheap status: default/loaded avatars, TTS chain, device and stream counters (no synthesis); paths
+    are relative to the project (or only a name), never absolute."""
     models = services.models.status()
     default = models["default"]
     state = "unavailable" if default is None else ("ok" if default in models["loaded"] else "degraded")
     tts = services.tts.status()
-    return {"status": state, "device": services.settings.models.resolved_device(),
-            "backend": services.settings.models.backend, "model": {"default": default, "loaded": models["loaded"]},
-            "avatars": models["avatars"], "tts": tts, "streams": services.stats.snapshot()}
+    return public_paths({
+        "status": state, "device": services.settings.models.resolved_device(),
+        "backend": services.settings.models.backend, "model": {"default": default, "loaded": models["loaded"]},
+        "avatars": models["avatars"], "tts": tts, "streams": services.stats.snapshot(), "threads": torch_threads()})
 
 
 @system_router.get("/debug/status")
 def debug_status(debug: DebugDep, stats: StatsDep) -> dict[str, Any]:
-    """Debug flags and folders, bytes written, and the stream counters."""
-    return {**debug.status(), "streams": stats.snapshot()}
+    """Debug flags and folders (project-relative), bytes written, and the stream counters."""
+    return public_paths({**debug.status(), "streams": stats.snapshot()})
 
 
 @system_router.post("/debug/config", responses={422: {"model": ErrorBody}})
 def debug_config(debug: DebugDep, stats: StatsDep, body: DebugUpdate) -> dict[str, Any]:
     """Switch debug recording flags; frames go to the configured frames dir, audio to the audio dir."""
     debug.update(**body.model_dump())
-    return {**debug.status(), "streams": stats.snapshot()}
+    return public_paths({**debug.status(), "streams": stats.snapshot()})
 
 
-ROUTERS: list[APIRouter] = [page_router, speech_router, system_router, live_router]
+docs_router = APIRouter(include_in_schema=False)  # only when a token is set: then the docs need it too
+
+
+@docs_router.get("/openapi.json")
+def openapi_schema(request: Request) -> JSONResponse:
+    """The OpenAPI schema (behind the token)."""
+    return JSONResponse(request.app.openapi())
+
+
+def _schema_url(request: Request) -> str:
+    """/openapi.json, carrying the query token the page was opened with (the page's fetch sends no header)."""
+    token = request.query_params.get("access_token")
+    return "/openapi.json" + (f"?access_token={token}" if token else "")
+
+
+@docs_router.get("/docs")
+def swagger_page(request: Request) -> HTMLResponse:
+    """Swagger UI (behind the token)."""
+    return get_swagger_ui_html(openapi_url=_schema_url(request), title="SyncTalk 2D - docs")
+
+
+@docs_router.get("/redoc")
+def redoc_page(request: Request) -> HTMLResponse:
+    """ReDoc (behind the token)."""
+    return get_redoc_html(openapi_url=_schema_url(request), title="SyncTalk 2D - ReDoc")
+
+
+ROUTERS: list[APIRouter] = [page_router, speech_router, system_router, live_router, webrtc_router]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,21 +564,27 @@ def create_app(services: Services | None = None, settings: Settings | None = Non
         if getattr(app.state, "services", None) is None:
             app.state.services = build_services(settings)
         svc: Services = app.state.services
+        install_log_redaction()
+        limit_torch_threads(svc.settings.models.threads)
+        await anyio.to_thread.run_sync(clean_stale_temporaries, svc.settings)
         name = await anyio.to_thread.run_sync(svc.models.warm_up)
         await anyio.to_thread.run_sync(svc.tts.warm_up)
         log.info("ready: default avatar %s, device %s, backend %s", name or "(none)",
                  svc.settings.models.resolved_device(), svc.settings.models.backend)
         yield
 
+    protected_docs = bool(settings.server.auth_token)  # FastAPI's own docs routes skip app dependencies
     app = FastAPI(title="SyncTalk 2D", version="1.0", lifespan=lifespan, dependencies=[Depends(require_token)],
-                  description="Lip-synced talking-head video from text or audio, streamed as MJPEG.")
+                  description="Lip-synced talking-head video from text or audio, streamed as MJPEG.",
+                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if protected_docs else {}))
     app.state.services = services
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.server.body_timeout_s)
     if settings.server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.server.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                            expose_headers=STREAM_HEADERS)
     install_error_handlers(app)
-    for router in ROUTERS:
+    for router in ROUTERS + ([docs_router] if protected_docs else []):
         app.include_router(router)
     return app
 

@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 def auto_device() -> str:
     """Best available torch device: cuda > mps > cpu."""
     try:
-        import torch
+        import torch  # config stays importable without torch (docs tooling)
     except ImportError:  # config must stay importable without torch (docs tooling)
         return "cpu"
     if torch.cuda.is_available():
@@ -101,7 +101,9 @@ class TTSConfig(BaseModel):
     espeak_voice: str = "en-us"
     default_voice: str = "joe"
     max_text_chars: int = Field(1000, ge=1)
-    cache_entries: int = Field(32, ge=0)
+    cache_bytes: int = Field(64 * 1024 * 1024, ge=0)  # audio bytes the LRU cache holds (0 = no cache)
+    max_concurrent: int = Field(1, ge=1, le=16)  # syntheses running at once
+    max_queued: int = Field(4, ge=0, le=256)  # syntheses waiting; past that 503 + Retry-After
 
 
 class ServerConfig(BaseModel):
@@ -112,6 +114,11 @@ class ServerConfig(BaseModel):
     cors_origins: list[str] = []  # empty = same origin only
     auth_token: str | None = None  # when set, every endpoint requires `Authorization: Bearer <token>`
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # longest audio a request may make the avatar speak: uploads (declared duration, else while decoding)
+    # and text (estimated from its length before synthesis); longer is refused with 413
+    max_audio_seconds: float = Field(600.0, gt=0.0, le=86400.0)
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)  # longest pause while reading a request body (408)
+    ws_max_ahead_s: float = Field(5.0, gt=0.0, le=60.0)  # live audio buffered ahead of real time before 1008
     jpeg_quality: int = Field(85, ge=10, le=100)
     ws_jpeg_quality: int = Field(70, ge=10, le=100)
     idle_seconds: float = Field(1.0, gt=0.0, le=30.0)
@@ -122,6 +129,29 @@ class ServerConfig(BaseModel):
     ws_margin_ms: float = Field(80.0, ge=0.0, le=2000.0)  # compute budget added to the announced latency
     ws_send_timeout_s: float = Field(3.0, gt=0.0, le=60.0)  # a client not reading this long is dropped
     motion: Literal["enhanced", "template"] = "enhanced"  # walk the source frames, or animate frame 0 only
+
+
+class IceServer(BaseModel):
+    """One STUN or TURN server handed to the WebRTC peer connection (RTCIceServer)."""
+
+    urls: list[str] | str  # e.g. "stun:stun.example.org:3478" or ["turn:turn.example.org:3478?transport=udp"]
+    username: str | None = None  # TURN only
+    credential: str | None = None  # TURN only
+
+
+class WebRTCConfig(BaseModel):
+    """WebRTC sessions (`POST /webrtc/offer`, services/webrtc.py): one audio and one video track per session."""
+
+    ice_servers: list[IceServer] = []  # none needed on localhost or a LAN; JSON list in SYNCTALK_WEBRTC__ICE_SERVERS
+    max_sessions: int = Field(8, ge=1, le=256)  # open sessions at once; past that 503
+    connect_timeout_s: float = Field(20.0, gt=0.0, le=600.0)  # a session whose peer never connects is closed
+    peer_timeout_s: float = Field(10.0, gt=0.0, le=600.0)  # no RTCP report from the peer this long: closed
+    start_margin_ms: float = Field(80.0, ge=0.0, le=2000.0)  # first speech frame rendered -> its play-out
+    render_ahead_s: float = Field(1.5, gt=0.1, le=10.0)  # how far speech frames are rendered ahead of play-out
+    interrupt_blend_frames: int = Field(2, ge=0, le=25)  # cross-fade to the idle loop after an interrupt
+    sentence_chars: int = Field(180, ge=20, le=1000)  # longest TTS piece of sentence-streamed speech
+    first_sentence_chars: int = Field(90, ge=10, le=1000)  # longest first piece (an early start)
+    max_queued: int = Field(8, ge=1, le=256)  # speak commands waiting per session; past that 429
 
 
 class DebugConfig(BaseModel):
@@ -148,6 +178,7 @@ class Settings(BaseSettings):
     tts: TTSConfig = TTSConfig()
     server: ServerConfig = ServerConfig()
     debug: DebugConfig = DebugConfig()
+    webrtc: WebRTCConfig = WebRTCConfig()
     paths: PathsConfig = PathsConfig()
 
 

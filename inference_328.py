@@ -7,8 +7,9 @@
 
 The audio may be any format and rate PyAV decodes (a video file's first audio track too). The output has
 round(25 x duration) frames; its audio is the input's own samples re-encoded to AAC at their original
-rate (no resampling, so the track is the input's). Frames stream from the engine into the encoder
-(nothing on disk but the mp4, written to a temp file and renamed). Default output:
+rate (no resampling, so the track is the input's), re-chunked to the AAC frame size; the audio is encoded
+first, so an audio problem is reported before any frame is rendered. Frames stream from the engine into
+the encoder (nothing on disk but the mp4, written to a temp file and renamed). Default output:
 `result/<name>_<audio stem>_<checkpoint stem>.mp4`.
 """
 from __future__ import annotations
@@ -142,23 +143,39 @@ class Mp4Writer:
         self.container.mux(self.video.encode(vf))
 
     def write_audio(self) -> float:
-        """Re-encode the audio file's first track to AAC at its own rate (mono or stereo); seconds."""
+        """Re-encode the audio file's first track to AAC at its own rate (mono or stereo); seconds.
+
+        Decoded frames come in the decoder's sizes (mp3: 47 samples after the decoder delay, then 1,152);
+        an `av.AudioFifo` re-chunks them to the encoder's frame size (AAC: 1,024) and each chunk gets the
+        next sample count as its timestamp, so packet timestamps never go backwards."""
         resampler = av.AudioResampler(format="fltp", layout=self.audio_layout, rate=self.audio_rate)
+        frame_size = self.audio.codec_context.frame_size or 1024
+        fifo = av.AudioFifo()
         samples = 0
 
-        def encode(frames) -> None:
+        def drain(partial: bool) -> None:
             nonlocal samples
-            for fr in frames:  # explicit pts: the encoder's priming then becomes an edit list
-                fr.pts = samples
+            while (fr := fifo.read(frame_size, partial=partial)) is not None:
+                fr.pts = samples  # explicit pts: the encoder's priming then becomes an edit list
+                fr.time_base = Fraction(1, self.audio_rate)
                 samples += fr.samples
                 self.container.mux(self.audio.encode(fr))
+
+        def push(frames: list) -> None:
+            for fr in frames:
+                fr.pts = None  # the fifo keeps no input timing; drain() numbers the samples itself
+                fifo.write(fr)
+            drain(partial=False)
 
         with av.open(self.audio_path) as src:
             for frame in src.decode(src.streams.audio[0]):
                 frame.pts = None
-                encode(resampler.resample(frame))
-        encode(resampler.resample(None))
+                push(resampler.resample(frame))
+        push(resampler.resample(None))
+        drain(partial=True)
         self.container.mux(self.audio.encode(None))
+        if samples == 0:
+            raise InferenceError(f"audio {self.audio_path} decodes to no samples")
         return samples / self.audio_rate
 
     def commit(self) -> Path:
@@ -176,6 +193,17 @@ class Mp4Writer:
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def write_audio_first(writer: Mp4Writer, audio_path: str) -> float:
+    """Encode the audio track before any frame is rendered, so an audio problem costs seconds, not the
+    whole render; a codec or muxer failure becomes an InferenceError naming the file."""
+    try:
+        return writer.write_audio()
+    except InferenceError:
+        raise
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise InferenceError(f"cannot encode the audio of {audio_path} to AAC: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
@@ -217,9 +245,9 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
     h, w = engine.frame_shape[:2]
     writer = Mp4Writer(out, w, h, args.audio_path, args.crf)
     try:
+        write_audio_first(writer, args.audio_path)
         with tqdm(total=n, unit="frame", desc=args.name, disable=None) as bar:
             engine.run(features, order, writer.write_frame, progress=bar.update)
-        writer.write_audio()
         writer.commit()
     except EngineError as exc:  # e.g. a source frame that no longer decodes
         writer.abort()

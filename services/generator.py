@@ -11,7 +11,7 @@ import numpy as np
 from services.streaming import StreamStats, encode_jpeg
 from synctalk.engine import LipSyncEngine
 from synctalk.features import StreamingFeatures, load_whisper_encoder
-from synctalk.timing import FUTURE_ROWS
+from synctalk.timing import FPS, FUTURE_ROWS
 
 
 class FrameGenerationService:
@@ -33,6 +33,7 @@ class FrameGenerationService:
         self.jpeg_quality = int(jpeg_quality)
         self.stats = stats  # services.streaming.StreamStats (frames_generated), optional
         self.template = int(template) % engine.n_frames
+        self.fps = FPS  # output frame rate (the routes' X-FPS header and pacing)
 
     def frame_order(self, n: int) -> np.ndarray:
         """Source frame for each of `n` output frames: the template frame throughout."""

@@ -43,11 +43,12 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import anyio
 import numpy as np
 from fastapi import APIRouter, Query, WebSocket
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
 from config import Settings
 from services.deps import Services, ServicesDep
@@ -84,6 +85,7 @@ class LiveOptions:
     blend_frames: int
     margin_ms: float
     send_timeout_s: float
+    max_ahead_s: float = 5.0  # audio a client may send ahead of real time before it is closed (1008)
     starve_s: float = 0.5  # internal: how long the sender waits for the worker before repeating a frame
 
     @classmethod
@@ -95,7 +97,7 @@ class LiveOptions:
                    vad_threshold_db=float(s.vad_threshold_db),
                    vad_hangover_frames=int(round(s.vad_hangover_ms * FPS / 1000)),
                    blend_frames=int(s.idle_blend_frames), margin_ms=float(s.ws_margin_ms),
-                   send_timeout_s=float(s.ws_send_timeout_s))
+                   send_timeout_s=float(s.ws_send_timeout_s), max_ahead_s=float(s.ws_max_ahead_s))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,6 +714,22 @@ def parse_control(text: str) -> dict:
     return msg
 
 
+class AheadMeter:
+    """Audio a client has sent ahead of real time: a bucket that fills with each chunk's duration and
+    drains at one second per second (a real-time microphone keeps it near one chunk)."""
+
+    def __init__(self) -> None:
+        self.ahead_s = 0.0
+        self._last: float | None = None
+
+    def add(self, seconds: float, now: float) -> float:
+        """Count a chunk of `seconds` arriving at monotonic `now`; returns the seconds ahead."""
+        drained = 0.0 if self._last is None else now - self._last
+        self._last = now
+        self.ahead_s = max(0.0, self.ahead_s - drained) + seconds
+        return self.ahead_s
+
+
 class LiveConnection:
     """One WebSocket client: receiver task, sender task and the timeline's two worker threads."""
 
@@ -731,6 +749,7 @@ class LiveConnection:
         self.frame_events = False
         self.frames_sent = 0
         self.frames_dropped = 0
+        self.ahead = AheadMeter()
 
     def _emit_threadsafe(self, item: Item | None) -> None:
         try:
@@ -787,7 +806,9 @@ class LiveConnection:
                 if isinstance(exc, SlowClient):
                     log.warning("live client not reading for %.1f s: closing it", self.opts.send_timeout_s)
                     await self._close(1008, "client is not reading")
-                elif exc is not None and not isinstance(exc, (WebSocketDisconnect, ConnectionError)):
+                elif isinstance(exc, AudioAhead):
+                    await self._close(1008, "audio too far ahead of real time")
+                elif exc is not None and not isinstance(exc, CLIENT_GONE):
                     log.error("live connection failed: %s", exc, exc_info=exc)
                     await self._close(1011, "internal error")
         finally:
@@ -828,6 +849,13 @@ class LiveConnection:
                     await self.error("chunk_too_large", f"binary message of {len(data)} bytes is over "
                                      f"{MAX_CHUNK_SECONDS:g} s of audio; send smaller chunks")
                     continue
+                ahead = self.ahead.add(len(data) / 2 / self.decoder.rate, now)
+                if ahead > self.opts.max_ahead_s:
+                    log.warning("live client sent %.1f s of audio ahead of real time: closing it", ahead)
+                    await self.error("audio_ahead", f"audio arrives {ahead:.1f} s ahead of real time; the limit "
+                                     f"(server.ws_max_ahead_s) is {self.opts.max_ahead_s:g} s: send it as it is "
+                                     "recorded")
+                    raise AudioAhead()  # run() closes the socket (1008) before the sender is stopped
                 pcm = self.decoder.decode(data)
                 if pcm.size:
                     self.timeline.push_audio(pcm, now)
@@ -902,10 +930,42 @@ class SlowClient(Exception):
     """A send did not complete within `server.ws_send_timeout_s`: the client stopped reading."""
 
 
+class AudioAhead(Exception):
+    """The client sent audio more than `server.ws_max_ahead_s` ahead of real time (closed with 1008)."""
+
+
+# the client is gone: starlette's disconnect errors, uvicorn's ClientDisconnected (an OSError)
+CLIENT_GONE = (WebSocketDisconnect, WebSocketDisconnected, ConnectionError, OSError)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
+    """Whether a WebSocket handshake's `Origin` may connect: no Origin (a non-browser client) always;
+    otherwise one of `allowed` (`server.cors_origins`, `*` for any) or, when that is empty, the same
+    origin (its host:port equals the `Host` header)."""
+    if not origin:
+        return True
+    if allowed:
+        return "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}
+    return bool(host) and urlsplit(origin).netloc.lower() == str(host).lower()
+
+
 @router.websocket("/ws/live")
 async def ws_live(websocket: WebSocket, services: ServicesDep, avatar: str | None = None) -> None:
     """Live microphone in, lip-synced JPEG frames out (protocol in docs/api-reference.md)."""
+    origin = websocket.headers.get("origin")
+    if not origin_allowed(origin, websocket.headers.get("host"), list(services.settings.server.cors_origins)):
+        log.warning("live connection from origin %s refused (server.cors_origins)", origin)
+        await websocket.close(1008, "origin not allowed")  # before accept: the handshake gets 403
+        return
     await websocket.accept()
+    try:
+        await serve_live(websocket, services, avatar)
+    except CLIENT_GONE as exc:  # the client left early (e.g. before `ready`): one line, no traceback
+        log.info("live client left before the connection was set up: %s", type(exc).__name__)
+
+
+async def serve_live(websocket: WebSocket, services: Services, avatar: str | None) -> None:
+    """Load the avatar's engine and run the connection (errors before `ready` are sent as an event)."""
     try:
         info = services.models.resolve(avatar)
         engine = await anyio.to_thread.run_sync(services.models.engine, info.name)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from config import Settings
 from synctalk.avatar import AvatarError, AvatarInfo, NoAvatarError, UnknownAvatarError
@@ -25,6 +26,22 @@ from synctalk.engine import LipSyncEngine
 from synctalk.timing import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
+
+
+def limit_torch_threads(threads: int) -> None:
+    """Apply `models.threads` to torch (server start-up): intra-op threads always; inter-op threads only
+    while torch allows it (once per process, before any parallel work), otherwise logged and left."""
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError as exc:  # already set, or parallel work has started
+            log.info("torch inter-op threads stay at %d: %s", torch.get_num_interop_threads(), exc)
+
+
+def torch_threads() -> dict[str, int]:
+    """torch's intra-op and inter-op thread counts (for /health)."""
+    return {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads()}
 
 
 class AvatarLoadError(AvatarError):

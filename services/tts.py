@@ -1,36 +1,103 @@
 """The server's text to speech: an ordered fallback chain of engines (`synctalk.tts`) with an LRU
 cache in front, its warm-up and its status. `build_tts(settings)` builds the chain the server uses
-(`settings.tts.engines`, default Piper then espeak)."""
+(`settings.tts.engines`, default Piper then espeak).
+
+Bounds: at most `tts.max_concurrent` syntheses run at once and `tts.max_queued` more wait (past that
+`TTSBusy`, which the API answers with 503 + Retry-After); text is spoken in pieces of at most
+`synctalk.tts.CHUNK_CHARS` characters, and a synthesis whose requester has gone stops between pieces
+(`SynthesisCancelled`); the cache holds at most `tts.cache_bytes` bytes of audio."""
 from __future__ import annotations
 
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from config import Settings, TTSConfig
-from synctalk.tts import EspeakTTS, PiperTTS, TextError, TTSResult, TTSService, TTSUnavailable, check_text
+from synctalk.tts import (
+    EspeakTTS,
+    PiperTTS,
+    TextError,
+    TTSResult,
+    TTSService,
+    TTSUnavailable,
+    check_text,
+    estimate_speech_seconds,
+    join_results,
+    split_text,
+)
 
-__all__ = ["EspeakTTS", "FallbackTTS", "PiperTTS", "TTSResult", "TTSService", "TTSUnavailable", "TextError",
-           "build_tts", "check_text"]
+__all__ = ["EspeakTTS", "FallbackTTS", "PiperTTS", "SynthesisCancelled", "SynthesisSlots", "TTSBusy", "TTSResult",
+           "TTSService", "TTSUnavailable", "TextError", "build_tts", "check_text", "estimate_speech_seconds"]
 
 log = logging.getLogger(__name__)
 
 
+class TTSBusy(TTSUnavailable):
+    """Every synthesis slot is taken and the queue is full; `retry_after_s` is a hint for the client."""
+
+    def __init__(self, message: str, retry_after_s: int = 2):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class SynthesisCancelled(Exception):
+    """The requester went away; the synthesis stopped between pieces."""
+
+
+class SynthesisSlots:
+    """At most `concurrent` holders at once and `queued` more waiting; a caller past both gets TTSBusy at
+    once instead of waiting (a thread-side semaphore: syntheses run in worker threads)."""
+
+    def __init__(self, concurrent: int = 1, queued: int = 4) -> None:
+        self.concurrent, self.queued = concurrent, queued
+        self._semaphore = threading.BoundedSemaphore(concurrent)
+        self._lock = threading.Lock()
+        self.admitted = 0  # running + waiting
+        self.refused = 0
+
+    @contextmanager
+    def hold(self, cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
+        """Run the block in a slot; TTSBusy when none is free and the queue is full, SynthesisCancelled
+        when `cancelled()` turns true while waiting."""
+        with self._lock:
+            if self.admitted >= self.concurrent + self.queued:
+                self.refused += 1
+                raise TTSBusy(f"text to speech is busy ({self.concurrent} running, {self.queued} queued); "
+                              "try again shortly")
+            self.admitted += 1
+        try:
+            while not self._semaphore.acquire(timeout=0.1):
+                if cancelled is not None and cancelled():
+                    raise SynthesisCancelled("the requester went away while queued")
+            try:
+                yield
+            finally:
+                self._semaphore.release()
+        finally:
+            with self._lock:
+                self.admitted -= 1
+
+
 class FallbackTTS(TTSService):
     """Tries engines in order; an engine that fails to load or speak is logged and skipped.
-    Results are kept in an LRU cache keyed by (text, voice)."""
+    Results are kept in an LRU cache keyed by (text, voice) holding at most `cache_bytes` of audio;
+    uncached syntheses go through `slots` and are spoken in pieces (`synctalk.tts.split_text`)."""
 
     name = "fallback"
 
-    def __init__(self, engines: list[TTSService], cache_entries: int = 32, max_text_chars: int | None = 1000) -> None:
+    def __init__(self, engines: list[TTSService], cache_bytes: int = 64 * 1024 * 1024,
+                 max_text_chars: int | None = 1000, slots: SynthesisSlots | None = None) -> None:
         if not engines:
             raise ValueError("FallbackTTS needs at least one engine")
         self.engines = engines
-        self.cache_entries = cache_entries
+        self.cache_bytes = cache_bytes
         self.max_text_chars = max_text_chars
+        self.slots = slots or SynthesisSlots()
         self._cache: OrderedDict[tuple[str, str | None], TTSResult] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
@@ -50,7 +117,8 @@ class FallbackTTS(TTSService):
     def status(self) -> dict[str, Any]:
         """What /health reports about the chain (no synthesis)."""
         return {"engines": [e.name for e in self.engines], "last_engine": self.last_engine,
-                "voices": self.voices(), "cache_hits": self.cache_hits, "cache_misses": self.cache_misses}
+                "voices": self.voices(), "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
+                "cache_bytes": self._cached_bytes, "busy_refusals": self.slots.refused}
 
     def _engine_voices(self, engine: TTSService) -> list[str] | None:
         try:
@@ -67,7 +135,9 @@ class FallbackTTS(TTSService):
                     names.append(v)
         return names
 
-    def synthesize(self, text: str, voice: str | None = None) -> TTSResult:
+    def synthesize(self, text: str, voice: str | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> TTSResult:
+        """Speak `text` (cached); `cancelled()` is asked while queued and between pieces."""
         text = check_text(text, self.max_text_chars)
         key = (text, voice)
         with self._lock:
@@ -77,15 +147,30 @@ class FallbackTTS(TTSService):
                 self.last_engine = self._cache[key].engine
                 return self._cache[key]
             self.cache_misses += 1
-        result = self._synthesize_uncached(text, voice)
+        with self.slots.hold(cancelled):
+            pieces = []
+            for piece in split_text(text):
+                if cancelled is not None and cancelled():
+                    raise SynthesisCancelled("the requester went away during synthesis")
+                pieces.append(self._synthesize_uncached(piece, voice))
+        result = join_results(pieces)
         self.last_engine = result.engine
-        if self.cache_entries > 0:
-            with self._lock:
-                self._cache[key] = result
-                self._cache.move_to_end(key)
-                while len(self._cache) > self.cache_entries:
-                    self._cache.popitem(last=False)
+        self._remember(key, result)
         return result
+
+    def _remember(self, key: tuple[str, str | None], result: TTSResult) -> None:
+        """Cache `result`, evicting least recently used results until the audio fits in `cache_bytes`."""
+        size = int(result.audio.nbytes)
+        if size > self.cache_bytes:
+            return
+        with self._lock:
+            old = self._cache.pop(key, None)
+            self._cached_bytes -= int(old.audio.nbytes) if old is not None else 0
+            self._cache[key] = result
+            self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes:
+                _, evicted = self._cache.popitem(last=False)
+                self._cached_bytes -= int(evicted.audio.nbytes)
 
     def _synthesize_uncached(self, text: str, voice: str | None) -> TTSResult:
         known_anywhere = voice is None
@@ -120,4 +205,5 @@ def build_tts(settings: Settings) -> FallbackTTS:
     """The TTS chain configured by `settings.tts` (engines in order, cache size, text limit)."""
     tts = settings.tts
     engines = [_ENGINE_FACTORIES[name](tts) for name in tts.engines]
-    return FallbackTTS(engines, cache_entries=tts.cache_entries, max_text_chars=tts.max_text_chars)
+    return FallbackTTS(engines, cache_bytes=tts.cache_bytes, max_text_chars=tts.max_text_chars,
+                       slots=SynthesisSlots(tts.max_concurrent, tts.max_queued))

@@ -30,6 +30,16 @@ class AudioError(ValueError):
     """Input that cannot be turned into audio: missing, empty, undecodable or without an audio stream."""
 
 
+class AudioTooLong(AudioError):
+    """Audio longer than the caller's `max_seconds`: found from the container's metadata before decoding
+    when it declares a duration, otherwise while decoding (decoding stops at the limit)."""
+
+    def __init__(self, name: str, duration_s: float | None, limit_s: float):
+        self.duration_s, self.limit_s = duration_s, limit_s
+        length = f"{duration_s:.1f} s long" if duration_s is not None else "longer than the limit"
+        super().__init__(f"{name} is {length}; the limit is {limit_s:g} s")
+
+
 def _describe(source: AudioSource) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
@@ -71,11 +81,22 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_audio(source: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
+def declared_seconds(container, stream) -> float | None:
+    """The duration a container declares for `stream` (or for itself), in seconds; None when unknown."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:  # in AV_TIME_BASE units (microseconds)
+        return container.duration / 1_000_000
+    return None
+
+
+def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
     """Decode the first audio stream of `source` (path, bytes or binary file) to float32 mono at `sr` Hz.
 
     Channels are averaged; the result is 1-D and C-contiguous. Raises `AudioError` (a ValueError) when
-    the input is missing, empty, undecodable, has no audio stream or decodes to zero samples.
+    the input is missing, empty, undecodable, has no audio stream or decodes to zero samples, and
+    `AudioTooLong` when `max_seconds` is given and the audio is longer (checked from the container's
+    declared duration before decoding, and on the decoded samples while decoding).
     """
     import av
 
@@ -88,10 +109,17 @@ def load_audio(source: AudioSource, sr: int = SAMPLE_RATE) -> np.ndarray:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise AudioError(f"{name} has no audio stream (streams: {', '.join(kinds)})")
         stream = container.streams.audio[0]
+        declared = declared_seconds(container, stream) if max_seconds is not None else None
+        if max_seconds is not None and declared is not None and declared > max_seconds:
+            raise AudioTooLong(name, declared, max_seconds)
         resampler = None
         chunks: list[np.ndarray] = []
+        decoded_s = 0.0
         try:
             for frame in container.decode(stream):
+                decoded_s += frame.samples / (frame.sample_rate or sr)
+                if max_seconds is not None and decoded_s > max_seconds:
+                    raise AudioTooLong(name, None, max_seconds)
                 if resampler is None:  # keep the source layout: channels are averaged below
                     resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=sr)
                 chunks.extend(out.to_ndarray() for out in resampler.resample(frame))

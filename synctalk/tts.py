@@ -76,6 +76,59 @@ def check_text(text: str, max_chars: int | None = None) -> str:
     return text
 
 
+# Characters of text per second of speech, at the fast end of speaking rates (about 190 words a minute at
+# 6 characters a word with its space): a text's speech is estimated no longer than it will be.
+CHARS_PER_SECOND = 19.0
+
+
+def estimate_speech_seconds(text: str) -> float:
+    """A lower estimate of how long `text` takes to speak: its length over `CHARS_PER_SECOND`."""
+    return len(text) / CHARS_PER_SECOND
+
+
+CHUNK_CHARS = 200  # longest piece of text one engine call speaks (`split_text`)
+_SENTENCE_ENDS = ".!?;:\n"
+
+
+def split_text(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
+    """`text` in pieces of at most `max_chars` characters: cut after the last sentence mark (`.!?;:`, a
+    newline) inside the limit, else at the last space, else hard at the limit (a long unpunctuated text
+    never reaches an engine as one piece). Joined with spaces the pieces give the text back."""
+    pieces: list[str] = []
+    rest = text.strip()
+    while len(rest) > max_chars:
+        window = rest[:max_chars + 1]
+        cut = max(window.rfind(ch) for ch in _SENTENCE_ENDS) + 1
+        if cut <= 0:
+            cut = window.rfind(" ")
+        if cut <= 0:
+            cut = max_chars
+        pieces.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    if rest:
+        pieces.append(rest)
+    return [p for p in pieces if p]
+
+
+def join_results(results: list[TTSResult]) -> TTSResult:
+    """One result of consecutive pieces' results: audio at the first piece's rate, alignments shifted by
+    the audio before them (dropped when a piece has none), engine and voice of the first piece."""
+    first = results[0]
+    sr = first.sample_rate
+    audio: list[np.ndarray] = []
+    alignments: list[Alignment] | None = []
+    offset = 0.0
+    for r in results:
+        piece = r.audio if r.sample_rate == sr else resample(r.audio, r.sample_rate, sr)
+        audio.append(np.asarray(piece, np.float32))
+        if alignments is not None and r.alignments:
+            alignments.extend((ph, a + offset, b + offset) for ph, a, b in r.alignments)
+        else:
+            alignments = None
+        offset += len(piece) / sr
+    return TTSResult(np.concatenate(audio), sr, alignments or None, first.engine, first.voice)
+
+
 class TTSService(abc.ABC):
     """Interface of a text-to-speech engine."""
 

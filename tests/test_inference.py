@@ -282,7 +282,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(avatar, tmp_path):
     garbage = tmp_path / "noise.mp3"
     garbage.write_bytes(os.urandom(2000))
     cases = {
-        "unknown avatar": (["--name", "nobody", "--audio_path", str(empty)], f"available: {name}"),
+        "unknown avatar": (["--name", "nobody", "--audio_path", str(empty)], "unknown avatar 'nobody'; available: demo, " + name),
         "unreadable audio": (["--name", name, "--audio_path", str(garbage)], garbage.name),
         "missing audio": (["--name", name, "--audio_path", str(tmp_path / "nope.wav")], "not found"),
         "empty audio": (["--name", name, "--audio_path", str(empty)], empty.name),
@@ -294,3 +294,80 @@ def test_cli_bad_inputs_exit_2_with_one_line(avatar, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (case, proc.stderr)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 21: the audio track of any decodable input reaches the mp4, and is encoded before rendering
+
+
+def encode_tone(path, codec: str, rate: int, layout: str, seconds: float, fmt: str | None = None) -> None:
+    """A 220 Hz tone of `seconds` (an odd length) written with PyAV's `codec` into `path`."""
+    n = int(rate * seconds)
+    channels = 1 if layout == "mono" else 2
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(n) / rate)).astype(np.float32)
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=rate)
+        s.layout = layout
+        res = av.AudioResampler(format=s.codec_context.format.name, layout=layout, rate=rate)
+        frame = av.AudioFrame.from_ndarray(np.tile(tone, (channels, 1)), format="fltp", layout=layout)
+        frame.sample_rate = rate
+        for fr in [*res.resample(frame), *res.resample(None)]:
+            c.mux(s.encode(fr))
+        c.mux(s.encode(None))
+
+
+AUDIO_INPUTS = {  # name: (codec, rate, layout, container format)
+    "speech.mp3": ("libmp3lame", 44100, "stereo", None),
+    "speech.m4a": ("aac", 22050, "mono", "mp4"),
+    "speech.opus": ("libopus", 48000, "stereo", "ogg"),
+    "speech.flac": ("flac", 32000, "mono", None),
+}
+
+
+@pytest.mark.parametrize("name", list(AUDIO_INPUTS))
+def test_mp4_writer_rechunks_any_input_to_the_aac_frame_size(name, tmp_path):
+    """mp3's 47-then-1,152-sample frames used to reach the 1,024-sample AAC encoder with explicit
+    timestamps; a packet went backwards and the muxer failed with `returned 22` after the whole render."""
+    from inference_328 import Mp4Writer
+
+    codec, rate, layout, fmt = AUDIO_INPUTS[name]
+    src = tmp_path / name
+    encode_tone(src, codec, rate, layout, 3.337, fmt)
+    out = tmp_path / "out.mp4"
+    writer = Mp4Writer(out, 64, 48, str(src))
+    seconds = writer.write_audio()  # before any frame, as run() does
+    for i in range(83):
+        writer.write_frame(np.full((48, 64, 3), i, np.uint8))
+    writer.commit()
+    assert abs(seconds - 3.337) < 0.1
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 83
+    with av.open(str(out)) as c:
+        pts = [p.pts for p in c.demux(audio=0) if p.pts is not None]
+    assert pts == sorted(pts) and len(set(pts)) == len(pts)
+    assert abs(len(decode_audio(out)) / 16000 - 3.337) < 0.1
+
+
+def test_run_encodes_the_audio_before_rendering(avatar, tmp_path, monkeypatch):
+    """An audio track that cannot be encoded fails the run before the engine renders a frame."""
+    import inference_328
+
+    dataset_root, checkpoint_root, name, _, _ = avatar
+    src = tmp_path / "speech.mp3"
+    encode_tone(src, "libmp3lame", 44100, "stereo", 1.5)
+    rendered = []
+
+    def broken_audio(self) -> float:
+        raise av.error.ArgumentError(22, "Invalid argument")  # what the muxer raised
+
+    def no_render(self, *args, **kwargs) -> None:
+        rendered.append(True)
+
+    monkeypatch.setattr(inference_328.Mp4Writer, "write_audio", broken_audio)
+    monkeypatch.setattr(LipSyncEngine, "run", no_render)
+    args = inference_328.parse_args(["--name", name, "--audio_path", str(src), "--dataset_root", str(dataset_root),
+                                     "--checkpoint_root", str(checkpoint_root), "--result_dir", str(tmp_path / "o")])
+    with pytest.raises(inference_328.InferenceError, match="cannot encode the audio"):
+        inference_328.run(args)
+    assert rendered == []
+    assert not any((tmp_path / "o").iterdir())  # the temp mp4 is gone too

@@ -54,7 +54,8 @@ def avatar_roots(avatar, root: Path, names: tuple[str, ...] = ("synth",)) -> tup
 class ServerProcess:
     """`python api.py` in a subprocess on a free port, configured through SYNCTALK_* variables."""
 
-    def __init__(self, avatar, root: Path, names: tuple[str, ...] = ("synth",), **server: object):
+    def __init__(self, avatar, root: Path, names: tuple[str, ...] = ("synth",), headers: dict | None = None,
+                 **server: object):
         datasets, checkpoints = avatar_roots(avatar, root, names)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -72,6 +73,7 @@ class ServerProcess:
             env[f"SYNCTALK_SERVER__{key.upper()}"] = str(value)
         self.env = env
         self.names = names
+        self.headers = headers or {}  # sent with the readiness probe (e.g. the bearer token)
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
@@ -83,7 +85,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).json().get("status") == "ok":
+                if httpx.get(self.url + "/health", headers=self.headers, timeout=2).json().get("status") == "ok":
                     return self
             except (httpx.HTTPError, ValueError):
                 pass

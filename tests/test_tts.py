@@ -3,12 +3,26 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from config import settings
-from services.tts import EspeakTTS, FallbackTTS, PiperTTS, TTSResult, TTSService, TTSUnavailable, build_tts
+from services.tts import (
+    EspeakTTS,
+    FallbackTTS,
+    PiperTTS,
+    SynthesisCancelled,
+    SynthesisSlots,
+    TTSBusy,
+    TTSResult,
+    TTSService,
+    TTSUnavailable,
+    build_tts,
+)
+from synctalk.tts import CHUNK_CHARS, split_text
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -96,7 +110,8 @@ class Counting(TTSService):
 
 def test_cache_hit_avoids_resynthesis() -> None:
     engine = Counting(EspeakTTS())
-    tts = FallbackTTS([engine], cache_entries=2)
+    one = EspeakTTS().synthesize("One.")
+    tts = FallbackTTS([engine], cache_bytes=2 * one.audio.nbytes + 1000)  # room for about two results
     a = tts.synthesize("One.")
     assert tts.synthesize("One.") is a and engine.calls == 1 and tts.cache_hits == 1
     tts.synthesize("One.", voice="en-gb")  # different voice, different entry
@@ -104,10 +119,92 @@ def test_cache_hit_avoids_resynthesis() -> None:
     assert engine.calls == 3
     tts.synthesize("One.")
     assert engine.calls == 4
-    no_cache = FallbackTTS([Counting(EspeakTTS())], cache_entries=0)
+    no_cache = FallbackTTS([Counting(EspeakTTS())], cache_bytes=0)
     no_cache.synthesize("One.")
     no_cache.synthesize("One.")
     assert no_cache.engines[0].calls == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 21: bounded synthesis (slots, pieces, cancellation, cache bytes)
+
+
+class Silent(TTSService):
+    """A fast fake engine: 0.1 s of silence per character at 16 kHz; records the texts it was given."""
+
+    name = "silent"
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.texts: list[str] = []
+        self.delay_s = delay_s
+
+    def voices(self) -> list[str]:
+        return ["x"]
+
+    def synthesize(self, text: str, voice: str | None = None) -> TTSResult:
+        self.texts.append(text)
+        time.sleep(self.delay_s)
+        return TTSResult(np.zeros(1600 * len(text), np.float32), 16000, None, self.name, "x")
+
+
+def test_cache_is_bounded_in_bytes_not_entries() -> None:
+    tts = FallbackTTS([Silent()], cache_bytes=100_000)
+    for i in range(40):
+        tts.synthesize("word" * (1 + i % 3))  # 25.6 to 76.8 kB of audio each
+        tts.synthesize(f"text number {i}")
+        assert tts.status()["cache_bytes"] <= 100_000
+    huge = tts.synthesize("x" * 900)  # 576 kB: larger than the whole cache, never kept
+    assert huge.audio.nbytes > 100_000 and tts.status()["cache_bytes"] <= 100_000
+
+
+def test_long_unpunctuated_text_is_spoken_in_pieces() -> None:
+    text = " ".join(f"word{i}" for i in range(300))  # about 2,000 characters, no punctuation
+    pieces = split_text(text)
+    assert len(pieces) > 1 and all(len(p) <= CHUNK_CHARS for p in pieces)
+    assert " ".join(pieces) == text
+    assert split_text("x" * 450) == ["x" * 200, "x" * 200, "x" * 50]  # not even a space: cut hard
+    assert split_text("First one. Second one.", 15) == ["First one.", "Second one."]
+    engine = Silent()
+    result = FallbackTTS([engine], max_text_chars=None).synthesize(text)
+    assert all(len(t) <= CHUNK_CHARS for t in engine.texts) and len(engine.texts) == len(pieces)
+    assert len(result.audio) == 1600 * sum(len(p) for p in pieces)
+
+
+def test_synthesis_slots_refuse_past_the_queue_with_busy() -> None:
+    engine = Silent(delay_s=0.5)
+    tts = FallbackTTS([engine], slots=SynthesisSlots(concurrent=1, queued=1))
+    outcomes: list[str] = []
+
+    def speak(i: int) -> None:
+        try:
+            tts.synthesize(f"text {i}")
+            outcomes.append("ok")
+        except TTSBusy as exc:
+            outcomes.append(f"busy {exc.retry_after_s}")
+
+    threads = [threading.Thread(target=speak, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["busy 2", "busy 2", "ok", "ok"]
+    assert tts.slots.admitted == 0 and tts.status()["busy_refusals"] == 2
+
+
+def test_synthesis_stops_when_the_requester_is_gone() -> None:
+    engine = Silent()
+    tts = FallbackTTS([engine], max_text_chars=None)
+    asked = []
+
+    def gone_after_two() -> bool:
+        asked.append(True)
+        return len(asked) > 2
+
+    with pytest.raises(SynthesisCancelled):
+        tts.synthesize(" ".join(["word"] * 400), cancelled=gone_after_two)
+    assert len(engine.texts) == 2  # 10 pieces, stopped after the second
+    assert tts.slots.admitted == 0 and tts.status()["cache_bytes"] == 0
 
 
 def test_all_engines_failing() -> None:
