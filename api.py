@@ -37,13 +37,11 @@ from config import REPO_ROOT, Settings
 from config import settings as default_settings
 from services.debug import DebugRecorder, wav_bytes
 from services.deps import DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services, require_token
+from services.errors import DOMAIN_ERRORS
 from services.live import router as live_router
 from services.models import (
     AvatarInfo,
-    AvatarLoadError,
     ModelService,
-    NoAvatarError,
-    UnknownAvatarError,
     limit_torch_threads,
     torch_threads,
 )
@@ -107,9 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(422, "invalid_request", detail)
 
     # the services' domain errors: exception class -> (HTTP status, error code); the message is the detail
-    domain_errors = {UnknownAvatarError: (404, "unknown_avatar"), NoAvatarError: (503, "no_avatar"),
-                     AvatarLoadError: (503, "avatar_unavailable"), TTSUnavailable: (503, "tts_unavailable")}
-    for exc_class, (status, code) in domain_errors.items():
+    for exc_class, (status, code) in DOMAIN_ERRORS.items():
         async def domain_error(_: Request, exc: Exception, status: int = status, code: str = code) -> JSONResponse:
             return _error(status, code, str(exc))
 

@@ -52,6 +52,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, Web
 
 from config import Settings
 from services.deps import Services, ServicesDep
+from services.errors import domain_error
 from services.streaming import MJPEGResponse, encode_jpeg, mjpeg_part
 from synctalk.engine import LipSyncEngine, pingpong_step
 from synctalk.features import StreamingFeatures
@@ -973,8 +974,7 @@ async def serve_live(websocket: WebSocket, services: Services, avatar: str | Non
             raise ValueError(f"avatar {info.name!r} uses {engine.mode} audio features; live mode needs "
                              f"a whisper-mode checkpoint")
     except Exception as exc:
-        code = {"UnknownAvatarError": "unknown_avatar", "NoAvatarError": "no_avatar",
-                "AvatarLoadError": "avatar_unavailable"}.get(type(exc).__name__, "unavailable")
+        code = (domain_error(exc) or (503, "unavailable"))[1]
         await websocket.send_text(json.dumps({"type": "error", "error": code, "detail": str(exc)}))
         await websocket.close(1008 if code == "unknown_avatar" else 1011)
         return
