@@ -1,10 +1,13 @@
-"""Evaluate a trained avatar: self-reconstruction on the held-out tail of its video, cross-driven
-lip-sync on foreign audio, and the real video's own numbers as the ceiling.
+"""Evaluate a trained avatar with numbers you can trust: held-out self-reconstruction under
+cross-reference (the U-Net's reference input is another frame, so the real mouth cannot leak in),
+baselines in the same run (copy-reference, mean training crop, the real video), a verdict, per-file
+cross-driven lip-sync on foreign audio, and SyncNet numbers only when the SyncNet is trustworthy.
 
-    python evaluate.py --name NAME [--checkpoint N] [--audio FILE ...] [--compare NAME2|CKPT2]
+    python evaluate.py --name NAME [--checkpoint N] [--audio FILE ...] [--compare NAME2|CKPT2] [--strict]
 
 Writes `result/eval/NAME/report.json` and a self-contained `report.html` (plots and frame strips
-embedded) and prints a summary table. Metric definitions: docs/evaluation.md and `metrics.py`.
+embedded) and prints a summary whose first line is the verdict. Metric definitions:
+docs/evaluation.md and `synctalk/metrics.py`.
 """
 from __future__ import annotations
 
@@ -18,20 +21,25 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from config import settings
 from syncnet_328 import load_syncnet_checkpoint
+from synctalk import face as face_crop
 from synctalk import landmarks
 from synctalk import metrics as M
 from synctalk.audio import load_audio, segments_to_mask, silence_segments, speech_envelope
 from synctalk.avatar import AvatarError, AvatarRegistry, AvatarRoot
-from synctalk.dataset import FEATURE_FILES, DatasetError, dataset_split
+from synctalk.dataset import FEATURE_FILES, DatasetError, dataset_split, describe_split
 from synctalk.engine import EngineError, LipSyncEngine
+from synctalk.fileio import write_text_atomic
 from synctalk.timing import FPS, SAMPLE_RATE
 from unet_328 import CheckpointError
 from utils import audio_window
@@ -42,27 +50,40 @@ SR = SAMPLE_RATE
 VSHIFT = 15  # SyncNet offset search: +-15 frames (syncnet_python's default)
 CHUNK = 16  # frames rendered and measured per step
 STRIP_FRAMES = 6  # frames per strip in the report
+CLOSED_SAMPLE = 60  # training frames searched for the closed-mouth reference (and the closed range)
+MEAN_CROP_FRAMES = 200  # training crops averaged for the mean-crop baseline
+SILENCE_MS = 300.0  # silences at least this long must show a closed mouth
+EXIT_UNUSABLE = 3  # exit code of --strict when the verdict is UNUSABLE
+
+POLICIES = {
+    "closed": "cross-reference: one fixed closed-mouth training frame",
+    "random": "cross-reference: a random training frame per held-out frame (seeded)",
+    "same": "diagnostic: reference = target, upper bound (the real mouth leaks into the input)",
+}
+DEFAULT_POLICIES = ("closed", "random", "same")
+SYNC_KEYS = ("sync_offset", "sync_confidence", "sync_min_dist")
 
 NOTES = [
-    "Self-reconstruction uses the held-out last 10% of the training video, never seen in training, driven "
-    "by its own audio; the real frames are the ground truth.",
+    "Held-out frames were never trained on (see 'split'); each is rendered from its own audio and compared "
+    "with the real frame.",
+    "Cross-reference: the U-Net's reference input is another frame (a fixed closed-mouth training frame, "
+    "or a random training frame per held-out frame), so the real mouth shape is not handed to the network. "
+    "The 'reference = target' run is a diagnostic upper bound only: it leaks the answer.",
+    "Baselines in the same run: copy-reference pastes the reference crop unchanged, mean crop pastes the "
+    "mean training crop, real is the real video. A model that does not beat copy-reference on crop PSNR "
+    "and mouth-opening correlation is UNUSABLE.",
+    "Cross-driven files use the engine's production path (each frame's own crop as reference); each file "
+    "has its own row and signed numbers (offset) are never averaged.",
     "LMD uses mediapipe face-mesh lip points (40, each set centred, pixels at crop resolution), not the "
     "68-point FAN mouth points of the literature, so values are not directly comparable to papers.",
-    "SyncNet offset/confidence follow joonson/syncnet_python (offsets +-15 frames, mean distance per "
-    "offset, confidence = median - min, LSE-D = min) but use this avatar's own per-person SyncNet on "
-    "per-frame embeddings; numbers are not comparable to papers' LSE-C/LSE-D.",
-    "Offset sign: positive = the audio runs ahead of the picture by that many frames (video frame i "
-    "matches audio frame i - offset).",
-    "The 'real' column is the training video itself measured the same way: the ceiling.",
+    "SyncNet offset/confidence follow joonson/syncnet_python (offsets +-15 frames, confidence = median - "
+    "min, LSE-D = min) on this avatar's own SyncNet; they are shown only when its held-out accuracy is at "
+    f"least {M.SYNCNET_MIN_ACCURACY}. Positive offset = the audio runs ahead of the picture.",
 ]
 
 
 class EvalError(Exception):
     """A problem with the user's input, reported as one `error:` line."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Face landmarks (mediapipe face mesh, one image at a time so no tracking smooths the jitter away)
 
 
 FaceMesh = landmarks.FaceMesh
@@ -82,40 +103,68 @@ def pingpong(start: int, stop: int, count: int) -> np.ndarray:
     return start + np.where(k < span, k, period - k)
 
 
+def runs_of(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Positions (start, end) of the runs of consecutive values in a sorted index array."""
+    idx = np.asarray(indices)
+    if not len(idx):
+        return []
+    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+    bounds = [0, *cuts.tolist(), len(idx)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def not_measurable(accuracy: float | None) -> str:
+    """The text shown instead of a SyncNet-derived number when the SyncNet cannot be trusted."""
+    acc = "unknown" if accuracy is None or not math.isfinite(accuracy) else f"{accuracy:.2f}"
+    return f"not measurable (SyncNet accuracy {acc})"
+
+
 class SyncJudge:
-    """The avatar's own SyncNet: per-frame face and audio embeddings (L2-normalised)."""
+    """The avatar's own SyncNet: per-frame face and audio embeddings (L2-normalised) and its accuracy."""
 
     def __init__(self, path: Path, device: str = "cpu"):
-        import torch
-
-
         try:
             self.net, meta = load_syncnet_checkpoint(path, device)
         except CheckpointError as exc:
             raise EvalError(str(exc)) from None
         self.mode, self.size = meta["mode"], str(meta["size"])
-        self.device, self.path, self._torch = device, path, torch
+        acc = meta.get("accuracy")
+        self.accuracy = float(acc) if acc is not None else None
+        self.device, self.path = device, path
+
+    @property
+    def trusted(self) -> bool:
+        """Held-out accuracy at least `metrics.SYNCNET_MIN_ACCURACY`."""
+        return M.syncnet_trusted(self.accuracy)
 
     def faces(self, crops: np.ndarray) -> np.ndarray:
         """Crops `[B, crop, crop, 3]` BGR uint8 -> face embeddings `[B, D]` (on the model's interior)."""
-        torch, F = self._torch, self._torch.nn.functional
         b, s = self.net.size.border, self.net.size.inner
         x = torch.from_numpy(np.ascontiguousarray(crops[:, b:b + s, b:b + s])).permute(0, 3, 1, 2)
         with torch.no_grad():
             v = self.net.face_encoder(x.float().div(255.0).to(self.device)).flatten(1)
-        return F.normalize(v, p=2, dim=1).cpu().numpy()
+        return torch.nn.functional.normalize(v, p=2, dim=1).cpu().numpy()
 
     def audio(self, features: np.ndarray, indices: np.ndarray, batch: int = 64) -> np.ndarray:
         """Audio embeddings `[len(indices), D]` of the 16-frame windows of `features` at `indices`."""
-
-        torch, F = self._torch, self._torch.nn.functional
         out = []
         for i in range(0, len(indices), batch):
             win = np.stack([audio_window(features, int(j), self.mode) for j in indices[i:i + batch]])
             with torch.no_grad():
                 a = self.net.audio_encoder(torch.from_numpy(win).float().to(self.device)).flatten(1)
-            out.append(F.normalize(a, p=2, dim=1).cpu().numpy())
+            out.append(torch.nn.functional.normalize(a, p=2, dim=1).cpu().numpy())
         return np.concatenate(out)
+
+
+def sync_status(sync: SyncJudge | None) -> dict:
+    """The SyncNet part of the report: path, held-out accuracy, whether its numbers are shown."""
+    if sync is None:
+        return {"path": None, "accuracy": None, "trusted": False,
+                "note": "no SyncNet checkpoint: SyncNet numbers are left out"}
+    note = ("" if sync.trusted else
+            f"{not_measurable(sync.accuracy)}: below {M.SYNCNET_MIN_ACCURACY}, the SyncNet cannot tell "
+            "in-sync from off-sync pairs reliably, so no SyncNet number is shown")
+    return {"path": str(sync.path), "accuracy": sync.accuracy, "trusted": sync.trusted, "note": note}
 
 
 @dataclass
@@ -125,10 +174,12 @@ class Avatar:
     name: str
     dataset_dir: Path
     checkpoint: Path
-    engine: object  # services.generator.LipSyncEngine
+    engine: LipSyncEngine
     features: np.ndarray  # [N, ...] the dataset's audio features
     audio: np.ndarray  # 16 kHz mono float32 of the training video
-    held_out: tuple[int, int]  # [start, stop) frames never trained on
+    held_out: np.ndarray  # sorted frame indices never trained on
+    train_frames: np.ndarray  # sorted training frame indices
+    split: dict  # describe_split(): what was held out
     sync: SyncJudge | None
 
     @property
@@ -147,8 +198,16 @@ class Avatar:
     def meta(self) -> dict:
         return self.engine.meta
 
+    @property
+    def judge(self) -> SyncJudge | None:
+        """The SyncNet when its numbers may be shown, else None (nothing SyncNet-derived is computed)."""
+        return self.sync if self.sync is not None and self.sync.trusted else None
+
     def frame(self, index: int) -> np.ndarray:
         return self.engine.frames.get(int(index))
+
+    def crop_of(self, index: int) -> np.ndarray:
+        return np.asarray(self.engine.crop(int(index)))
 
     @property
     def seam_depth(self) -> int:
@@ -156,41 +215,136 @@ class Avatar:
         (where generated pixels start) plus 2 px."""
         return self.engine.size.border + 2
 
+    @property
+    def mask(self) -> np.ndarray:
+        """The paste mask at crop size (where generated pixels replace the source)."""
+        return face_crop.paste_mask(self.crop, self.engine.size.border)
+
 
 # ----------------------------------------------------------------------------------------------
-# Measuring one segment
+# Rendering with a chosen reference, and the baselines
+
+
+def render_with_reference(engine, windows: np.ndarray, targets: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Generated crops `[B, crop, crop, 3]` uint8: frame `targets[k]` (masked) with the crop of frame
+    `refs[k]` as the U-Net's reference input, driven by audio `windows[k]`; the border ring stays the
+    target's, as in the engine."""
+    size = engine.size
+    b, s = size.border, size.inner
+    out = np.stack([np.asarray(engine.crop(int(t))) for t in targets])
+    batch = max(1, int(getattr(engine, "batch_size", 8)))
+    for i in range(0, len(targets), batch):
+        j = min(len(targets), i + batch)
+        image = np.stack([face_crop.make_unet_input(out[k], np.asarray(engine.crop(int(refs[k]))), size.name)
+                          for k in range(i, j)])
+        pred = np.empty((j - i, 3, s, s), np.float32)
+        engine.runner.run(image, np.ascontiguousarray(windows[i:j], dtype=np.float32), pred)
+        out[i:j, b:b + s, b:b + s] = np.clip(pred.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def with_interior(crops: np.ndarray, interiors: np.ndarray, border: int) -> np.ndarray:
+    """Copies of `crops` whose interior (inside the `border` ring) is replaced by `interiors`' (broadcast)."""
+    out = np.array(crops, copy=True)
+    s = out.shape[1] - 2 * border
+    out[:, border:border + s, border:border + s] = np.asarray(interiors)[..., border:border + s, border:border + s, :]
+    return out
+
+
+def mean_training_crop(av: Avatar, count: int = MEAN_CROP_FRAMES) -> np.ndarray:
+    """The mean of up to `count` training crops spread over the training frames (uint8)."""
+    pick = av.train_frames[np.unique(np.linspace(0, len(av.train_frames) - 1,
+                                                 min(count, len(av.train_frames))).round().astype(int))]
+    total = np.zeros((av.crop, av.crop, 3), np.float64)
+    for i in pick:
+        total += av.crop_of(int(i))
+    return np.clip(total / len(pick) + 0.5, 0, 255).astype(np.uint8)
+
+
+def closed_reference(av: Avatar, mesh: FaceMesh, count: int = CLOSED_SAMPLE) -> tuple[int, np.ndarray]:
+    """(the training frame with the most closed mouth among `count` spread over the training frames, the
+    openings of those frames). The first training frame when no face is found."""
+    pick = av.train_frames[np.unique(np.linspace(0, len(av.train_frames) - 1,
+                                                 min(count, len(av.train_frames))).round().astype(int))]
+    opening = M.mouth_opening(np.stack([mesh(av.frame(int(i))) for i in pick]))
+    if not np.isfinite(opening).any():
+        log.warning("no face found in the sampled training frames: closed-mouth reference = frame %d", pick[0])
+        return int(pick[0]), opening
+    return int(pick[int(np.nanargmin(opening))]), opening
+
+
+def reference_frames(policy: str, held_out: np.ndarray, train_frames: np.ndarray, closed: int,
+                     seed: int) -> np.ndarray:
+    """The reference frame of each held-out frame under `policy` (closed, random or same)."""
+    if policy == "closed":
+        return np.full(len(held_out), closed, dtype=np.int64)
+    if policy == "random":
+        return np.random.default_rng(seed).choice(train_frames, len(held_out)).astype(np.int64)
+    if policy == "same":
+        return np.asarray(held_out, np.int64)
+    raise ValueError(f"unknown reference policy {policy!r}; choose from {sorted(POLICIES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring candidates (the model, the baselines, the real video) on the same frames
+
+
+@dataclass
+class Chunk:
+    """The real side of a chunk of held-out (or source) frames."""
+
+    frames: np.ndarray  # source frame indices
+    positions: range  # positions in the segment
+    full: list  # real full frames
+    crops: np.ndarray  # real crops [k, crop, crop, 3]
+    boxes: np.ndarray
+    mouth_boxes: list = field(default_factory=list)  # (x1, y1, x2, y2) crop px around the real lips
 
 
 @dataclass
 class Track:
-    """Per-frame measurements of one segment (generated or real)."""
+    """Per-frame measurements of one candidate."""
 
     landmarks: list = field(default_factory=list)  # [478, 2] full-frame pixels, NaN without a face
     seam: list = field(default_factory=list)
+    colour: list = field(default_factory=list)  # colour step added by the paste (delta E over real)
+    colour_raw: list = field(default_factory=list)  # colour step of the pasted crop itself
+    teeth: list = field(default_factory=list)  # teeth-bright share of the open mouth
+    mouth_area: list = field(default_factory=list)  # inner-lip polygon area, crop px^2 (NaN without a face)
+    sharp: list = field(default_factory=list)  # mouth regions (for the sharpness ratio)
     face_emb: list = field(default_factory=list)
     strip: list = field(default_factory=list)  # crops at the strip positions
-
-    def finish(self, boxes: np.ndarray, crop: int) -> dict:
-        lm = np.stack(self.landmarks) if self.landmarks else np.zeros((0, 478, 2))
-        lips = M.to_crop_coords(M.lip_points(lm), boxes, crop) if len(lm) else np.zeros((0, 40, 2))
-        return {"landmarks": lm, "lips": lips, "opening": M.mouth_opening(lm) if len(lm) else np.zeros(0),
-                "seam": np.asarray(self.seam, np.float64),
-                "face_emb": np.concatenate(self.face_emb) if self.face_emb else None, "strip": self.strip}
+    pix: list = field(default_factory=list)  # (frames, psnr crop, ssim crop, psnr full, ssim full)
 
 
-def measure_chunk(track: Track, frames: list[np.ndarray], crops: np.ndarray, boxes: np.ndarray,
-                  mesh: FaceMesh, sync: SyncJudge | None, positions: range, strip_at: set[int],
-                  seam_depth: int) -> None:
-    """Landmarks, seam scores, SyncNet face embeddings and strip crops of a chunk of full frames and
-    their face crops (`seam_depth`: crop px inside the box edge where the paste can differ)."""
-    for f, b, c, pos in zip(frames, boxes, crops, positions):
-        track.landmarks.append(mesh(f))
-        depth = int(math.ceil(seam_depth * (b[2] - b[0]) / len(c))) + 1  # crop px -> frame px
-        track.seam.append(M.seam_score(f, b, depth=depth))
+def measure_chunk(track: Track, av: Avatar, chunk: Chunk, crops: np.ndarray, full: list, mesh: FaceMesh,
+                  strip_at: set[int], pixels: bool = True, embed: bool = True) -> None:
+    """Landmarks, seam, colour step, teeth, mouth regions, strips, (with `pixels`) PSNR/SSIM against the
+    real frames and (with `embed`, trusted SyncNet only) SyncNet face embeddings of one chunk."""
+    mask = av.mask
+    for j, (frame, crop, box, pos) in enumerate(zip(full, crops, chunk.boxes, chunk.positions)):
+        lm = mesh(frame)
+        track.landmarks.append(lm)
+        depth = int(math.ceil(av.seam_depth * (box[2] - box[0]) / len(crop))) + 1  # crop px -> frame px
+        track.seam.append(M.seam_score(frame, box, depth=depth))
+        shown = M.paste_composite(crop, chunk.crops[j], mask)
+        track.colour.append(M.colour_step_excess(shown, chunk.crops[j], mask))
+        track.colour_raw.append(M.colour_step(shown, mask))
+        inner = M.to_crop_coords(M.inner_lip_points(lm[None]), box[None], av.crop)[0]
+        track.teeth.append(M.teeth_share(shown, inner))
+        track.mouth_area.append(M.mouth_area(inner))
+        if chunk.mouth_boxes:
+            x1, y1, x2, y2 = chunk.mouth_boxes[j]
+            track.sharp.append(crop[y1:y2, x1:x2])
         if pos in strip_at:
-            track.strip.append(c.copy())
-    if sync is not None:
-        track.face_emb.append(sync.faces(crops))
+            track.strip.append(crop.copy())
+    if pixels:
+        k = len(crops)
+        track.pix.append((k, M.video_psnr(crops, chunk.crops), M.ssim(crops, chunk.crops),
+                          M.video_psnr(np.stack(full), np.stack(chunk.full)),
+                          M.ssim(np.stack(full), np.stack(chunk.full), batch=1)))
+    if embed and av.judge is not None:
+        track.face_emb.append(av.judge.faces(crops))
 
 
 def fallback_mouth_box(crop: int) -> tuple[int, int, int, int]:
@@ -198,123 +352,238 @@ def fallback_mouth_box(crop: int) -> tuple[int, int, int, int]:
     return int(0.25 * crop), int(0.2 * crop), int(0.75 * crop), int(0.6 * crop)
 
 
+def mouth_boxes(real_landmarks: list, boxes: np.ndarray, crop: int) -> list[tuple[int, int, int, int]]:
+    """Crop-pixel boxes around the real lips of each frame (the fallback box without a face)."""
+    out = []
+    for lm, box in zip(real_landmarks, boxes):
+        lips = M.to_crop_coords(M.lip_points(lm[None]), box[None], crop)[0]
+        out.append(fallback_mouth_box(crop) if np.isnan(lips).any() else M.mouth_box(lips, (crop, crop)))
+    return out
+
+
 def strip_positions(n: int, k: int = STRIP_FRAMES) -> list[int]:
     return sorted(set(np.linspace(0, max(n - 1, 0), min(k, n)).round().astype(int).tolist()))
 
 
-def sync_block(track: dict, sync: SyncJudge | None, features: np.ndarray, indices: np.ndarray) -> dict:
-    """SyncNet offset / confidence / min distance of a measured segment against `features[indices]`."""
-    if sync is None or track["face_emb"] is None or len(indices) < 3:
+def with_breaks(points: np.ndarray, segments: list[tuple[int, int]]) -> np.ndarray:
+    """Landmark tracks `[N, P, 2]` with two NaN frames between segments, so no temporal difference spans a cut."""
+    if len(segments) <= 1:
+        return points
+    gap = np.full((2, *points.shape[1:]), np.nan)
+    parts = []
+    for a, b in segments:
+        parts += [points[a:b], gap]
+    return np.concatenate(parts[:-1])
+
+
+def sync_values(emb: np.ndarray | None, av: Avatar, features: np.ndarray, rows: np.ndarray,
+                segments: list[tuple[int, int]]) -> dict:
+    """SyncNet offset / confidence / min distance of a measured candidate against `features[rows]`
+    (distances averaged over segments, frame-weighted); the 'not measurable' text for an untrusted
+    SyncNet; nothing without one."""
+    if av.sync is None:
         return {}
-    scores = M.sync_scores(M.sync_distances(track["face_emb"], sync.audio(features, indices), VSHIFT))
+    if av.judge is None:
+        return {k: not_measurable(av.sync.accuracy) for k in SYNC_KEYS}
+    segs = [(a, b) for a, b in segments if b - a >= 3]
+    if emb is None or not segs:
+        return {}
+    audio = av.judge.audio(features, rows)
+    dists = np.stack([M.sync_distances(emb[a:b], audio[a:b], VSHIFT) for a, b in segs])
+    w = np.array([b - a for a, b in segs], np.float64)[:, None] * np.isfinite(dists)
+    mdist = np.where(w.sum(0) > 0, np.nansum(np.nan_to_num(dists) * w, 0) / np.maximum(w.sum(0), 1e-9), np.nan)
+    scores = M.sync_scores(mdist)
     return {"sync_offset": scores["offset"], "sync_confidence": scores["confidence"],
             "sync_min_dist": scores["min_dist"]}
 
 
-def audio_block(opening: np.ndarray, audio16k: np.ndarray, closed_max: float) -> tuple[dict, dict]:
-    """Envelope correlation and closure in silences; also the series for the plots."""
-    n = len(opening)
-    env = speech_envelope(audio16k, SR, FPS)[:n]
-    env = np.pad(env, (0, n - len(env)))
-    segments = silence_segments(env, FPS, 300.0)
-    silent = segments_to_mask(segments, n)
-    values = {"envelope_corr": M.envelope_correlation(opening, env),
-              "closure_in_silence": M.closure_share(opening, silent, closed_max),
-              "silent_frames": int(silent.sum())}
-    return values, {"envelope": env, "silences": segments}
+def opening_of(track: Track, boxes: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lip points in crop px `[N, 40, 2]`, mouth opening `[N]`) of a measured candidate."""
+    lm = np.stack(track.landmarks) if track.landmarks else np.zeros((0, 478, 2))
+    if not len(lm):
+        return np.zeros((0, 40, 2)), np.zeros(0)
+    return M.to_crop_coords(M.lip_points(lm), boxes, crop), M.mouth_opening(lm)
 
 
-def render(av: Avatar, features: np.ndarray, rows: np.ndarray, frames: np.ndarray
-           ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Generated (full frames, crops): output j uses the audio window at feature row `rows[j]` on the
-    avatar's source frame `frames[j]`. The crops are the model's output at crop size; the full frames
-    are those crops pasted back the way the engine pastes them."""
-    eng = av.engine
-    crops = eng.render_crops(eng.audio_windows(features, rows), frames)
-    full = [eng.paste(crop, int(fi), np.empty(eng.frame_shape, np.uint8)) for crop, fi in zip(crops, frames)]
-    return full, crops
+def mouth_values(track: Track, real: Track, boxes: np.ndarray, crop: int, segments: list[tuple[int, int]],
+                 envelope: np.ndarray, silent: np.ndarray, closed_max: float) -> dict:
+    """Every image and mouth number of a candidate against the real track (same frames)."""
+    lips, opening = opening_of(track, boxes, crop)
+    real_lips, real_opening = opening_of(real, boxes, crop)
+    teeth, real_teeth = np.asarray(track.teeth, np.float64), np.asarray(real.teeth, np.float64)
+    real_open = np.nan_to_num(np.asarray(real.mouth_area, np.float64)) >= M.MIN_MOUTH_AREA
+    t_gen = _nanmean(teeth[real_open])  # on the frames where the real mouth is open
+    t_real = _nanmean(real_teeth[real_open])
+    out = {
+        "lmd": M.landmark_distance(lips, real_lips),
+        "opening_corr": M.opening_correlation(opening, real_opening),
+        "closure_in_silence": M.closure_share(opening, silent, closed_max),
+        "envelope_corr": M.envelope_correlation(opening, envelope),
+        "sharpness_ratio": M.sharpness_ratio(track.sharp, real.sharp) if track.sharp else float("nan"),
+        "teeth_share": t_gen,
+        "mouth_detail_ratio": t_gen / t_real if t_real > 0 else float("nan"),
+        "jitter": M.temporal_jitter(with_breaks(lips, segments)),
+        "jitter_ratio": M.jitter_ratio(with_breaks(lips, segments), with_breaks(real_lips, segments)),
+        "seam": float(np.nanmean(track.seam)) if track.seam else float("nan"),
+        "colour_step": float(np.nanmean(track.colour_raw)) if track.colour_raw else float("nan"),
+        "colour_step_excess": float(np.nanmean(track.colour)) if track.colour else float("nan"),
+        "face_found": float(np.mean(np.isfinite(opening))) if len(opening) else 0.0,
+    }
+    out["colour_step_pass"] = bool(out["colour_step_excess"] <= M.COLOUR_STEP_MAX)
+    if track.pix:
+        k = np.array([p[0] for p in track.pix], np.float64)
+        for i, key in enumerate(("psnr_crop", "ssim_crop", "psnr_full", "ssim_full"), start=1):
+            out[key] = float(np.sum(k * np.array([p[i] for p in track.pix])) / k.sum())
+    return out
 
 
-def sample_openings(av: Avatar, mesh: FaceMesh, count: int = 60) -> np.ndarray:
-    """Mouth openings of `count` frames spread over the whole real video (for its closed-mouth range)."""
-    n = len(av.boxes)
-    idx = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
-    return M.mouth_opening(np.stack([mesh(av.frame(int(i))) for i in idx]))
+def real_values(real: Track, boxes: np.ndarray, crop: int, segments: list[tuple[int, int]],
+                envelope: np.ndarray, silent: np.ndarray, closed_max: float) -> dict:
+    """The real video's own numbers (the ceiling); pairwise ones are perfect by definition."""
+    lips, opening = opening_of(real, boxes, crop)
+    teeth = np.asarray(real.teeth, np.float64)
+    open_ = np.nan_to_num(np.asarray(real.mouth_area, np.float64)) >= M.MIN_MOUTH_AREA
+    return {"lmd": 0.0, "opening_corr": 1.0, "sharpness_ratio": 1.0, "jitter_ratio": 1.0, "mouth_detail_ratio": 1.0,
+            "closure_in_silence": M.closure_share(opening, silent, closed_max),
+            "envelope_corr": M.envelope_correlation(opening, envelope),
+            "teeth_share": _nanmean(teeth[open_]),
+            "jitter": M.temporal_jitter(with_breaks(lips, segments)),
+            "seam": float(np.nanmean(real.seam)) if real.seam else float("nan"),
+            "colour_step": float(np.nanmean(real.colour_raw)) if real.colour_raw else float("nan"),
+            "colour_step_excess": 0.0, "colour_step_pass": True,
+            "face_found": float(np.mean(np.isfinite(opening))) if len(opening) else 0.0}
 
 
-def _progress(n: int, desc: str):
-    from tqdm import tqdm
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the finite values; NaN when there is none."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")
 
+
+def _progress(n: int, desc: str) -> tqdm:
     return tqdm(total=n, desc=desc, unit="frame", leave=False, disable=None)
 
 
-def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None) -> tuple[dict, dict]:
-    """Drive the model with the held-out segment's own audio; compare with the real frames."""
-    a, b = av.held_out
-    if max_frames:
-        b = min(b, a + max_frames)
-    idx = np.arange(a, b)
-    n = len(idx)
-    gen, real = Track(), Track()
+def paste_all(av: Avatar, crops: np.ndarray, frames: np.ndarray) -> list[np.ndarray]:
+    """Full frames with `crops` pasted back the way the engine pastes them."""
+    eng = av.engine
+    return [eng.paste(c, int(fi), np.empty(eng.frame_shape, np.uint8)) for c, fi in zip(crops, frames)]
+
+
+def render_crops(av: Avatar, features: np.ndarray, rows: np.ndarray, targets: np.ndarray,
+                 refs: np.ndarray) -> np.ndarray:
+    """The model's crops: audio at feature rows `rows` on source frames `targets` with reference
+    frames `refs` (the one place the U-Net runs during evaluation; tests replace it)."""
+    eng = av.engine
+    return render_with_reference(eng, eng.audio_windows(features, rows), targets, refs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out self-reconstruction and cross-driven runs
+
+
+@dataclass
+class Candidate:
+    """One column of the held-out tables: a name and how to get its crops for positions [s, e)."""
+
+    name: str
+    crops: Callable[[int, int], np.ndarray]
+    pixels: bool = True
+
+
+def held_out_audio(av: Avatar, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(speech envelope, silent-frame mask) at frames `idx`, silences found on the whole training audio."""
+    env = speech_envelope(av.audio, SR, FPS)
+    n = max(len(env), int(idx.max()) + 1 if len(idx) else 0)
+    env = np.pad(env, (0, n - len(env)))
+    silent = segments_to_mask(silence_segments(env, FPS, SILENCE_MS), n)
+    return env[idx], silent[idx]
+
+
+def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, policies: tuple[str, ...] = DEFAULT_POLICIES,
+                        seed: int = 0) -> tuple[dict, dict]:
+    """Render the held-out frames from their own audio under each reference policy, with the baselines
+    and the real video measured on the same frames."""
+    idx = av.held_out[:max_frames] if max_frames else av.held_out
+    n, segments = len(idx), runs_of(idx)
+    closed, train_open = closed_reference(av, mesh)
+    refs = {p: reference_frames(p, idx, av.train_frames, closed, seed) for p in policies}
+    mean_crop = mean_training_crop(av)
+    border = av.engine.size.border
+    real_crops: dict[tuple[int, int], np.ndarray] = {}
+
+    def real_of(s: int, e: int) -> np.ndarray:
+        return real_crops[(s, e)]
+
+    cands = [Candidate("mean_crop", lambda s, e: with_interior(real_of(s, e), mean_crop[None], border))]
+    for p in policies:
+        cands.append(Candidate(f"{p}:model", lambda s, e, p=p: render_crops(av, av.features, idx[s:e], idx[s:e],
+                                                                            refs[p][s:e])))
+        if p != "same":  # copying the target's own crop is the real video
+            cands.append(Candidate(f"{p}:copy_reference", lambda s, e, p=p: with_interior(
+                real_of(s, e), np.stack([av.crop_of(int(r)) for r in refs[p][s:e]]), border)))
+    real, tracks = Track(), {c.name: Track() for c in cands}
     strip_at = set(strip_positions(n))
-    sums = {"psnr_crop": 0.0, "ssim_crop": 0.0, "psnr_full": 0.0, "ssim_full": 0.0}
-    sharp_gen, sharp_real = [], []
     bar = _progress(n, f"{av.label} held-out")
     for s in range(0, n, CHUNK):
         e = min(s + CHUNK, n)
-        fr_gen, c_gen = render(av, av.features, idx[s:e], idx[s:e])
-        fr_real = [av.frame(int(i)) for i in idx[s:e]]
-        c_real = np.stack([np.asarray(av.engine.crop(int(i))) for i in idx[s:e]])
-        boxes = av.boxes[idx[s:e]]
-        measure_chunk(gen, fr_gen, c_gen, boxes, mesh, av.sync, range(s, e), strip_at, av.seam_depth)
-        measure_chunk(real, fr_real, c_real, boxes, mesh, av.sync, range(s, e), strip_at, av.seam_depth)
-        k = e - s
-        sums["psnr_crop"] += k * M.video_psnr(c_gen, c_real)
-        sums["ssim_crop"] += k * M.ssim(c_gen, c_real)
-        sums["psnr_full"] += k * M.video_psnr(np.stack(fr_gen), np.stack(fr_real))
-        sums["ssim_full"] += k * M.ssim(np.stack(fr_gen), np.stack(fr_real), batch=1)
-        for j in range(k):  # sharpness on the real mouth region, same region in both
-            lm = real.landmarks[s + j]
-            lips = M.to_crop_coords(M.lip_points(lm[None]), boxes[j:j + 1], av.crop)[0]
-            x1, y1, x2, y2 = (fallback_mouth_box(av.crop) if np.isnan(lips).any()
-                              else M.mouth_box(lips, (av.crop, av.crop)))
-            sharp_gen.append(c_gen[j, y1:y2, x1:x2])
-            sharp_real.append(c_real[j, y1:y2, x1:x2])
-        bar.update(k)
+        real_crops.clear()
+        real_crops[(s, e)] = np.stack([av.crop_of(int(i)) for i in idx[s:e]])
+        chunk = Chunk(idx[s:e], range(s, e), [av.frame(int(i)) for i in idx[s:e]], real_crops[(s, e)],
+                      av.boxes[idx[s:e]])
+        measure_chunk(real, av, chunk, chunk.crops, chunk.full, mesh, strip_at, pixels=False)
+        chunk.mouth_boxes = mouth_boxes(real.landmarks[s:e], chunk.boxes, av.crop)
+        real.sharp.extend(c[y1:y2, x1:x2] for c, (x1, y1, x2, y2) in zip(chunk.crops, chunk.mouth_boxes))
+        for cand in cands:
+            crops = cand.crops(s, e)
+            measure_chunk(tracks[cand.name], av, chunk, crops, paste_all(av, crops, idx[s:e]), mesh, strip_at,
+                          cand.pixels, embed=cand.name.endswith(":model"))
+        bar.update(e - s)
     bar.close()
     boxes = av.boxes[idx]
-    g, r = gen.finish(boxes, av.crop), real.finish(boxes, av.crop)
-    seg_audio = av.audio[a * SR // FPS: b * SR // FPS]
-    closed_max = M.closed_mouth_threshold(np.concatenate([r["opening"], sample_openings(av, mesh)]))
-    model = {key: v / n for key, v in sums.items()}
-    model.update({
-        "lmd": M.landmark_distance(g["lips"], r["lips"]),
-        "opening_corr": M.opening_correlation(g["opening"], r["opening"]),
-        "sharpness_ratio": M.sharpness_ratio(sharp_gen, sharp_real),
-        "seam": float(np.nanmean(g["seam"])),
-        "jitter": M.temporal_jitter(g["lips"]),
-        "jitter_ratio": M.jitter_ratio(g["lips"], r["lips"]),
-        "face_found": float(np.mean(~np.isnan(g["opening"]))),
-    })
-    model.update(sync_block(g, av.sync, av.features, idx))
-    gen_audio, series = audio_block(g["opening"], seg_audio, closed_max)
-    model.update(gen_audio)
-    real_vals = {"seam": float(np.nanmean(r["seam"])), "jitter": M.temporal_jitter(r["lips"]),
-                 "jitter_ratio": 1.0, "sharpness_ratio": 1.0, "opening_corr": 1.0, "lmd": 0.0,
-                 "face_found": float(np.mean(~np.isnan(r["opening"])))}
-    real_vals.update(sync_block(r, av.sync, av.features, idx))
-    real_vals.update(audio_block(r["opening"], seg_audio, closed_max)[0])
-    result = {"frames": n, "frame_range": [a, b], "closed_mouth_max": closed_max, "model": model,
-              "real": real_vals}
-    art = {"gen_opening": g["opening"], "real_opening": r["opening"], "audio": seg_audio,
-           "gen_strip": g["strip"], "real_strip": r["strip"], "real_lips": r["lips"], **series}
+    envelope, silent = held_out_audio(av, idx)
+    _, real_opening = opening_of(real, boxes, av.crop)
+    closed_max = M.closed_mouth_threshold(np.concatenate([real_opening, train_open]))
+
+    def values(track: Track, sync_too: bool) -> dict:
+        out = mouth_values(track, real, boxes, av.crop, segments, envelope, silent, closed_max)
+        if sync_too:
+            out.update(sync_values(np.concatenate(track.face_emb) if track.face_emb else None, av, av.features,
+                                   idx, segments))
+        return out
+
+    runs = []
+    for p in policies:
+        run = {"policy": p, "diagnostic": p == "same",
+               "description": POLICIES[p] + (f" (frame {closed})" if p == "closed" else "")
+               + (f" (seed {seed})" if p == "random" else ""),
+               "reference_frames": sorted(set(refs[p].tolist()))[:20],
+               "model": values(tracks[f"{p}:model"], True)}
+        if p != "same":
+            run["copy_reference"] = values(tracks[f"{p}:copy_reference"], False)
+        runs.append(run)
+    real_vals = real_values(real, boxes, av.crop, segments, envelope, silent, closed_max)
+    real_vals.update(sync_values(np.concatenate(real.face_emb) if real.face_emb else None, av, av.features, idx,
+                                 segments))
+    result = {"frames": n, "segments": [[int(idx[a]), int(idx[b - 1]) + 1] for a, b in segments],
+              "closed_mouth_max": closed_max, "closed_reference_frame": closed, "seed": seed, "runs": runs,
+              "mean_crop": values(tracks["mean_crop"], False), "real": real_vals}
+    real_lips, _ = opening_of(real, boxes, av.crop)
+    art = {"real_opening": real_opening, "audio": np.concatenate([av.audio[i * SR // FPS:(i + 1) * SR // FPS]
+                                                                  for i in idx]) if n else np.zeros(0),
+           "real_lips": with_breaks(real_lips, segments), "real_landmarks": dict(zip(idx.tolist(), real.landmarks)),
+           "real_strip": real.strip, "silences": silence_segments(envelope, FPS, SILENCE_MS) if n else [],
+           "openings": {p: opening_of(tracks[f"{p}:model"], boxes, av.crop)[1] for p in policies},
+           "strips": {name: t.strip for name, t in tracks.items()}}
     return result, art
 
 
 def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None, real_lips: np.ndarray,
-                 closed_max: float) -> tuple[dict, dict]:
-    """Drive the avatar with a foreign audio file over the held-out frames (played back and forth)."""
-
+                 real_landmarks: dict, closed_max: float) -> tuple[dict, dict]:
+    """Drive the avatar with a foreign audio file over the held-out frames (played back and forth), the
+    engine's production path (each frame's own crop as reference); the source frames unchanged are the
+    baseline (a model that ignores the audio scores like them)."""
     try:
         audio16k = load_audio(str(path))
     except Exception as exc:
@@ -326,55 +595,114 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
     n = len(features) if not max_frames else min(len(features), max_frames)
     if n < 3:
         raise EvalError(f"audio {path} is too short to evaluate ({n} frames)")
-    idx = pingpong(*av.held_out, n)
-    track = Track()
+    idx = av.held_out[pingpong(0, len(av.held_out), n)]
+    track, source = Track(), Track()
     strip_at = set(strip_positions(n))
     bar = _progress(n, f"{av.label} {path.name}")
     for s in range(0, n, CHUNK):
         e = min(s + CHUNK, n)
-        frames, crops = render(av, features, np.arange(s, e), idx[s:e])
-        measure_chunk(track, frames, crops, av.boxes[idx[s:e]], mesh, av.sync, range(s, e), strip_at,
-                      av.seam_depth)
+        real_full = [av.frame(int(i)) for i in idx[s:e]]
+        chunk = Chunk(idx[s:e], range(s, e), real_full, np.stack([av.crop_of(int(i)) for i in idx[s:e]]),
+                      av.boxes[idx[s:e]])
+        crops = render_crops(av, features, np.arange(s, e), idx[s:e], idx[s:e])
+        measure_chunk(track, av, chunk, crops, paste_all(av, crops, idx[s:e]), mesh, strip_at, pixels=False)
+        for i, frame in zip(idx[s:e], real_full):  # the source frames unchanged: landmarks cached per frame
+            if int(i) not in real_landmarks:
+                real_landmarks[int(i)] = mesh(frame)
+            source.landmarks.append(real_landmarks[int(i)])
         bar.update(e - s)
     bar.close()
-    g = track.finish(av.boxes[idx], av.crop)
+    boxes = av.boxes[idx]
+    lips, opening = opening_of(track, boxes, av.crop)
+    _, source_opening = opening_of(source, boxes, av.crop)
     audio16k = audio16k[: n * SR // FPS]
-    model = {"jitter": M.temporal_jitter(g["lips"]), "jitter_ratio": M.jitter_ratio(g["lips"], real_lips),
-             "seam": float(np.nanmean(g["seam"])), "face_found": float(np.mean(~np.isnan(g["opening"])))}
-    model.update(sync_block(g, av.sync, features, np.arange(n)))
-    values, series = audio_block(g["opening"], audio16k, closed_max)
-    model.update(values)
-    result = {"audio": str(path), "frames": n, "model": model}
-    art = {"gen_opening": g["opening"], "audio": audio16k, "gen_strip": g["strip"], **series}
+    env = speech_envelope(audio16k, SR, FPS)[:n]
+    env = np.pad(env, (0, n - len(env)))
+    silences = silence_segments(env, FPS, SILENCE_MS)
+    silent = segments_to_mask(silences, n)
+    model = {"envelope_corr": M.envelope_correlation(opening, env),
+             "closure_in_silence": M.closure_share(opening, silent, closed_max),
+             "silent_frames": int(silent.sum()),
+             "jitter": M.temporal_jitter(lips), "jitter_ratio": M.jitter_ratio(lips, real_lips),
+             "seam": _nanmean(track.seam), "colour_step_excess": _nanmean(track.colour),
+             "face_found": float(np.mean(np.isfinite(opening)))}
+    model["colour_step_pass"] = bool(model["colour_step_excess"] <= M.COLOUR_STEP_MAX)
+    model.update(sync_values(np.concatenate(track.face_emb) if track.face_emb else None, av, features,
+                             np.arange(n), [(0, n)]))
+    baseline = {"envelope_corr": M.envelope_correlation(source_opening, env),
+                "closure_in_silence": M.closure_share(source_opening, silent, closed_max)}
+    result = {"audio": str(path), "frames": n, "model": model, "source_unchanged": baseline}
+    art = {"openings": {"model": opening}, "real_opening": source_opening, "audio": audio16k,
+           "gen_strip": track.strip, "silences": silences}
     return result, art
 
 
 # ----------------------------------------------------------------------------------------------
-# Report: JSON, HTML (embedded plots and frame strips), stdout table
+# Verdict
 
-# (section, key, label, better) for the table and the bars; better: "up", "down", "zero", "one"
-ROWS = [
-    ("self", "psnr_crop", "PSNR face crop (dB)", "up"),
-    ("self", "ssim_crop", "SSIM face crop", "up"),
-    ("self", "psnr_full", "PSNR full frame (dB)", "up"),
-    ("self", "ssim_full", "SSIM full frame", "up"),
-    ("self", "lmd", "mouth LMD (px @ crop)", "down"),
-    ("self", "opening_corr", "mouth-opening corr. with real", "up"),
-    ("self", "sharpness_ratio", "mouth sharpness / real", "one"),
-    ("self", "seam", "seam score (1 = invisible)", "one"),
-    ("self", "sync_confidence", "SyncNet confidence", "up"),
-    ("self", "sync_min_dist", "SyncNet min distance", "down"),
-    ("self", "sync_offset", "SyncNet offset (frames)", "zero"),
-    ("self", "envelope_corr", "opening vs speech envelope", "up"),
-    ("self", "closure_in_silence", "mouth closed in silences", "up"),
-    ("self", "jitter_ratio", "mouth jitter / real", "one"),
-    ("cross", "sync_confidence", "SyncNet confidence", "up"),
-    ("cross", "sync_min_dist", "SyncNet min distance", "down"),
-    ("cross", "sync_offset", "SyncNet offset (frames)", "zero"),
-    ("cross", "envelope_corr", "opening vs speech envelope", "up"),
-    ("cross", "closure_in_silence", "mouth closed in silences", "up"),
-    ("cross", "jitter_ratio", "mouth jitter / real", "one"),
-    ("cross", "seam", "seam score (1 = invisible)", "one"),
+
+VERDICT_KEYS = (("psnr_crop", "crop PSNR"), ("opening_corr", "mouth-opening correlation"))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def verdict(runs: list[dict]) -> dict:
+    """UNUSABLE unless the model beats copy-reference on crop PSNR and mouth-opening correlation in every
+    cross-reference run (a number that cannot be measured does not beat anything)."""
+    reasons = []
+    cross = [r for r in runs if not r.get("diagnostic") and "copy_reference" in r]
+    if not cross:
+        reasons.append("no cross-reference run to judge")
+    for run in cross:
+        for key, label in VERDICT_KEYS:
+            mv, cv = run["model"].get(key), run["copy_reference"].get(key)
+            if not _finite(mv) or (_finite(cv) and not mv > cv):
+                reasons.append(f"{label} {_fmt(mv)} vs copy-reference {_fmt(cv)} ({run['policy']} reference)")
+    if reasons:
+        line = "UNUSABLE: the model does not beat pasting its reference crop unchanged: " + "; ".join(reasons)
+    else:
+        line = ("OK: the model beats copy-reference on crop PSNR and mouth-opening correlation under every "
+                "cross-reference")
+    return {"usable": not reasons, "line": line, "reasons": reasons}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: JSON, HTML (embedded plots and frame strips), stdout tables
+
+# (key, label, better) of the held-out tables; better: "up", "down", "zero", "one", "real" (near the real video)
+HELD_OUT_ROWS = [
+    ("psnr_crop", "PSNR face crop (dB)", "up"),
+    ("ssim_crop", "SSIM face crop", "up"),
+    ("psnr_full", "PSNR full frame (dB)", "up"),
+    ("ssim_full", "SSIM full frame", "up"),
+    ("lmd", "mouth LMD (px @ crop)", "down"),
+    ("opening_corr", "mouth-opening corr. with real", "up"),
+    ("closure_in_silence", "mouth closed in silences >= 300 ms", "real"),
+    ("envelope_corr", "opening vs speech envelope", "real"),
+    ("sharpness_ratio", "mouth sharpness / real (Laplacian var.)", "one"),
+    ("teeth_share", "teeth-bright share of the open mouth", "real"),
+    ("mouth_detail_ratio", "inner-mouth detail / real", "one"),
+    ("jitter_ratio", "mouth jitter / real", "one"),
+    ("seam", "seam score (1 = invisible)", "real"),
+    ("colour_step_excess", f"colour step at paste border (dE, pass <= {M.COLOUR_STEP_MAX:g})", "down"),
+    ("sync_offset", "SyncNet offset (frames)", "zero"),
+    ("sync_confidence", "SyncNet confidence", "up"),
+    ("sync_min_dist", "SyncNet min distance", "down"),
+]
+BETTER = {"up": "higher", "down": "lower", "zero": "0", "one": "near 1", "real": "near real"}
+# (key, label) of the per-file cross-driven table; `source:` keys come from the source-unchanged baseline
+CROSS_COLUMNS = [
+    ("sync_offset", "offset"),
+    ("sync_confidence", "confidence"),
+    ("envelope_corr", "env. corr"),
+    ("source:envelope_corr", "env. corr (source unchanged)"),
+    ("closure_in_silence", "closed in silence"),
+    ("source:closure_in_silence", "closed (source unchanged)"),
+    ("jitter_ratio", "jitter / real"),
+    ("colour_step_excess", "colour step dE"),
+    ("seam", "seam"),
 ]
 
 
@@ -384,6 +712,8 @@ def _clean(value):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -392,70 +722,131 @@ def _clean(value):
 
 
 def _fmt(value) -> str:
+    """A table cell: '-' for missing, text as is (e.g. 'not measurable ...'), numbers to 3 decimals."""
+    if isinstance(value, str):
+        return value
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (bool, np.bool_)):
+        return "pass" if value else "FAIL"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):+d}" if value else "0"
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
 
 
-BETTER = {"up": "higher", "down": "lower", "zero": "0", "one": "near 1"}
+def run_columns(report: dict) -> list[str]:
+    """Column heads of the held-out tables: model (and compare), copy-reference, mean crop, real video."""
+    heads = [report["label"]] + ([report["compare"]["label"]] if report.get("compare") else [])
+    return heads + ["copy-reference", "mean crop", "real video"]
 
 
-def table_rows(report: dict, with_better: bool = False) -> list[tuple]:
-    """(label, [model, compare?, real]) per row of the summary (plus the `better` key when asked),
-    cross-driven values averaged over the audio files."""
-    runs = [report] + ([report["compare"]] if report.get("compare") else [])
+def run_table(report: dict, i: int) -> list[tuple[str, list, str]]:
+    """(label, cells, better) rows of held-out run `i`: model / baselines / real."""
+    sr = report["self_reconstruction"]
+    run = sr["runs"][i]
+    other = None
+    if report.get("compare"):
+        other = next((r for r in report["compare"]["self_reconstruction"]["runs"] if r["policy"] == run["policy"]),
+                     None)
     rows = []
-    for section, key, label, better in ROWS:
-        cells = []
-        if section == "self":
-            for run in runs:
-                cells.append(run["self_reconstruction"]["model"].get(key))
-            cells.append(report["self_reconstruction"]["real"].get(key))
-            rows.append((f"[held-out] {label}", cells) + ((better,) if with_better else ()))
-        else:
-            if not report["cross_driven"]:
-                continue
-            for run in runs:
-                vals = [c["model"].get(key) for c in run["cross_driven"] if c["model"].get(key) is not None]
-                cells.append(float(np.mean(vals)) if vals else None)
-            cells.append(report["self_reconstruction"]["real"].get(key))
-            rows.append((f"[cross, {len(report['cross_driven'])} file(s)] {label}", cells)
-                        + ((better,) if with_better else ()))
+    for key, label, better in HELD_OUT_ROWS:
+        cells = [run["model"].get(key)] + ([other["model"].get(key) if other else None] if report.get("compare")
+                                           else [])
+        cells += [run.get("copy_reference", {}).get(key), sr["mean_crop"].get(key), sr["real"].get(key)]
+        if key.startswith("sync_"):
+            cells[-3] = cells[-2] = None  # SyncNet numbers are measured on the model and the real video
+        if any(c is not None for c in cells):
+            rows.append((label, cells, better))
     return rows
 
 
-def summary_text(report: dict) -> str:
-    """The readable table printed at the end."""
-    heads = [report["label"]] + ([report["compare"]["label"]] if report.get("compare") else []) + ["real video"]
-    rows = table_rows(report)
-    w0 = max(len(r[0]) for r in rows) + 2
-    widths = [max(12, len(h) + 2) for h in heads]
-    lines = ["metric".ljust(w0) + "".join(h.rjust(w) for h, w in zip(heads, widths))]
+def cross_table(report: dict) -> tuple[list[str], list[list], list[str]]:
+    """(heads, one row per file (and per compared model), footer lines). Signed offsets are never averaged;
+    the footer's mean is of absolute offsets and says so."""
+    heads = ["file"] + [label for _, label in CROSS_COLUMNS]
+    runs = [(report["label"], report["cross_driven"])]
+    if report.get("compare"):
+        runs.append((report["compare"]["label"], report["compare"]["cross_driven"]))
+    rows, footer = [], []
+    for label, cds in runs:
+        for cd in cds:
+            name = Path(cd["audio"]).name + (f" [{label}]" if len(runs) > 1 else "")
+            row = [name]
+            for key, _ in CROSS_COLUMNS:
+                src = cd.get("source_unchanged", {}) if key.startswith("source:") else cd["model"]
+                row.append(src.get(key.removeprefix("source:")))
+            rows.append(row)
+        offsets = [cd["model"].get("sync_offset") for cd in cds]
+        numeric = [abs(o) for o in offsets if _finite(o)]
+        if len(numeric) > 1:
+            footer.append(f"{label}: mean |offset| over {len(numeric)} files = {np.mean(numeric):.1f} frames "
+                          "(mean of absolute values; signed offsets are not averaged)")
+    return heads, rows, footer
+
+
+def split_text(split: dict) -> str:
+    """One line naming what was held out."""
+    if split.get("kind") == "utterances":
+        names = ", ".join(f"{u['name']} ({u['start']}-{u['end'] - 1})" for u in split["held_out"])
+        return (f"held out by utterance: {len(split['held_out'])} whole utterances never seen in training "
+                f"({names}); {split.get('training_utterances', '?')} utterances trained on")
+    a, b = split.get("held_out_frames", [0, 0])
+    return f"held out by time: frames {a}-{b - 1} (the last {split.get('val_fraction', 0.1):.0%} of the video)"
+
+
+def header_lines(report: dict) -> list[str]:
+    """Verdict, split, reference policy and SyncNet trust: the lines above every table."""
+    sync = report["syncnet"]
+    acc = sync.get("accuracy")
+    sync_line = ("SyncNet: none" if sync.get("path") is None else
+                 f"SyncNet held-out accuracy {acc:.3f}" if _finite(acc) else "SyncNet held-out accuracy unknown")
+    if sync.get("note"):
+        sync_line += f" -- {sync['note']}"
+    sr = report["self_reconstruction"]
+    policies = "; ".join(r["description"] for r in sr["runs"])
+    return [report["verdict"]["line"], f"split: {split_text(report['split'])}",
+            f"reference policy: {policies}", sync_line]
+
+
+def _table(heads: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(heads)] if rows else \
+        [len(h) + 2 for h in heads]
+    lines = ["".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
     lines.append("-" * len(lines[0]))
-    for label, cells in rows:
-        lines.append(label.ljust(w0) + "".join(_fmt(c).rjust(w) for c, w in zip(cells, widths)))
+    for r in rows:
+        lines.append("".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return lines
+
+
+def summary_text(report: dict) -> str:
+    """The readable summary printed at the end: verdict first, then one table per reference run and the
+    per-file cross-driven table."""
+    lines = header_lines(report)
+    sr = report["self_reconstruction"]
+    for i, run in enumerate(sr["runs"]):
+        lines += ["", f"[held-out, {sr['frames']} frames] {run['description']}"]
+        rows = [[label] + [_fmt(c) for c in cells] for label, cells, _ in run_table(report, i)]
+        lines += _table(["metric"] + run_columns(report), rows)
+    if report["cross_driven"]:
+        heads, rows, footer = cross_table(report)
+        lines += ["", "[cross-driven, one row per file; reference = each frame's own crop, as in production]"]
+        lines += _table(heads, [[r[0]] + [_fmt(c) for c in r[1:]] for r in rows]) + footer
     return "\n".join(lines)
 
 
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    fig.clf()
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def plot_opening(art: dict, title: str, closed_max: float | None = None) -> str:
-    """Mouth opening vs time over the audio waveform, silences shaded."""
-    import matplotlib
+    """Mouth opening vs time over the audio waveform, silences shaded: the real video and each series."""
+    from matplotlib.figure import Figure  # lazy: matplotlib is only needed for the HTML page
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 3.0))
+    fig = Figure(figsize=(10, 3.0))
+    ax = fig.subplots()
     wav = np.asarray(art["audio"], np.float64)
     if len(wav):
         t = np.arange(len(wav)) / SR
@@ -467,13 +858,12 @@ def plot_opening(art: dict, title: str, closed_max: float | None = None) -> str:
         ax.patch.set_visible(False)
     for s, e in art.get("silences", []):
         ax.axvspan(s / FPS, e / FPS, color="tab:blue", alpha=0.08)
-    tf = np.arange(len(art["gen_opening"])) / FPS
     if art.get("real_opening") is not None:
-        ax.plot(tf, art["real_opening"], color="k", lw=1.2, label="real")
-    ax.plot(tf, art["gen_opening"], color="tab:red", lw=1.2, label="generated")
-    if art.get("compare_opening") is not None:
-        ax.plot(tf[: len(art["compare_opening"])], art["compare_opening"], color="tab:green", lw=1.0,
-                label="compare")
+        ro = art["real_opening"]
+        ax.plot(np.arange(len(ro)) / FPS, ro, color="k", lw=1.2, label=art.get("real_label", "real"))
+    colors = ["tab:red", "tab:orange", "tab:purple", "tab:green", "tab:brown"]
+    for (name, series), color in zip(art["openings"].items(), colors):
+        ax.plot(np.arange(len(series)) / FPS, series, color=color, lw=1.0, label=name)
     if closed_max is not None and math.isfinite(closed_max):
         ax.axhline(closed_max, color="tab:blue", ls="--", lw=0.8, label="closed-mouth max (real)")
     ax.set_xlabel("time (s); shaded = silences >= 300 ms; grey = waveform")
@@ -481,33 +871,6 @@ def plot_opening(art: dict, title: str, closed_max: float | None = None) -> str:
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     return _png(fig)
-
-
-def plot_bars(report: dict) -> str:
-    """One small bar chart per metric: model (and compare) beside the real video."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(label, cells) for label, cells in table_rows(report) if any(c is not None for c in cells)]
-    heads = [report["label"]] + ([report["compare"]["label"]] if report.get("compare") else []) + ["real"]
-    cols = 4
-    nrows = max(1, math.ceil(len(rows) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(12, 2.3 * nrows), squeeze=False)
-    colors = ["tab:red", "tab:green", "0.3"][-len(heads):] if len(heads) == 3 else ["tab:red", "0.3"]
-    for ax, (label, cells) in zip(axes.flat, rows):
-        vals = [c if c is not None else 0.0 for c in cells]
-        ax.bar(range(len(vals)), vals, color=colors[: len(vals)])
-        ax.set_xticks(range(len(vals)), heads, fontsize=7)
-        ax.set_title(label, fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _png(fig)
-
-
 def strip_jpeg(rows: list[list[np.ndarray]], height: int = 128) -> str:
     """Rows of crops (BGR) tiled into one JPEG, base64."""
     tiles = []
@@ -522,17 +885,24 @@ def strip_jpeg(rows: list[list[np.ndarray]], height: int = 128) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
-def build_html(report: dict, arts: dict) -> str:
-    """The self-contained HTML page."""
+def _html_table(heads: list[str], rows: list[list], better: list[str] | None = None) -> str:
+    esc = html.escape
+    out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in heads)
+           + ("<th>better</th>" if better else "") + "</tr>"]
+    for i, r in enumerate(rows):
+        out.append(f"<tr><td>{esc(str(r[0]))}</td>" + "".join(f"<td>{esc(_fmt(c))}</td>" for c in r[1:])
+                   + (f"<td>{BETTER[better[i]]}</td>" if better else "") + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def build_html(report: dict, page: dict) -> str:
+    """The self-contained HTML page: verdict first, then the tables, plots and strips."""
     esc = html.escape
     sr = report["self_reconstruction"]
+    verdict_color = "#060" if report["verdict"]["usable"] else "#b00"
+    head = header_lines(report)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>Evaluation: {esc(report['label'])}</title>",
@@ -541,29 +911,48 @@ def build_html(report: dict, arts: dict) -> str:
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}pre{background:#f6f6f6;"
         "padding:8px;overflow:auto;font-size:12px}</style></head><body>",
         f"<h1>Evaluation of {esc(report['label'])}</h1>",
+        f"<p class='verdict' style='font-size:1.2em;font-weight:bold;color:{verdict_color}'>{esc(head[0])}</p>",
+        "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in head[1:]) + "</ul>",
         f"<p>Checkpoint <code>{esc(report['checkpoint'])}</code>, created {esc(report['created'])}.</p>",
-        "<h2>Summary</h2><table><tr><th>metric</th>",
     ]
-    heads = [report["label"]] + ([report["compare"]["label"]] if report.get("compare") else []) + ["real video"]
-    parts += [f"<th>{esc(h)}</th>" for h in heads] + ["<th>better</th></tr>"]
-    for label, cells, better in table_rows(report, with_better=True):
-        parts.append(f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells)
-                     + f"<td>{BETTER[better]}</td></tr>")
-    parts.append("</table>")
-    parts.append(f"<h2>Metric bars</h2><img src='data:image/png;base64,{arts['bars']}'>")
-    parts.append(f"<h2>Held-out self-reconstruction (frames {sr['frame_range'][0]}-{sr['frame_range'][1] - 1})</h2>")
-    parts.append(f"<img src='data:image/png;base64,{arts['self_plot']}'>")
-    parts.append("<p>Frames: top row real, bottom row generated"
-                 + (", third row the compared model" if report.get("compare") else "") + ".</p>")
-    parts.append(f"<img src='data:image/jpeg;base64,{arts['self_strip']}'>")
-    for i, cd in enumerate(report["cross_driven"]):
-        parts.append(f"<h2>Cross-driven: {esc(Path(cd['audio']).name)} ({cd['frames']} frames)</h2>")
-        parts.append(f"<img src='data:image/png;base64,{arts['cross_plots'][i]}'>")
-        parts.append(f"<img src='data:image/jpeg;base64,{arts['cross_strips'][i]}'>")
+    for i, run in enumerate(sr["runs"]):
+        rows = run_table(report, i)
+        parts.append(f"<h2>Held-out ({sr['frames']} frames): {esc(run['description'])}</h2>")
+        parts.append(_html_table(["metric"] + run_columns(report), [[r[0]] + r[1] for r in rows],
+                                 [r[2] for r in rows]))
+    parts.append("<h2>Held-out mouth opening</h2>")
+    parts.append(f"<img src='data:image/png;base64,{page['self_plot']}'>")
+    parts.append("<p>Frame rows: " + esc(", ".join(page["strip_rows"])) + ".</p>")
+    parts.append(f"<img src='data:image/jpeg;base64,{page['self_strip']}'>")
+    if report["cross_driven"]:
+        heads, rows, footer = cross_table(report)
+        parts.append("<h2>Cross-driven (one row per file)</h2>" + _html_table(heads, rows))
+        parts += [f"<p>{esc(line)}</p>" for line in footer]
+        for i, cd in enumerate(report["cross_driven"]):
+            parts.append(f"<h3>{esc(Path(cd['audio']).name)} ({cd['frames']} frames)</h3>")
+            parts.append(f"<img src='data:image/png;base64,{page['cross_plots'][i]}'>")
+            parts.append(f"<img src='data:image/jpeg;base64,{page['cross_strips'][i]}'>")
     parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report["notes"]) + "</ul>")
     parts.append("<h2>report.json</h2><details><summary>show</summary><pre>"
                  + esc(json.dumps(report, indent=2)) + "</pre></details></body></html>")
     return "".join(parts)
+
+
+def build_page(report: dict, arts: dict, audio_files: list[Path]) -> dict:
+    """The plots and strips of the HTML page."""
+    sa, sr = arts["self"], report["self_reconstruction"]
+    strips = sa["strips"]
+    names = ["real"] + [n for n in ("closed:copy_reference", "closed:model", "random:model", "same:model")
+                        if strips.get(n)]
+    page = {"self_plot": plot_opening(sa, "held-out: mouth opening, real vs model per reference policy",
+                                      sr["closed_mouth_max"]),
+            "self_strip": strip_jpeg([sa["real_strip"]] + [strips[n] for n in names[1:]]),
+            "strip_rows": names, "cross_plots": [], "cross_strips": []}
+    for path, art in zip(audio_files, arts["cross"]):
+        page["cross_plots"].append(plot_opening(dict(art, real_label="source unchanged"),
+                                                f"{Path(path).name}: mouth opening", sr["closed_mouth_max"]))
+        page["cross_strips"].append(strip_jpeg([art["gen_strip"]]))
+    return page
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,18 +960,15 @@ def build_html(report: dict, arts: dict) -> str:
 
 
 def load_avatar(name: str, checkpoint: str | None, dataset_root: Path, checkpoint_root: Path,
-                syncnet_root: Path, backend: str, device: str) -> Avatar:
+                syncnet_root: Path, backend: str, device: str, extra_roots: list | None = None) -> Avatar:
     """Engine, held-out split, training audio and SyncNet of one avatar (found by the registry the
-    server uses: the given roots, then the bundled demo); EvalError when unusable."""
-    registry = AvatarRegistry([AvatarRoot(dataset_root, checkpoint_root, "user"),
-                               *settings.paths.avatar_roots()[1:]])
+    server uses: the given roots, then `extra_roots`); EvalError when unusable."""
+    registry = AvatarRegistry([AvatarRoot(dataset_root, checkpoint_root, "user"), *(extra_roots or [])])
     try:
         info = registry.find(name, checkpoint)
     except AvatarError as exc:
         raise EvalError(str(exc)) from None
     dataset_dir, ckpt = info.dataset_dir, info.checkpoint_path
-
-
     try:
         engine = LipSyncEngine.load(dataset_dir, ckpt, backend=backend, device=device,
                                     ave_checkpoint=settings.models.ave_checkpoint,
@@ -599,7 +985,8 @@ def load_avatar(name: str, checkpoint: str | None, dataset_root: Path, checkpoin
     audio = load_audio(str(wav))
     n = min(engine.n_frames, len(features), len(engine.boxes))
     try:
-        val = dataset_split(dataset_dir, n, "val")
+        val, train = dataset_split(dataset_dir, n, "val"), dataset_split(dataset_dir, n, "train")
+        split = describe_split(dataset_dir, n)
     except DatasetError as exc:
         raise EvalError(str(exc)) from None
     sync = None
@@ -608,26 +995,30 @@ def load_avatar(name: str, checkpoint: str | None, dataset_root: Path, checkpoin
         sync = SyncJudge(sync_path, device)
         if sync.mode != engine.mode:
             raise EvalError(f"{sync_path} is a {sync.mode!r} SyncNet but the U-Net uses {engine.mode!r} features")
+        if not sync.trusted:
+            log.warning("SyncNet %s: %s", sync_path, sync_status(sync)["note"])
     else:
         log.warning("no SyncNet at %s: SyncNet offset/confidence are left out", sync_path)
-    return Avatar(name, dataset_dir, ckpt, engine, features, audio, (int(val[0]), int(val[-1]) + 1), sync)
+    return Avatar(name, dataset_dir, ckpt, engine, features, audio, np.asarray(val), np.asarray(train), split, sync)
 
 
-def evaluate_avatar(av: Avatar, audio_files: list[Path], mesh: FaceMesh, max_frames: int | None
-                    ) -> tuple[dict, dict]:
+def evaluate_avatar(av: Avatar, audio_files: list[Path], mesh: FaceMesh, max_frames: int | None,
+                    policies: tuple[str, ...] = DEFAULT_POLICIES, seed: int = 0) -> tuple[dict, dict]:
     """All numbers of one avatar/checkpoint (JSON-able) and the series/crops for the page."""
-    log.info("self-reconstruction of %s on held-out frames %d-%d", av.label, av.held_out[0], av.held_out[1] - 1)
-    self_res, self_art = self_reconstruction(av, mesh, max_frames)
+    log.info("self-reconstruction of %s on %d held-out frames (%s)", av.label, len(av.held_out), av.split["kind"])
+    self_res, self_art = self_reconstruction(av, mesh, max_frames, policies, seed)
     cross, cross_arts = [], []
     for path in audio_files:
         log.info("cross-driving %s with %s", av.label, path)
-        res, art = cross_driven(av, path, mesh, max_frames, self_art["real_lips"], self_res["closed_mouth_max"])
+        res, art = cross_driven(av, path, mesh, max_frames, self_art["real_lips"], self_art["real_landmarks"],
+                                self_res["closed_mouth_max"])
         cross.append(res)
         cross_arts.append(art)
     meta = {k: av.meta.get(k) for k in ("mode", "size", "epoch") if k in av.meta}
     result = {"name": av.name, "label": av.label, "checkpoint": str(av.checkpoint), "meta": meta,
-              "syncnet": str(av.sync.path) if av.sync else None,
-              "self_reconstruction": self_res, "cross_driven": cross}
+              "split": av.split, "syncnet": sync_status(av.sync),
+              "reference_policy": {"default": "cross-reference", "runs": list(policies), "seed": seed},
+              "verdict": verdict(self_res["runs"]), "self_reconstruction": self_res, "cross_driven": cross}
     return result, {"self": self_art, "cross": cross_arts}
 
 
@@ -641,12 +1032,23 @@ def parse_compare(value: str, name: str, checkpoint_root: Path) -> tuple[str, st
     return value, None
 
 
+def parse_policies(value: str) -> tuple[str, ...]:
+    """`--references`: comma-separated policies, at least one cross-reference one."""
+    policies = tuple(p.strip() for p in value.split(",") if p.strip())
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise argparse.ArgumentTypeError(f"unknown reference policy {unknown}; choose from {', '.join(POLICIES)}")
+    if not set(policies) - {"same"}:
+        raise argparse.ArgumentTypeError("reference = target alone leaks the real mouth; add closed or random")
+    return policies
+
+
 def build_parser() -> argparse.ArgumentParser:
     # defaults (one block)
     defaults = dict(checkpoint=None, audio=[], compare=None, dataset_root=settings.paths.dataset_root,
                     checkpoint_root=settings.paths.checkpoint_root, syncnet_root=settings.paths.syncnet_root,
                     out=None, max_frames=None, backend=settings.models.backend,
-                    device=settings.models.resolved_device())
+                    device=settings.models.resolved_device(), references=DEFAULT_POLICIES, seed=0, strict=False)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--name", required=True, help="avatar name (dataset/<name>, checkpoint/<name>)")
@@ -658,6 +1060,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--syncnet_root", type=Path)
     p.add_argument("--out", type=Path, help="report folder (default: <result_dir>/eval/<name>)")
     p.add_argument("--max_frames", type=int, help="cap on frames per segment (held-out, each audio file)")
+    p.add_argument("--references", type=parse_policies,
+                   help="reference policies of the held-out runs: closed, random, same (diagnostic)")
+    p.add_argument("--seed", type=int, help="seed of the random-reference run")
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit with code {EXIT_UNUSABLE} when the verdict is UNUSABLE")
     p.add_argument("--backend", choices=["onnx", "torch"])
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps")
     p.set_defaults(**defaults)
@@ -672,53 +1079,35 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.max_frames is not None and args.max_frames < 3:
         raise EvalError(f"--max_frames must be at least 3, got {args.max_frames}")
     out_dir = args.out or settings.paths.result_dir / "eval" / args.name
-    roots = (args.dataset_root, args.checkpoint_root, args.syncnet_root, args.backend, args.device)
+    roots = (args.dataset_root, args.checkpoint_root, args.syncnet_root, args.backend, args.device,
+             settings.paths.avatar_roots()[1:])
     avatar = load_avatar(args.name, args.checkpoint, *roots)
     other = None
     if args.compare:
         other_name, other_ckpt = parse_compare(args.compare, args.name, args.checkpoint_root)
         other = load_avatar(other_name, other_ckpt, *roots)
     mesh = FaceMesh()
+    policies = tuple(args.references)
     try:
-        report, arts = evaluate_avatar(avatar, list(args.audio), mesh, args.max_frames)
+        report, arts = evaluate_avatar(avatar, list(args.audio), mesh, args.max_frames, policies, args.seed)
         if other is not None:
-            report["compare"], other_arts = evaluate_avatar(other, list(args.audio), mesh, args.max_frames)
+            report["compare"], _ = evaluate_avatar(other, list(args.audio), mesh, args.max_frames, policies,
+                                                   args.seed)
     finally:
         mesh.close()
-    report.update(created=_dt.datetime.now().isoformat(timespec="seconds"), notes=NOTES,
+    report.update(created=_dt.datetime.now().isoformat(timespec="seconds"), notes=list(NOTES),
                   settings={"max_frames": args.max_frames, "backend": args.backend, "device": args.device,
-                            "vshift": VSHIFT, "fps": FPS, "silence_min_ms": 300})
-    if report["syncnet"] is None:
-        report["notes"] = NOTES + [f"No SyncNet checkpoint at {args.syncnet_root / args.name / 'best.pth'}: "
-                                   "SyncNet numbers are missing."]
+                            "vshift": VSHIFT, "fps": FPS, "silence_min_ms": SILENCE_MS,
+                            "syncnet_min_accuracy": M.SYNCNET_MIN_ACCURACY, "colour_step_max": M.COLOUR_STEP_MAX})
     report = _clean(report)
-
-    sa = arts["self"]
-    if other is not None:
-        sa = dict(sa, compare_opening=other_arts["self"]["gen_opening"])
-    page = {"bars": plot_bars(report),
-            "self_plot": plot_opening(sa, "held-out: mouth opening, real vs generated",
-                                      report["self_reconstruction"]["closed_mouth_max"]),
-            "self_strip": strip_jpeg([sa["real_strip"], sa["gen_strip"]]
-                                     + ([other_arts["self"]["gen_strip"]] if other is not None else [])),
-            "cross_plots": [], "cross_strips": []}
-    for i, art in enumerate(arts["cross"]):
-        if other is not None:
-            art = dict(art, compare_opening=other_arts["cross"][i]["gen_opening"])
-        page["cross_plots"].append(plot_opening(art, f"{Path(args.audio[i]).name}: generated mouth opening",
-                                                report["self_reconstruction"]["closed_mouth_max"]))
-        page["cross_strips"].append(strip_jpeg([art["gen_strip"]]
-                                               + ([other_arts["cross"][i]["gen_strip"]] if other is not None else [])))
-    write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(out_dir / "report.html", build_html(report, page))
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "report.html", build_html(report, build_page(report, arts, list(args.audio))))
     return report, out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch
-
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     try:
         report, out_dir = run(args)
@@ -727,6 +1116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary_text(report))
     print(f"report: {out_dir / 'report.json'}  {out_dir / 'report.html'}")
+    if args.strict and not report["verdict"]["usable"]:
+        return EXIT_UNUSABLE
     return 0
 
 

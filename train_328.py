@@ -32,9 +32,11 @@ from synctalk import face as face_crop
 from synctalk import metrics
 from synctalk.dataset import AvatarDataset, DatasetError, ensure_crop_cache
 from synctalk.landmarks import FaceMesh
+from synctalk.metrics import SYNCNET_MIN_ACCURACY, syncnet_trusted
 from synctalk.trainkit import (
     LATEST,
     JsonlLog,
+    ProgressLine,
     TrainError,
     atomic_torch_save,
     autocast,
@@ -313,15 +315,26 @@ class Validator:
 # Training
 
 
-def load_frozen_syncnet(path: str | None, mode: str, size: str, device: torch.device):
-    """(SyncNet in eval mode with frozen parameters, (logit scale, bias))."""
+def load_frozen_syncnet(path: str | None, mode: str, size: str, device: torch.device, require: bool = False):
+    """(SyncNet in eval mode with frozen parameters, (logit scale, bias)); (None, None) with one warning
+    when its held-out accuracy is below SYNCNET_MIN_ACCURACY (a loss from a SyncNet at chance level
+    only adds noise), or TrainError then with `require`."""
     if not path:
         raise TrainError("--use_syncnet needs --syncnet_checkpoint PATH (train one with syncnet_328.py)")
     try:
         net, meta = load_syncnet_checkpoint(path, device=device, expect_mode=mode, expect_size=size)
     except CheckpointError as exc:
         raise TrainError(str(exc)) from None
-    log.info("SyncNet %s: held-out accuracy %.3f", path, meta.get("accuracy", float("nan")))
+    acc = meta.get("accuracy")
+    acc = float(acc) if acc is not None else float("nan")
+    if not syncnet_trusted(acc):
+        problem = (f"SyncNet {path} has held-out accuracy {acc:.3f}, below {SYNCNET_MIN_ACCURACY} "
+                   "(chance is 0.5): it cannot judge sync")
+        if require:
+            raise TrainError(f"{problem}; train a better SyncNet or drop --require_syncnet")
+        log.warning("%s; training WITHOUT the sync loss term (--require_syncnet stops instead)", problem)
+        return None, None
+    log.info("SyncNet %s: held-out accuracy %.3f", path, acc)
     return net, (float(meta.get("logit_scale", 1.0)), float(meta.get("logit_bias", 0.0)))
 
 
@@ -353,8 +366,8 @@ def train(args: argparse.Namespace) -> Path:
     model = build_unet(mode, size.name).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    syncnet, head = (load_frozen_syncnet(args.syncnet_checkpoint, mode, size.name, device)
-                     if args.use_syncnet else (None, None))
+    syncnet, head = (load_frozen_syncnet(args.syncnet_checkpoint, mode, size.name, device, args.require_syncnet)
+                     if args.use_syncnet or args.require_syncnet else (None, None))
     vgg_file = vgg19_weights_file() if args.perceptual_weight > 0 else None
     vgg = VGGFeatures(vgg_file).to(device) if vgg_file else None
     loss_fn = GeneratorLoss(size.inner, args.l1_weight, args.ssim_weight, args.ssim, args.sync_weight,
@@ -462,6 +475,7 @@ def train(args: argparse.Namespace) -> Path:
     if done and dist.is_main:
         log.info("nothing to do: step %d already reached the limit %d", step, total)
     t_start, samples = time.perf_counter(), 0
+    progress = ProgressLine(total, "train_328", start_step=step, enabled=None if dist.is_main else False)
     while not done and epoch < args.epochs:
         indices.set(epoch, skip * args.batchsize)
         it = iter(loader)
@@ -496,6 +510,8 @@ def train(args: argparse.Namespace) -> Path:
             samples += len(image) * dist.world
             if pbar is not None:
                 pbar.update(1)
+            if progress.due(step):
+                progress.emit(step, samples, loss.item())
             if step % args.log_every == 0 or step == total:
                 values = torch.stack([loss.detach().float()] + [terms[k].float() for k in sorted(terms)])
                 if dist.world > 1:
@@ -563,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dir", required=True, help="checkpoint/NAME")
     p.add_argument("--use_syncnet", action="store_true", help="add the SyncNet loss term")
     p.add_argument("--syncnet_checkpoint", default=None, help="syncnet_ckpt/NAME/best.pth")
+    p.add_argument("--require_syncnet", action="store_true",
+                   help=f"stop when the SyncNet's held-out accuracy is below {SYNCNET_MIN_ACCURACY} "
+                        "(default: warn and train without the sync term)")
     p.add_argument("--size", default=d["size"], choices=["328", "small"])
     p.add_argument("--mode", "--asr", dest="mode", default=d["mode"], choices=["whisper", "ave"])
     p.add_argument("--epochs", type=int, default=d["epochs"])

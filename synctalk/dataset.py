@@ -11,12 +11,18 @@ where the speech ends, so it still holds speech, and the silent tail is trained 
 frames on each side of the block are used by neither split, so no training audio window reaches into
 held-out audio. Training references are drawn from training frames only.
 
+Held out by utterance: a dataset made of separate utterances (e.g. GRID sentences concatenated) may
+carry `utterances.json` = `{"utterances": [{"name", "start", "end"}, ...], "held_out": [name, ...]}`
+(frame ranges, end exclusive). Then `val` is exactly the held-out utterances, whole sentences never
+seen in training, and `train` is every other frame except `GUARD` frames on each side of each of them.
+
 Sample randomness (reference frame, SyncNet negatives) is a pure function of (seed, epoch, frame); the
 training loaders pass (epoch, position) keys, so a run is reproducible and resumable whatever the number
 of loader workers.
 """
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +43,7 @@ FEATURE_FILES = {"whisper": "aud_whisper.npy", "ave": "aud_ave.npy"}  # in order
 VAL_FRACTION = 0.1
 GUARD = WINDOW // 2  # frames between the splits: a training audio window never covers held-out audio
 MIN_SHIFT = 5  # SyncNet negatives: audio at least this many frames away from the face's own
+UTTERANCES_FILE = "utterances.json"  # optional: utterance frame ranges and the held-out ones
 NEAR_SHIFT = 15  # "shifted" negatives lie MIN_SHIFT..NEAR_SHIFT frames away; "far" ones anywhere else
 
 
@@ -118,10 +125,66 @@ def speech_end(dataset_dir: str | Path, n: int, margin: int = 2) -> int:
     return n if len(loud) == 0 else min(n, int(loud[-1]) + 1 + margin)
 
 
+def read_utterances(dataset_dir: str | Path) -> tuple[list[dict], list[str]] | None:
+    """(utterances [{name, start, end}], held-out names) from `utterances.json`, or None without one;
+    DatasetError when it is malformed."""
+    path = Path(dataset_dir) / UTTERANCES_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        utts = [{"name": str(u["name"]), "start": int(u["start"]), "end": int(u["end"])} for u in data["utterances"]]
+        held = [str(h) for h in data.get("held_out", [])]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{path} is malformed ({exc}); expected {{'utterances': [{{name, start, end}}], "
+                           "'held_out': [name]}") from None
+    unknown = sorted(set(held) - {u["name"] for u in utts})
+    if unknown:
+        raise DatasetError(f"{path}: held-out utterances {unknown} are not among its utterances")
+    return utts, held
+
+
+def utterance_split(n: int, utterances: list[dict], held_out: list[str], split: str) -> np.ndarray:
+    """Frame indices of `split` when whole utterances are held out: `val` = the frames of the held-out
+    utterances (clipped to n), `train` = all other frames except GUARD frames on each side of each."""
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+    if split == "all":
+        return np.arange(n)
+    val, excluded = np.zeros(n, bool), np.zeros(n, bool)
+    names = set(held_out)
+    for u in utterances:
+        if u["name"] in names:
+            val[max(0, u["start"]):min(n, u["end"])] = True
+            excluded[max(0, u["start"] - GUARD):min(n, u["end"] + GUARD)] = True
+    if not val.any():
+        raise DatasetError(f"the held-out utterances {sorted(names)} have no frames among the {n} of the dataset")
+    if (~excluded).sum() < 2:
+        raise DatasetError(f"holding out {sorted(names)} leaves fewer than 2 training frames of {n}")
+    return np.flatnonzero(val) if split == "val" else np.flatnonzero(~excluded)
+
+
 def dataset_split(dataset_dir: str | Path, n: int, split: str, val_fraction: float = VAL_FRACTION) -> np.ndarray:
-    """`split_frames` for a dataset folder: the held-out block ends where its speech ends. Training,
-    SyncNet and evaluate.py all take their split from here."""
+    """The split of a dataset folder: whole held-out utterances when `utterances.json` names some, else
+    `split_frames` with the held-out block ending where the speech ends. Training, SyncNet and
+    evaluate.py all take their split from here."""
+    utts = read_utterances(dataset_dir)
+    if utts is not None and utts[1]:
+        return utterance_split(n, utts[0], utts[1], split)
     return split_frames(n, split, val_fraction, speech_end(dataset_dir, n))
+
+
+def describe_split(dataset_dir: str | Path, n: int, val_fraction: float = VAL_FRACTION) -> dict:
+    """What was held out, for reports: the utterances (names and frame ranges) or the frame block."""
+    utts = read_utterances(dataset_dir)
+    if utts is not None and utts[1]:
+        held = set(utts[1])
+        return {"kind": "utterances", "guard_frames": GUARD,
+                "held_out": [u for u in utts[0] if u["name"] in held],
+                "training_utterances": sum(u["name"] not in held for u in utts[0])}
+    val = dataset_split(dataset_dir, n, "val", val_fraction)
+    return {"kind": "tail", "guard_frames": GUARD, "held_out_frames": [int(val[0]), int(val[-1]) + 1],
+            "val_fraction": val_fraction}
 
 
 # ----------------------------------------------------------------------------------------------

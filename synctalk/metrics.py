@@ -301,3 +301,107 @@ def envelope_correlation(opening: np.ndarray, envelope: np.ndarray) -> float:
     shorter)."""
     n = min(len(opening), len(envelope))
     return pearson(np.asarray(opening, np.float64)[:n], np.asarray(envelope, np.float64)[:n])
+
+
+# ----------------------------------------------------------------------------------------------
+# Inner-mouth detail and the colour step across the paste border
+
+SYNCNET_MIN_ACCURACY = 0.65  # held-out pair accuracy below which SyncNet numbers mean nothing (chance: 0.5)
+COLOUR_STEP_MAX = 3.0  # CIE76 delta E: a paste adding more colour step than this at its border is visible
+TEETH_LIGHT, TEETH_CHROMA = 0.7, 0.7  # teeth: L* >= 0.7 x skin L*, chroma <= 0.7 x skin chroma
+MIN_MOUTH_AREA = 12.0  # px^2 at crop resolution: an inner-lip polygon smaller than this is a closed mouth
+
+
+def syncnet_trusted(accuracy: float | None) -> bool:
+    """Whether a SyncNet with this held-out accuracy may judge sync (None or NaN: unknown, not trusted)."""
+    return accuracy is not None and math.isfinite(accuracy) and accuracy >= SYNCNET_MIN_ACCURACY
+
+
+def lab(image: np.ndarray) -> np.ndarray:
+    """CIE Lab float32 of a BGR uint8 image (L* in 0..100, a*, b* about -128..127)."""
+    return cv2.cvtColor(np.asarray(image, np.float32) / 255.0, cv2.COLOR_BGR2LAB)
+
+
+def inner_lip_points(landmarks: np.ndarray) -> np.ndarray:
+    """The 20 inner-lip points `[N, 20, 2]` (a closed polygon, in order) of 478-point landmarks."""
+    return np.asarray(landmarks)[:, list(LIP_INNER)]
+
+
+def mouth_area(inner_lips: np.ndarray) -> float:
+    """Area (px^2) of the inner-lip polygon `[20, 2]`: the open mouth; NaN without landmarks."""
+    pts = np.asarray(inner_lips, np.float64)
+    return float("nan") if np.isnan(pts).any() else float(abs(cv2.contourArea(pts.astype(np.float32))))
+
+
+def teeth_share(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN_MOUTH_AREA) -> float:
+    """Share of the open mouth (inside the inner-lip polygon `[20, 2]`, image pixels) with teeth-bright
+    pixels: L* at least `TEETH_LIGHT` of the image's median L* (the skin level; teeth in the mouth's
+    shade are a little darker than skin) and chroma at most `TEETH_CHROMA` of its median chroma (teeth
+    are pale; lips are saturated and the cavity dark). 0 when the mouth is closed (polygon under
+    `min_area` px^2), NaN without landmarks."""
+    pts = np.asarray(inner_lips, np.float64)
+    area = mouth_area(pts)
+    if not math.isfinite(area):
+        return float("nan")
+    if area < min_area:
+        return 0.0
+    mask = np.zeros(np.asarray(image).shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    inside = mask.astype(bool)
+    if not inside.any():
+        return 0.0
+    img = lab(image)
+    light, chroma = img[..., 0], np.hypot(img[..., 1], img[..., 2])
+    bright = (light >= TEETH_LIGHT * np.median(light)) & (chroma <= TEETH_CHROMA * np.median(chroma))
+    return float(bright[inside].mean())
+
+
+def _edge_bands(mask: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inside, outside) boolean bands of a paste mask: pixels fully pasted (m >= 0.99) within `band`
+    px of the rest, and pixels untouched (m <= 0.01) within `band` px of the pasted part."""
+    m = np.asarray(mask, np.float32)
+    full, none = (m >= 0.99).astype(np.uint8), (m <= 0.01).astype(np.uint8)
+    to_not_full = cv2.distanceTransform(full, cv2.DIST_L2, 3)  # distance to the nearest not-full pixel
+    to_touched = cv2.distanceTransform(none, cv2.DIST_L2, 3)
+    return (full > 0) & (to_not_full <= band), (none > 0) & (to_touched <= band)
+
+
+def colour_steps(image: np.ndarray, mask: np.ndarray, band: int = 4, sectors: int = 8) -> np.ndarray:
+    """Per angular sector around the image centre: mean Lab just inside minus just outside the paste
+    mask's edge (`[sectors, 3]`, NaN where a sector has no pixels in a band)."""
+    inside, outside = _edge_bands(mask, band)
+    h, w = inside.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    sector = ((np.arctan2(yy - (h - 1) / 2, xx - (w - 1) / 2) + np.pi) / (2 * np.pi) * sectors).astype(int) % sectors
+    img = lab(image)
+    out = np.full((sectors, 3), np.nan)
+    for k in range(sectors):
+        a, b = inside & (sector == k), outside & (sector == k)
+        if a.any() and b.any():
+            out[k] = img[a].mean(axis=0) - img[b].mean(axis=0)
+    return out
+
+
+def colour_step(image: np.ndarray, mask: np.ndarray, band: int = 4, sectors: int = 8) -> float:
+    """The colour step across the paste border of one image: the largest over sectors of the delta E
+    (CIE76) between the mean colour just inside and just outside the mask edge."""
+    steps = colour_steps(image, mask, band, sectors)
+    norms = np.linalg.norm(steps, axis=1)
+    return float(np.nanmax(norms)) if np.isfinite(norms).any() else float("nan")
+
+
+def colour_step_excess(generated: np.ndarray, real: np.ndarray, mask: np.ndarray, band: int = 4,
+                       sectors: int = 8) -> float:
+    """Colour step the paste adds: per sector, the delta E between the generated image's inside-minus-
+    outside Lab difference and the real image's (the face's own shading cancels), largest over sectors.
+    0 for a clean paste; a tinted lower face gives about the tint's delta E."""
+    diff = colour_steps(generated, mask, band, sectors) - colour_steps(real, mask, band, sectors)
+    norms = np.linalg.norm(diff, axis=1)
+    return float(np.nanmax(norms)) if np.isfinite(norms).any() else float("nan")
+
+
+def paste_composite(generated: np.ndarray, real: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The crop a feathered paste shows: generated * mask + real * (1 - mask), rounded to uint8."""
+    m = np.asarray(mask, np.float32)[..., None]
+    out = np.asarray(generated, np.float32) * m + np.asarray(real, np.float32) * (1.0 - m)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 
 from syncnet_328 import SyncHead, SyncNet_color, build_syncnet, embed
 from synctalk.dataset import MIN_SHIFT, DatasetError, SyncNetDataset, ensure_crop_cache
+from synctalk.metrics import SYNCNET_MIN_ACCURACY, syncnet_trusted
 from synctalk.trainkit import (
     Dist,
     JsonlLog,
+    ProgressLine,
     TrainError,
     autocast,
     cosine_with_warmup,
@@ -170,6 +172,7 @@ def train_syncnet(args: argparse.Namespace) -> Path:
 
     best: tuple[float, float] | None = None  # (accuracy, -loss)
     step, t0 = 0, time.perf_counter()
+    progress = ProgressLine(total, "syncnet")
 
     calib_ds = SyncNetDataset(args.dataset_dir, args.size, train_ds.mode, "train", seed=args.seed,
                               build_cache=False, triplets=True)
@@ -220,6 +223,8 @@ def train_syncnet(args: argparse.Namespace) -> Path:
             scaler.update()
             scheduler.step()
             step += 1
+            if progress.due(step):
+                progress.emit(step, step * args.batchsize, loss.item())
             if step % args.log_every == 0 or step == total:
                 entry = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "accuracy": acc,
                          "lr": scheduler.get_last_lr()[0]}
@@ -237,9 +242,21 @@ def train_syncnet(args: argparse.Namespace) -> Path:
         evaluate(epoch + 1)
     if writer is not None:
         writer.close()
-    log.info("SyncNet done in %.0f s: best held-out accuracy %.3f -> %s", time.perf_counter() - t0,
-             best[0] if best else float("nan"), best_path)
+    best_acc = best[0] if best else float("nan")
+    log.info("SyncNet done in %.0f s: best held-out accuracy %.3f -> %s", time.perf_counter() - t0, best_acc,
+             best_path)
+    warn_if_chance(best_acc)
     return best_path
+
+
+def warn_if_chance(accuracy: float) -> bool:
+    """Log one warning when the best held-out accuracy never beat chance by a usable margin; True then."""
+    if syncnet_trusted(accuracy):
+        return False
+    log.warning("SyncNet never beat chance: best held-out accuracy %.3f < %.2f (chance 0.5). train_328.py "
+                "will not use it as a loss and evaluate.py reports its numbers as not measurable; train longer, "
+                "on more (and more varied) speech", accuracy, SYNCNET_MIN_ACCURACY)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

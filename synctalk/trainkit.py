@@ -11,10 +11,11 @@ import math
 import os
 import random
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -25,8 +26,7 @@ from unet_328 import CheckpointError
 log = logging.getLogger(__name__)
 
 LATEST = "latest.pth"
-
-
+PROGRESS_EVERY_S = 30.0  # a plain progress line at least this often when stdout is not a terminal
 
 
 class TrainError(Exception):
@@ -218,6 +218,47 @@ def tensorboard_writer(logdir: Path, enabled: bool, purge_step: int | None):
         log.warning("TensorBoard logging disabled: %s", exc)
         return None
     return SummaryWriter(str(logdir), purge_step=purge_step)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as `1h02m`, `3m05s` or `42s` (`?` when unknown)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class ProgressLine:
+    """Plain progress lines for logs (stdout not a terminal, where tqdm's bar shows nothing): at least
+    every `every_s` seconds and at the last step, `label: step S/T (P %), R samples/s, ETA E, loss L`."""
+
+    def __init__(self, total: int, label: str = "train", every_s: float = PROGRESS_EVERY_S,
+                 stream: TextIO | None = None, enabled: bool | None = None, start_step: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream = stream if stream is not None else sys.stdout
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.enabled = (not isatty()) if enabled is None else enabled
+        self.total, self.label, self.every_s, self.clock = total, label, every_s, clock
+        self.start_step = start_step
+        self.start = self.last = clock()
+
+    def due(self, step: int) -> bool:
+        """Whether `emit` should be called at this step (cheap: no loss is read otherwise)."""
+        return self.enabled and (step >= self.total or self.clock() - self.last >= self.every_s)
+
+    def emit(self, step: int, samples: int, loss: float) -> str:
+        """Print (and return) one progress line; `samples` = samples processed since the start."""
+        now = self.clock()
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        steps_per_s = (step - self.start_step) / elapsed
+        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
+        line = (f"{self.label}: step {step}/{self.total} ({100.0 * step / max(1, self.total):.0f} %), "
+                f"{samples / elapsed:.1f} samples/s, ETA {format_duration(eta)}, loss {loss:.4f}")
+        print(line, file=self.stream, flush=True)
+        return line
 
 
 # ----------------------------------------------------------------------------------------------
