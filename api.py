@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import REPO_ROOT, Settings
 from config import settings as default_settings
+from services.admission import RETRY_AFTER_S, calibrate_admission
 from services.debug import DebugRecorder, wav_bytes
 from services.deps import DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services, require_token
 from services.errors import DOMAIN_ERRORS
@@ -285,9 +286,10 @@ async def stream_audio(services: Services, audio16k: np.ndarray, info: AvatarInf
                        extra_headers: dict[str, str] | None = None) -> MJPEGResponse:
     """The MJPEG response of avatar `info` speaking 16 kHz mono `audio16k`."""
     settings = services.settings
-    engine = await anyio.to_thread.run_sync(services.models.engine, info.name)
-    generator = services.generator_cls(engine, batch_size=settings.models.batch_size,
-                                       jpeg_quality=settings.server.jpeg_quality, stats=services.stats)
+    scheduler = await anyio.to_thread.run_sync(services.models.scheduler, info.name)
+    generator = services.generator_cls(scheduler.engine, batch_size=settings.models.batch_size,
+                                       jpeg_quality=settings.server.jpeg_quality, stats=services.stats,
+                                       scheduler=scheduler)
     assert services.debug is not None
     session = DebugRecorder.new_session(kind)
     await anyio.to_thread.run_sync(services.debug.save_audio_clip, session, audio16k, SAMPLE_RATE)
@@ -297,13 +299,30 @@ async def stream_audio(services: Services, audio16k: np.ndarray, info: AvatarInf
     headers = {"X-Frame-Count": str(source.total), "X-Audio-Duration": f"{len(audio16k) / SAMPLE_RATE:.4f}",
                "X-FPS": str(generator.fps), "X-Avatar": info.name, "Cache-Control": "no-store",
                "X-Accel-Buffering": "no", **(extra_headers or {})}
-    return MJPEGResponse(paced_parts(source, services.stats, generator.fps), headers=headers)
+    if not services.admission.try_acquire("mjpeg"):
+        source.cancel.set()
+        raise busy(services)
+    return MJPEGResponse(paced_parts(source, services.stats, generator.fps,
+                                     on_close=lambda: services.admission.release("mjpeg")), headers=headers)
+
+
+def busy(services: Services) -> APIError:
+    """503 + Retry-After: the process holds as many streams as it can keep in real time."""
+    return APIError(503, "busy", f"this server is at its capacity of {services.admission.capacity} streams; "
+                                 f"retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def check_capacity(services: Services) -> None:
+    """Refuse a new stream before any expensive work when the process is already full."""
+    if not services.admission.has_room():
+        raise busy(services)
 
 
 async def speak_text(services: Services, text: str, avatar: str | None, voice: str | None,
                      request: Request | None = None) -> MJPEGResponse:
     """Validate, synthesise and stream (the body of both /generate routes)."""
     text = check_text(text, services.settings.tts.max_text_chars)
+    check_capacity(services)
     check_speech_length(text, services.settings.server.max_audio_seconds)
     info = services.models.resolve(avatar)
     voice = await check_voice(services, voice)
@@ -438,6 +457,7 @@ async def generate_from_audio(services: ServicesDep, request: Request,
                               avatar: AvatarQuery = None) -> MJPEGResponse:
     """Stream MJPEG of the avatar speaking an uploaded recording (form field `audio_file`)."""
     info = services.models.resolve(avatar)
+    check_capacity(services)
     data, extension = await read_upload(request, services.settings.server.max_upload_bytes)
     audio = await decode_upload(data, extension, services.settings.server.max_audio_seconds)
     return await stream_audio(services, audio, info, "audio")
@@ -486,6 +506,8 @@ class HealthBody(BaseModel):
     tts: dict[str, Any]
     streams: dict[str, int]
     threads: dict[str, int] = Field(description="torch intra-op and inter-op threads (models.threads)")
+    memory: dict[str, Any] = Field(description="memory of the loaded avatars, the budget, evictions so far")
+    admission: dict[str, Any] = Field(description="stream capacity, running streams by kind, refusals")
 
 
 @system_router.get("/health", response_model=HealthBody)
@@ -499,7 +521,9 @@ def health(services: ServicesDep) -> dict[str, Any]:
     return public_paths({
         "status": state, "device": services.settings.models.resolved_device(),
         "backend": services.settings.models.backend, "model": {"default": default, "loaded": models["loaded"]},
-        "avatars": models["avatars"], "tts": tts, "streams": services.stats.snapshot(), "threads": torch_threads()})
+        "avatars": models["avatars"], "tts": tts, "streams": services.stats.snapshot(), "threads": torch_threads(),
+        "memory": {k: models[k] for k in ("memory_mb", "memory_budget_mb", "evictions")},
+        "admission": services.admission.status()})
 
 
 @system_router.get("/debug/status")
@@ -564,6 +588,10 @@ def create_app(services: Services | None = None, settings: Settings | None = Non
         limit_torch_threads(svc.settings.models.threads)
         await anyio.to_thread.run_sync(clean_stale_temporaries, svc.settings)
         name = await anyio.to_thread.run_sync(svc.models.warm_up)
+        if name is not None and svc.admission.capacity is None:
+            scheduler = await anyio.to_thread.run_sync(svc.models.scheduler, name)
+            await anyio.to_thread.run_sync(calibrate_admission, svc.admission, svc.generator_cls, scheduler,
+                                           svc.settings.server.jpeg_quality)
         await anyio.to_thread.run_sync(svc.tts.warm_up)
         log.info("ready: default avatar %s, device %s, backend %s", name or "(none)",
                  svc.settings.models.resolved_device(), svc.settings.models.backend)

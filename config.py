@@ -64,6 +64,7 @@ class ModelsConfig(BaseModel):
     threads: int = Field(1, ge=1, le=64)  # intra-op threads; 1 is often faster on 2 shared cores
     batch_size: int = Field(8, ge=1, le=256)
     ave_checkpoint: Path | None = None  # upstream AVE audio encoder (.pth), needed only in ave mode
+    memory_budget_mb: int = Field(4096, ge=64)  # loaded avatars past this are evicted, least recently used first
 
     @field_validator("device")
     @classmethod
@@ -129,6 +130,10 @@ class ServerConfig(BaseModel):
     ws_margin_ms: float = Field(80.0, ge=0.0, le=2000.0)  # compute budget added to the announced latency
     ws_send_timeout_s: float = Field(3.0, gt=0.0, le=60.0)  # a client not reading this long is dropped
     motion: Literal["enhanced", "template"] = "enhanced"  # walk the source frames, or animate frame 0 only
+    # admission: streams (MJPEG, live WebSocket, WebRTC) held at once; past it 503 + Retry-After / close 1013.
+    # 0 = measure at start-up: the default avatar's frames/s through its scheduler, times 0.9, over 25 fps
+    max_streams: int = Field(0, ge=0, le=1024)
+    batch_wait_ms: float = Field(4.0, ge=0.0, le=100.0)  # the scheduler waits this long for other streams' frames
 
 
 class IceServer(BaseModel):

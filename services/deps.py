@@ -16,6 +16,7 @@ from fastapi import Depends, HTTPException, WebSocketException, status
 from starlette.requests import HTTPConnection
 
 from config import Settings
+from services.admission import Admission
 from services.debug import DebugRecorder
 from services.generator import EnhancedFrameGenerationService, FrameGenerationService
 from services.models import ModelService
@@ -35,10 +36,13 @@ class Services:
     generator_cls: type[FrameGenerationService] | None = None  # FrameGenerationService subclass; None = from settings
     stats: StreamStats = field(default_factory=StreamStats)
     debug: DebugRecorder | None = None
+    admission: Admission = field(default_factory=Admission)
 
     def __post_init__(self) -> None:
         if self.debug is None:
             self.debug = DebugRecorder(self.settings.debug)
+        if self.settings.server.max_streams and self.admission.capacity is None:
+            self.admission.capacity = self.settings.server.max_streams
         if self.generator_cls is None:
             motion = self.settings.server.motion
             self.generator_cls = EnhancedFrameGenerationService if motion == "enhanced" else FrameGenerationService

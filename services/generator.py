@@ -4,6 +4,7 @@ features -> frames -> JPEG batches, a few frames at a time (`FrameJob`, a `servi
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from services.streaming import StreamStats, encode_jpeg
 from synctalk.engine import LipSyncEngine
 from synctalk.features import StreamingFeatures, load_whisper_encoder
+from synctalk.scheduler import FrameScheduler
 from synctalk.timing import FPS, FUTURE_ROWS
 
 
@@ -23,11 +25,17 @@ class FrameGenerationService:
     (the streaming Whisper routine, so the first frame does not wait for the whole utterance), renders
     the next batch and JPEG-encodes it. Output frame i is the mouth for audio [40 i, 40 i + 40) ms, the
     training indexing, and there are round(25 x duration) frames.
+
+    With a `scheduler` (the server passes the avatar's), frames are rendered in batches shared with the
+    avatar's other streams, each batch due when the stream's clock needs it; without one they are
+    rendered alone on the engine (one stream at a time: the baseline the benchmark compares against).
     """
 
     def __init__(self, engine: LipSyncEngine, jpeg_quality: int, batch_size: int | None = None,
-                 stats: StreamStats | None = None, template: int = 0, first_batch: int = 2):
+                 stats: StreamStats | None = None, template: int = 0, first_batch: int = 2,
+                 scheduler: FrameScheduler | None = None):
         self.engine = engine
+        self.scheduler = scheduler
         self.batch_size = max(1, int(batch_size or engine.batch_size))
         self.first_batch = max(1, min(int(first_batch), self.batch_size))  # small: an early first frame
         self.jpeg_quality = int(jpeg_quality)
@@ -42,6 +50,12 @@ class FrameGenerationService:
     def encode(self, frame: np.ndarray) -> bytes:
         """JPEG bytes of a BGR frame at this service's quality."""
         return encode_jpeg(frame, self.jpeg_quality)
+
+    def render(self, windows: np.ndarray, order: np.ndarray, deadline: float) -> list[np.ndarray]:
+        """Full frames for audio `windows` on source frames `order`, through the scheduler when there is one."""
+        if self.scheduler is None:
+            return self.engine.render(windows, order)
+        return self.scheduler.render(windows, order, deadline)
 
     def job(self, audio16k: np.ndarray, on_frame: Callable[[int, bytes], None] | None = None) -> FrameJob:
         """A generation job for 16 kHz mono float audio; `on_frame(i, jpeg)` sees every frame."""
@@ -116,6 +130,7 @@ class FrameJob:
         self.cancel = threading.Event()
         self.on_frame = on_frame
         self.next_frame = 0
+        self.t0: float | None = None  # when the first batch was asked for: frame i is due t0 + i / 25
 
     def next_batch(self) -> list[bytes] | None:
         """The next frames as JPEG bytes, or None when finished or cancelled."""
@@ -127,8 +142,10 @@ class FrameJob:
         features = self.feed.ensure(end + FUTURE_ROWS, self.cancel)
         if self.cancel.is_set():
             return None
+        if self.t0 is None:
+            self.t0 = time.monotonic()
         windows = svc.engine.audio_windows(features, range(start, end))
-        frames = svc.engine.render(windows, self.order[start:end])
+        frames = svc.render(windows, self.order[start:end], self.t0 + start / FPS)
         jpegs = [svc.encode(f) for f in frames]
         if svc.stats is not None:
             svc.stats.add(frames_generated=len(jpegs))

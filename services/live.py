@@ -56,6 +56,7 @@ from services.errors import domain_error
 from services.streaming import MJPEGResponse, encode_jpeg, mjpeg_part
 from synctalk.engine import LipSyncEngine, pingpong_step
 from synctalk.features import StreamingFeatures
+from synctalk.scheduler import FrameScheduler
 from synctalk.sizes import audio_input_shape, audio_window
 from synctalk.timing import FPS, FUTURE_ROWS, SAMPLE_RATE, SAMPLES_PER_FRAME, WINDOW
 
@@ -390,8 +391,10 @@ class LiveTimeline:
     """
 
     def __init__(self, engine: LipSyncEngine, opts: LiveOptions, clock: Clock, emit: Callable[[Item | None], None],
-                 realtime: bool = True, features_factory: Callable[[], Any] | None = None):
+                 realtime: bool = True, features_factory: Callable[[], Any] | None = None,
+                 scheduler: FrameScheduler | None = None):
         self.engine = engine
+        self.scheduler = scheduler  # the avatar's: speech frames share U-Net batches with its other streams
         self.opts = opts
         self.clock = clock
         self.emit = emit
@@ -652,7 +655,10 @@ class LiveTimeline:
             self.emit(Item(plan.k, None, plan.kind, audio_time, plan.events))
             return
         start = time.perf_counter()
-        frame = self.engine.render(plan.window[None], [plan.source], out=self._render_out)[0]
+        if self.scheduler is not None:
+            frame = self.scheduler.render(plan.window[None], [plan.source], self.clock.deadline(plan.k))[0]
+        else:
+            frame = self.engine.render(plan.window[None], [plan.source], out=self._render_out)[0]
         self.stats["render_s"] += time.perf_counter() - start
         self.stats["rendered"] += 1
         self.last_speech_frame = frame
@@ -734,10 +740,11 @@ class AheadMeter:
 class LiveConnection:
     """One WebSocket client: receiver task, sender task and the timeline's two worker threads."""
 
-    def __init__(self, ws: WebSocket, services: Services, engine: LipSyncEngine, avatar: str):
+    def __init__(self, ws: WebSocket, services: Services, scheduler: FrameScheduler, avatar: str):
         self.ws = ws
         self.services = services
-        self.engine = engine
+        self.scheduler = scheduler
+        self.engine = scheduler.engine
         self.avatar = avatar
         self.opts = LiveOptions.from_settings(services.settings)
         self.loop = asyncio.get_running_loop()
@@ -789,7 +796,8 @@ class LiveConnection:
     async def run(self) -> None:
         """Serve the connection until the client leaves, is dropped, or generation fails."""
         self.timeline = await anyio.to_thread.run_sync(
-            lambda: LiveTimeline(self.engine, self.opts, self.clock, self._emit_threadsafe))
+            lambda: LiveTimeline(self.engine, self.opts, self.clock, self._emit_threadsafe,
+                                 scheduler=self.scheduler))
         frame_h, frame_w = self.engine.frame_shape[:2]
         await self.send_json({"type": "ready", "fps": FPS, "latency_ms": round(self.timeline.latency_ms),
                               "sample_rate": SAMPLE_RATE, "avatar": self.avatar, "width": int(frame_w),
@@ -969,14 +977,22 @@ async def serve_live(websocket: WebSocket, services: Services, avatar: str | Non
     """Load the avatar's engine and run the connection (errors before `ready` are sent as an event)."""
     try:
         info = services.models.resolve(avatar)
-        engine = await anyio.to_thread.run_sync(services.models.engine, info.name)
-        if engine.mode != "whisper":
-            raise ValueError(f"avatar {info.name!r} uses {engine.mode} audio features; live mode needs "
-                             f"a whisper-mode checkpoint")
+        scheduler = await anyio.to_thread.run_sync(services.models.scheduler, info.name)
+        if scheduler.engine.mode != "whisper":
+            raise ValueError(f"avatar {info.name!r} uses {scheduler.engine.mode} audio features; live mode "
+                             f"needs a whisper-mode checkpoint")
     except Exception as exc:
         code = (domain_error(exc) or (503, "unavailable"))[1]
         await websocket.send_text(json.dumps({"type": "error", "error": code, "detail": str(exc)}))
         await websocket.close(1008 if code == "unknown_avatar" else 1011)
         return
-    connection = LiveConnection(websocket, services, engine, info.name)
-    await connection.run()
+    if not services.admission.try_acquire("live"):
+        await websocket.send_text(json.dumps({"type": "error", "error": "busy", "detail":
+                                              f"this server is at its capacity of {services.admission.capacity} "
+                                              f"streams; retry shortly"}))
+        await websocket.close(1013)  # try again later
+        return
+    try:
+        await LiveConnection(websocket, services, scheduler, info.name).run()
+    finally:
+        services.admission.release("live")

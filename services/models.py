@@ -6,10 +6,14 @@ dataset/checkpoint roots, then the bundled demo avatar): the same registry the C
 
 Nothing is loaded at import time: `ModelService(settings)` only scans folders; engines are built on
 first use (`engine(name)`) or by `warm_up()` (the server's lifespan), each under its own lock so two
-requests for the same avatar never load it twice.
+requests for the same avatar never load it twice. Each loaded avatar gets one
+`synctalk.scheduler.FrameScheduler` (`scheduler(name)`), shared by all its streams. Past
+`models.memory_budget_mb` the least recently used other avatars are evicted (a stream still running on
+an evicted engine keeps it until it ends); an evicted avatar loads again on its next request.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -23,6 +27,7 @@ import torch
 from config import Settings
 from synctalk.avatar import AvatarError, AvatarInfo, NoAvatarError, UnknownAvatarError
 from synctalk.engine import LipSyncEngine
+from synctalk.scheduler import FrameScheduler
 from synctalk.timing import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,9 @@ def torch_threads() -> dict[str, int]:
     return {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads()}
 
 
+RESCAN_INTERVAL_S = 2.0  # an unknown name rescans the avatar folders at most this often
+
+
 class AvatarLoadError(AvatarError):
     """An avatar was found on disk but its engine could not be built."""
 
@@ -57,6 +65,8 @@ class _Slot:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     engine: LipSyncEngine | None = None
+    scheduler: FrameScheduler | None = None
+    last_used: float = 0.0
     error: str | None = None
     load_seconds: float | None = None
 
@@ -64,7 +74,7 @@ class _Slot:
 class ModelService:
     """Discovers avatars and hands out one shared engine per avatar (loaded lazily, thread-safe).
 
-    `engine_factory(info)` builds an engine; the default builds `services.generator.LipSyncEngine`
+    `engine_factory(info)` builds an engine; the default builds `synctalk.engine.LipSyncEngine`
     with the backend/device/threads from `settings.models`. Tests can pass their own factory.
     """
 
@@ -76,6 +86,8 @@ class ModelService:
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
         self._avatars: dict[str, AvatarInfo] = {}
+        self._last_scan = 0.0
+        self.evictions = 0
         self.refresh()
 
     # -- discovery ---------------------------------------------------------------------------
@@ -83,6 +95,7 @@ class ModelService:
     def refresh(self) -> dict[str, AvatarInfo]:
         """Rescan the roots (cheap: directory listings only) and return the avatars by name."""
         found = self.settings.paths.avatar_registry().scan()
+        self._last_scan = time.monotonic()
         with self._lock:
             self._avatars = found
             for name in self._avatars:
@@ -115,7 +128,7 @@ class ModelService:
             name = default
         with self._lock:
             info = self._avatars.get(name)
-        if info is None:
+        if info is None and time.monotonic() - self._last_scan > RESCAN_INTERVAL_S:
             self.refresh()  # a freshly trained avatar shows up without a restart
             with self._lock:
                 info = self._avatars.get(name)
@@ -131,6 +144,7 @@ class ModelService:
         info = self.resolve(name)
         with self._lock:
             slot = self._slots.setdefault(info.name, _Slot())
+        slot.last_used = time.monotonic()
         if slot.engine is not None:
             return slot.engine
         with slot.lock:  # one loader per avatar; other callers wait for it
@@ -144,9 +158,52 @@ class ModelService:
                     raise AvatarLoadError(f"cannot load avatar {info.name!r}: {exc}") from exc
                 slot.error = None
                 slot.load_seconds = time.perf_counter() - start
-                log.info("loaded avatar %s (%s, epoch %d) in %.2f s", info.name, info.checkpoint_path.name,
-                         info.epoch, slot.load_seconds)
+                slot.scheduler = FrameScheduler(slot.engine, max_wait_s=self.settings.server.batch_wait_ms / 1000)
+                log.info("loaded avatar %s (%s, epoch %d) in %.2f s, %.0f MB", info.name,
+                         info.checkpoint_path.name, info.epoch, slot.load_seconds,
+                         slot.engine.memory_bytes() / 2**20)
+                self._evict_over_budget(keep=info.name)
         return slot.engine
+
+    def scheduler(self, name: str | None = None) -> FrameScheduler:
+        """The frame scheduler every stream of avatar `name` renders through (loads the avatar)."""
+        engine = self.engine(name)
+        resolved = self.resolve(name).name
+        with self._lock:
+            slot = self._slots[resolved]
+        if slot.scheduler is None or slot.scheduler.engine is not engine:  # evicted meanwhile: a private one
+            return FrameScheduler(engine, max_wait_s=self.settings.server.batch_wait_ms / 1000)
+        return slot.scheduler
+
+    def memory_bytes(self) -> int:
+        """Memory held by the loaded avatars."""
+        with self._lock:
+            engines = [s.engine for s in self._slots.values() if s.engine is not None]
+        return sum(e.memory_bytes() for e in engines)
+
+    def unload(self, name: str) -> bool:
+        """Drop avatar `name`'s engine and scheduler (they are freed once no stream uses them)."""
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is None or slot.engine is None:
+                return False
+            scheduler, slot.engine, slot.scheduler = slot.scheduler, None, None
+        if scheduler is not None:
+            scheduler.close()
+        gc.collect()
+        log.info("unloaded avatar %s", name)
+        return True
+
+    def _evict_over_budget(self, keep: str) -> None:
+        """Unload least recently used avatars (never `keep`) while over `models.memory_budget_mb`."""
+        budget = self.settings.models.memory_budget_mb * 2**20
+        while self.memory_bytes() > budget:
+            with self._lock:
+                loaded = [(s.last_used, n) for n, s in self._slots.items() if s.engine is not None and n != keep]
+            if not loaded:
+                return
+            self.unload(min(loaded)[1])
+            self.evictions += 1
 
     def warm_up(self) -> str | None:
         """Load the default avatar (server start-up). Returns its name, or None when there is none or
@@ -179,9 +236,14 @@ class ModelService:
             engine = slot.engine if slot else None
             if engine is not None:
                 entry["engine"] = engine.describe()
+                entry["memory_mb"] = round(engine.memory_bytes() / 2**20, 1)
+            if slot and slot.scheduler is not None:
+                entry["scheduler"] = slot.scheduler.stats.snapshot()
             out.append(entry)
         return {"default": self.default_name, "avatars": out,
-                "loaded": [e["name"] for e in out if e["loaded"]]}
+                "loaded": [e["name"] for e in out if e["loaded"]],
+                "memory_mb": round(sum(e.get("memory_mb", 0.0) for e in out), 1),
+                "memory_budget_mb": self.settings.models.memory_budget_mb, "evictions": self.evictions}
 
     # -- default factory ---------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -77,13 +77,13 @@ class FrameSource(Protocol):
         ...
 
 
-async def paced_parts(source: FrameSource, stats: StreamStats, fps: float, queue_frames: int = 16
-                      ) -> AsyncIterator[bytes]:
+async def paced_parts(source: FrameSource, stats: StreamStats, fps: float, queue_frames: int = 16,
+                      on_close: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
     """Multipart parts of `source`'s frames at real-time pace, then the closing boundary.
 
     Frame i is sent no earlier than `start + i / fps`; it is late only when generation is slower than
     real time (frames are never dropped). The outcome ("completed", "cancelled" or "failed") is
-    counted in `stats` and logged.
+    counted in `stats` and logged; `on_close()` runs once at the end (admission gives the place back).
     """
     queue: asyncio.Queue[bytes | None | Exception] = asyncio.Queue(maxsize=max(1, queue_frames))
 
@@ -136,6 +136,8 @@ async def paced_parts(source: FrameSource, stats: StreamStats, fps: float, queue
         finally:
             stats.add(active_streams=-1, **{f"streams_{outcome}": 1})
             log.info("stream %s after %d of %d frames", outcome, index, source.total)
+            if on_close is not None:
+                on_close()
 
 
 class MJPEGResponse(StreamingResponse):

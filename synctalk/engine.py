@@ -114,6 +114,11 @@ class FrameStore:
     def __len__(self) -> int:
         return self.count
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded frames kept in memory."""
+        return self._cached
+
     def get(self, index: int) -> np.ndarray:
         """Frame `index` (do not modify it)."""
         frame = self._cache.get(index)
@@ -181,6 +186,7 @@ class _OrtRunner:
             else:
                 log.warning("onnxruntime has no CUDA provider (install onnxruntime-gpu); running on CPU")
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        self.model_bytes = 2 * onnx_path.stat().st_size  # weights + the session's prepacked copies
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self.dtype = "float32"
@@ -212,6 +218,7 @@ class _TorchRunner:
         self.device = device
         self.tdtype = getattr(torch, dtype)
         self.model = model.to(device=device, dtype=self.tdtype).eval()
+        self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def run(self, image: np.ndarray, audio: np.ndarray, out: np.ndarray) -> None:
         torch = self.torch
@@ -321,6 +328,11 @@ class LipSyncEngine:
         b, s, c = self.batch_size, self.size.inner, self.size.crop
         return _Slot(np.zeros((b, 6, s, s), np.float32), np.zeros((b, *audio_input_shape(self.mode)), np.float32),
                      np.zeros((b, 3, s, s), np.float32), np.zeros((b, c, c, 3), np.uint8))
+
+    def memory_bytes(self) -> int:
+        """What this avatar holds in memory: decoded source frames, the crop cache and the U-Net."""
+        crops = int(self._crop_cache.nbytes) if self._crop_cache is not None else 0
+        return int(self.frames.cached_bytes) + crops + self.runner.model_bytes
 
     def describe(self) -> dict:
         """A JSON-able summary (for logs and the server's /models)."""

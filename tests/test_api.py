@@ -72,6 +72,7 @@ def make_settings(avatar, tmp: Path, **server):
     cfg.models.threads = 1
     cfg.debug.frames_dir = tmp / "debug" / "frames"
     cfg.debug.audio_dir = tmp / "debug" / "audio"
+    cfg.server.max_streams = 64  # admission is tested on its own (test_density.py); no calibration here
     for key, value in server.items():
         setattr(cfg.server, key, value)
     return cfg

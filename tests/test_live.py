@@ -65,6 +65,7 @@ class ServerProcess:
                    SYNCTALK_PATHS__DATASET_ROOT=str(datasets), SYNCTALK_PATHS__CHECKPOINT_ROOT=str(checkpoints),
                    SYNCTALK_PATHS__DEMO_ROOT=str(root / "no-demo"), SYNCTALK_MODELS__DEVICE="cpu",
                    SYNCTALK_MODELS__THREADS="1", SYNCTALK_SERVER__IDLE_SECONDS=str(IDLE_SECONDS),
+                   SYNCTALK_SERVER__MAX_STREAMS="64",
                    SYNCTALK_SERVER__WS_SEND_TIMEOUT_S=str(SEND_TIMEOUT_S),
                    SYNCTALK_SERVER__WS_MARGIN_MS=str(MARGIN_MS),
                    SYNCTALK_DEBUG__FRAMES_DIR=str(root / "debug" / "frames"),
