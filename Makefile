@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint install install-dev system-deps docs bench clean
+.PHONY: run test lint install install-dev system-deps docs bench clean pipecat
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,21 @@ $(DEVSTAMP): $(STAMP) requirements-dev.txt
 
 install: $(STAMP)
 install-dev: $(DEVSTAMP)
+
+# The Pipecat integration's own venv (Pipecat needs protobuf >= 5, mediapipe here needs 4.x). It reuses
+# the main venv's packages through a .pth file and installs only Pipecat's (integrations/pipecat).
+PIPECAT_VENV  := integrations/pipecat/.venv
+PIPECAT_PY    := $(PIPECAT_VENV)/bin/python
+PIPECAT_STAMP := $(PIPECAT_VENV)/.installed
+
+$(PIPECAT_STAMP): integrations/pipecat/requirements.txt integrations/pipecat/link_venv.py | $(STAMP)
+	$(PY) -m venv $(PIPECAT_VENV)
+	$(PIPECAT_PY) integrations/pipecat/link_venv.py $(VENV)
+	$(PIPECAT_PY) -m pip install --quiet --ignore-installed "protobuf>=5.29.6,<7"
+	$(PIPECAT_PY) -m pip install --quiet -r integrations/pipecat/requirements.txt
+	touch $@
+
+pipecat: $(PIPECAT_STAMP)
 
 # Debian packages: espeak-ng (TTS fallback), chromium (browser tests), sox (test audio). Best effort:
 # tests that need a missing one skip with the reason.
@@ -47,8 +62,9 @@ lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: $(DEVSTAMP) system-deps lint
+test: $(DEVSTAMP) $(PIPECAT_STAMP) system-deps lint
 	$(PY) -m pytest -q
+	$(PIPECAT_PY) -m pytest -q integrations/pipecat/tests
 
 docs:
 	@command -v plantuml >/dev/null 2>&1 || { echo "plantuml not installed: apt-get install plantuml"; exit 2; }
