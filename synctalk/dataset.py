@@ -346,7 +346,7 @@ class AvatarDataset(Dataset):
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 torch.from_numpy(self.audio(frame)), torch.from_numpy(np.ascontiguousarray(label)))
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         epoch, frame = self._key(key)
         return self.unet_sample(frame, self.reference_for(frame, self.rng(frame, epoch)))
 

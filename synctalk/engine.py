@@ -409,7 +409,7 @@ class LipSyncEngine:
         return self.paster(out, crop_pred, self.boxes[index],
                            self.crop(index) if self.paster.color_match else None)
 
-    def render_crops(self, windows: np.ndarray, frame_indices: Sequence[int]) -> np.ndarray:
+    def render_crops(self, windows: np.ndarray, frame_indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Generated crops (uint8 BGR [B, crop, crop, 3]; the border ring is the source's) for audio
         `windows` [B, C, H, W] on source frames `frame_indices` (no paste-back)."""
         indices = np.asarray(frame_indices, dtype=np.int64)
@@ -425,7 +425,7 @@ class LipSyncEngine:
                 out[s:s + b] = slot.crops[:b]
         return out
 
-    def render(self, windows: np.ndarray, frame_indices: Sequence[int],
+    def render(self, windows: np.ndarray, frame_indices: Sequence[int] | np.ndarray,
                out: Sequence[np.ndarray] | np.ndarray | None = None) -> list[np.ndarray]:
         """Full frames (uint8 BGR) for audio `windows` [B, C, H, W] on source frames `frame_indices`,
         written into `out` (B preallocated frames) when given, else into new arrays."""

@@ -47,6 +47,7 @@ def triplet_loss(net: SyncNet_color, head: SyncHead, face: torch.Tensor, audio: 
     Returns (loss, accuracy on positives + shifted negatives)."""
     _, v = embed(net, face=face)
     a, _ = embed(net, audio=torch.cat([audio, shifted]))
+    assert a is not None and v is not None
     a_pos, a_neg = a[: len(face)], a[len(face):]
     sim = v.float() @ a_pos.float().t()  # [B, B] cosines, diagonal = in sync
     logits = head.scale * sim + head.bias

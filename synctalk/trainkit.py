@@ -138,7 +138,7 @@ class EpochIndices(torch.utils.data.Sampler):
 def make_loader(dataset, batch: int, dist: Dist, seed: int, workers: int, device: torch.device,
                 shuffle: bool = True) -> tuple[torch.utils.data.DataLoader, EpochIndices]:
     """A DataLoader over `dataset` sharded across DDP ranks (DistributedSampler) plus its index wrapper."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
+    sampler: torch.utils.data.DistributedSampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
                                                   shuffle=shuffle, seed=seed, drop_last=False)
     indices = EpochIndices(sampler)
     loader = torch.utils.data.DataLoader(
@@ -151,7 +151,7 @@ def make_loader(dataset, batch: int, dist: Dist, seed: int, workers: int, device
 
 def rng_state() -> dict:
     """Python, numpy and torch RNG states in a form torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
