@@ -1,4 +1,5 @@
-// SyncTalk 2D web page: idle stream, Text / Upload (multipart MJPEG over fetch, audio in sync),
+// SyncTalk 2D web page: idle stream, Text (a WebRTC session when the browser and server allow it: audio and
+// video in one peer connection, Stop interrupts; else multipart MJPEG), Upload (MJPEG over fetch, audio in sync),
 // Live mic (AudioWorklet -> 16 kHz PCM16 -> WS /ws/live -> JPEG frames), debug panel, avatar picker.
 // No external resources; works offline. `window.synctalk` exposes the page state (for tests and
 // for debugging in the console).
@@ -18,6 +19,9 @@ const state = {
   lastEvent: null,         // last JSON event from /ws/live
   lastError: null,
   ready: null,             // the live `ready` event
+  // text transport: "webrtc" (POST /webrtc/offer session) or "mjpeg"; ?transport=mjpeg forces the fallback
+  transport: params.get("transport") === "mjpeg" || !window.RTCPeerConnection ? "mjpeg" : "webrtc",
+  rtcEvent: null,          // last data-channel event of the WebRTC session
 };
 window.synctalk = state;
 
@@ -162,6 +166,7 @@ function stopPlayback() {
 async function playStream(url, init, audioBlob, headerDuration) {
   stopPlayback();
   stopLive();
+  haltRtc();
   const abort = new AbortController();
   const audioUrl = URL.createObjectURL(audioBlob);
   const audio = new Audio(audioUrl);
@@ -206,6 +211,161 @@ async function playStream(url, init, audioBlob, headerDuration) {
 function setButtons(busy) {
   $("speak").disabled = busy;
   $("play").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebRTC session for the Text tab: one peer connection (recvonly video + audio, data channel "events"),
+// opened on the first Speak and kept; speech frames are drawn on the canvas from the <video> element,
+// which plays the audio in sync with them. Any failure to connect falls back to MJPEG for the page.
+
+let rtc = null; // {pc, channel, video, id, avatar, utterance, drawing}
+
+// Resolve when check() holds (re-checked whenever subscribe's callback fires), reject when failed() does or
+// after ms milliseconds.
+function waitFor(check, subscribe, ms, what, failed = () => false) {
+  return new Promise((resolve, reject) => {
+    if (check()) { resolve(); return; }
+    const timer = setTimeout(() => reject(new Error(`${what} timed out`)), ms);
+    subscribe(() => {
+      if (check()) { clearTimeout(timer); resolve(); }
+      else if (failed()) { clearTimeout(timer); reject(new Error(`${what} failed`)); }
+    });
+  });
+}
+
+async function openRtc() {
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  const channel = pc.createDataChannel("events");
+  const video = $("rtc-view");
+  const media = new MediaStream();
+  const session = { pc, channel, video, id: null, avatar: state.avatar, utterance: null, drawing: false };
+  pc.ontrack = (ev) => { media.addTrack(ev.track); video.srcObject = media; };
+  channel.onmessage = (m) => onRtcEvent(session, JSON.parse(m.data));
+  await pc.setLocalDescription(await pc.createOffer());
+  await waitFor(() => pc.iceGatheringState === "complete", (f) => pc.addEventListener("icegatheringstatechange", f),
+    3000, "ICE gathering").catch(() => {}); // send what was gathered
+  const resp = await fetch(apiUrl("/webrtc/offer"), fetchOpts({
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", avatar: state.avatar }),
+  }));
+  if (!resp.ok) throw new Error(await describeError(resp));
+  const answer = await resp.json();
+  session.id = answer.session_id;
+  await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
+  await waitFor(() => pc.connectionState === "connected" && channel.readyState === "open",
+    (f) => { pc.addEventListener("connectionstatechange", f); channel.addEventListener("open", f); }, 8000,
+    "WebRTC connection", () => ["failed", "closed"].includes(pc.connectionState));
+  pc.addEventListener("connectionstatechange", () => {
+    if (["failed", "closed"].includes(pc.connectionState) && rtc === session) closeRtc();
+  });
+  return session;
+}
+
+function sessionUrl(session, action = "") {
+  return withToken(`/sessions/${session.id}${action}`);
+}
+
+function closeRtc() {
+  const session = rtc;
+  rtc = null;
+  if (!session) return;
+  session.drawing = false;
+  if (session.id) fetch(sessionUrl(session), fetchOpts({ method: "DELETE", keepalive: true })).catch(() => {});
+  session.pc.close();
+  session.video.srcObject = null;
+  if (state.mode === "speaking") { showIdle(); setButtons(false); }
+}
+
+function drawVideoFrames(session) {
+  const video = session.video;
+  const draw = () => {
+    if (!session.drawing || rtc !== session) return;
+    if (video.videoWidth) {
+      if (canvas.width !== video.videoWidth || canvas.height !== video.videoHeight) {
+        canvas.width = video.videoWidth;
+        canvas.height = video.videoHeight;
+      }
+      ctx2d.drawImage(video, 0, 0);
+      state.framesDrawn++;
+      state.streamFrames++;
+    }
+    if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(draw); else requestAnimationFrame(draw);
+  };
+  draw();
+}
+
+function onRtcEvent(session, ev) {
+  state.rtcEvent = ev;
+  if (rtc !== session || !ev.utterance_id || ev.utterance_id !== session.utterance) {
+    if (ev.type === "error" && rtc === session) showError(`${ev.detail} (${ev.error})`);
+    return;
+  }
+  if (ev.type === "speech_started") {
+    showCanvas();
+    setMode("speaking");
+    state.audioStartedAt = performance.now();
+    session.drawing = true;
+    drawVideoFrames(session);
+  } else if (["speech_ended", "interrupted", "error"].includes(ev.type)) {
+    if (ev.type === "error") showError(`${ev.detail} (${ev.error})`);
+    session.drawing = false;
+    session.utterance = null;
+    showIdle();
+    setButtons(false);
+  }
+}
+
+// Speak over WebRTC; throws {fallback: true} when no session can be opened (the caller uses MJPEG).
+async function speakRtc(text, voice) {
+  stopPlayback();
+  stopLive();
+  if (rtc && rtc.avatar !== state.avatar) closeRtc();
+  if (!rtc) {
+    try {
+      rtc = await openRtc();
+    } catch (e) {
+      closeRtc();
+      throw Object.assign(new Error(`WebRTC unavailable (${e.message}); using MJPEG`), { fallback: true });
+    }
+  }
+  const session = rtc;
+  session.video.muted = false;
+  session.video.play().catch((e) => console.warn("audio playback blocked:", e.message));
+  const resp = await fetch(sessionUrl(session, "/speak"), fetchOpts({
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ text, voice, interrupt: true }),
+  }));
+  if (!resp.ok) throw new Error(await describeError(resp));
+  const body = await resp.json();
+  session.utterance = body.utterance_id;
+  state.streamFrames = 0;
+  state.audioStartedAt = null;
+  $("stage-info").textContent = `WebRTC session, ${body.sentences} sentence(s)`;
+  setButtons(true);
+}
+
+// Stop WebRTC speech without waiting (another kind of playback takes the stage).
+function haltRtc() {
+  if (!rtc || !rtc.utterance) return;
+  fetch(sessionUrl(rtc, "/interrupt"), fetchOpts({ method: "POST" })).catch(() => {});
+  rtc.utterance = null;
+  rtc.drawing = false;
+}
+
+async function stopSpeech() {
+  if (rtc && rtc.utterance) {
+    const resp = await fetch(sessionUrl(rtc, "/interrupt"), fetchOpts({ method: "POST" }));
+    if (!resp.ok && resp.status !== 409) showError(await describeError(resp));
+    return;
+  }
+  if (playback) {
+    stopPlayback();
+    showIdle();
+    setButtons(false);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,6 +376,16 @@ async function speak() {
   const text = $("text").value.trim();
   if (!text) { showError("Type some text first."); return; }
   const voice = $("voice").value || null;
+  if (state.transport === "webrtc") {
+    try {
+      await speakRtc(text, voice);
+      return;
+    } catch (e) {
+      if (!e.fallback) { showError(e.message); setButtons(false); return; }
+      console.warn(e.message);
+      state.transport = "mjpeg";
+    }
+  }
   setButtons(true);
   try {
     const resp = await fetch(apiUrl("/get-tts-audio", { text, voice }), fetchOpts());
@@ -250,6 +420,7 @@ let live = null; // {ws, ctx, stream, node}
 async function startLive() {
   clearError();
   stopPlayback();
+  haltRtc();
   if (live) return;
   $("mic-start").disabled = true;
   const session = { ws: null, ctx: null, stream: null, node: null, ready: false, closing: false };
@@ -411,11 +582,14 @@ function selectTab(name) {
 function init() {
   for (const tab of ["text", "upload", "live"]) $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
   $("speak").addEventListener("click", speak);
+  $("stop").addEventListener("click", stopSpeech);
+  window.addEventListener("pagehide", closeRtc);
   $("play").addEventListener("click", playUpload);
   $("mic-start").addEventListener("click", startLive);
   $("mic-stop").addEventListener("click", stopLive);
   $("avatar").addEventListener("change", (ev) => {
     state.avatar = ev.target.value;
+    closeRtc();
     stopPlayback();
     stopLive();
     showIdle();
