@@ -30,6 +30,7 @@ from config import WebRTCConfig
 from services.generator import FeatureFeed
 from services.live import IdleLoop
 from synctalk.engine import LipSyncEngine, pingpong_step
+from synctalk.scheduler import FrameScheduler
 from synctalk.timing import FPS, FUTURE_ROWS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 log = logging.getLogger("webrtc")
@@ -140,8 +141,9 @@ class SpeechTimeline:
     loop's thread, inside `commit`)."""
 
     def __init__(self, engine: LipSyncEngine, idle: IdleLoop, cfg: WebRTCConfig, blend_frames: int,
-                 emit: Callable[[dict], None]):
+                 emit: Callable[[dict], None], scheduler: FrameScheduler | None = None):
         self.engine = engine
+        self.scheduler = scheduler  # the avatar's: speech frames share U-Net batches with its other streams
         self.idle = idle
         self.clock = Clock()
         self.emit = emit
@@ -462,7 +464,10 @@ class SpeechTimeline:
         if seg.utterance.cancel.is_set():
             return
         windows = self.engine.audio_windows(features, range(lo, hi))
-        frames = self.engine.render(windows, seg.order[lo:hi])
+        if self.scheduler is not None and seg.anchor is not None and self.clock.t0 is not None:
+            frames = self.scheduler.render(windows, seg.order[lo:hi], self.clock.deadline(seg.anchor + lo))
+        else:
+            frames = self.engine.render(windows, seg.order[lo:hi])
         with self._cv:
             self.stats["rendered"] += hi - lo
             spent = time.perf_counter() - start

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from config import Settings, TTSConfig
+from synctalk.text import split_sentences
 from synctalk.tts import (
+    CHUNK_CHARS,
     EspeakTTS,
     PiperTTS,
     TextError,
@@ -26,7 +28,6 @@ from synctalk.tts import (
     check_text,
     estimate_speech_seconds,
     join_results,
-    split_text,
 )
 
 __all__ = ["EspeakTTS", "FallbackTTS", "PiperTTS", "SynthesisCancelled", "SynthesisSlots", "TTSBusy", "TTSResult",
@@ -84,7 +85,7 @@ class SynthesisSlots:
 class FallbackTTS(TTSService):
     """Tries engines in order; an engine that fails to load or speak is logged and skipped.
     Results are kept in an LRU cache keyed by (text, voice) holding at most `cache_bytes` of audio;
-    uncached syntheses go through `slots` and are spoken in pieces (`synctalk.tts.split_text`)."""
+    uncached syntheses go through `slots` and are spoken in pieces (`synctalk.text.split_sentences`)."""
 
     name = "fallback"
 
@@ -149,7 +150,7 @@ class FallbackTTS(TTSService):
             self.cache_misses += 1
         with self.slots.hold(cancelled):
             pieces = []
-            for piece in split_text(text):
+            for piece in split_sentences(text, CHUNK_CHARS, CHUNK_CHARS):
                 if cancelled is not None and cancelled():
                     raise SynthesisCancelled("the requester went away during synthesis")
                 pieces.append(self._synthesize_uncached(piece, voice))

@@ -41,12 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from config import Settings, WebRTCConfig
+from services.admission import RETRY_AFTER_S
 from services.deps import Services, ServicesDep
 from services.live import idle_loop
 from services.sessions import Slot, SpeechTimeline, Utterance, make_segment, warm_speech
 from services.tts import SynthesisCancelled, TextError, TTSBusy, TTSUnavailable, check_text, estimate_speech_seconds
 from synctalk.audio import AudioTooLong, load_audio
-from synctalk.engine import LipSyncEngine
+from synctalk.scheduler import FrameScheduler
 from synctalk.text import split_sentences
 from synctalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
@@ -177,8 +178,9 @@ class SpeechAudioTrack(MediaStreamTrack):
 class WebRTCSession:
     """One peer connection: tracks, timeline, event channel, the speech producer and the watchdog."""
 
-    def __init__(self, registry: SessionRegistry, services: Services, engine: LipSyncEngine, avatar: str,
+    def __init__(self, registry: SessionRegistry, services: Services, scheduler: FrameScheduler, avatar: str,
                  voice: str | None):
+        engine = scheduler.engine
         self.id = uuid.uuid4().hex
         self.registry = registry
         self.services = services
@@ -194,7 +196,8 @@ class WebRTCSession:
                    for s in self.cfg.ice_servers]
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers or None))
         idle = idle_loop(engine, services.settings.server.idle_seconds, FPS)
-        self.timeline = SpeechTimeline(engine, idle, self.cfg, services.settings.server.idle_blend_frames, self.emit)
+        self.timeline = SpeechTimeline(engine, idle, self.cfg, services.settings.server.idle_blend_frames, self.emit,
+                                       scheduler=scheduler)
         self.engine = engine
         self.video = AvatarVideoTrack(self.timeline)
         self.audio = SpeechAudioTrack(self.timeline)
@@ -436,6 +439,7 @@ class WebRTCSession:
         if self.closed:
             return
         self.closed = True
+        self.services.admission.release("webrtc")
         st = self.timeline.stats
         log.info("session %s closed: %s (video %d frames sent, %d dropped; %d rendered in %.1f ms each, %d not "
                  "rendered in time, %d given up)", self.id[:8], reason, self.video.sent, self.video.dropped,
@@ -557,9 +561,12 @@ async def webrtc_offer(services: ServicesDep, registry: RegistryDep, body: Offer
     voice = body.voice or None
     if voice is not None and voice not in await anyio.to_thread.run_sync(services.tts.voices):
         raise SessionError(404, "unknown_voice", f"unknown voice {voice!r}")
-    engine = await anyio.to_thread.run_sync(services.models.engine, info.name)
-    await anyio.to_thread.run_sync(warm_speech, engine)
-    session = WebRTCSession(registry, services, engine, info.name, voice)
+    scheduler = await anyio.to_thread.run_sync(services.models.scheduler, info.name)
+    await anyio.to_thread.run_sync(warm_speech, scheduler.engine)
+    if not services.admission.try_acquire("webrtc"):
+        raise SessionError(503, "busy", f"this server is at its capacity of {services.admission.capacity} "
+                                        f"streams; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)})
+    session = WebRTCSession(registry, services, scheduler, info.name, voice)
     try:
         answer = await session.answer(body.sdp, body.type)
     except BaseException:

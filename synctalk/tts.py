@@ -86,30 +86,7 @@ def estimate_speech_seconds(text: str) -> float:
     return len(text) / CHARS_PER_SECOND
 
 
-CHUNK_CHARS = 200  # longest piece of text one engine call speaks (`split_text`)
-_SENTENCE_ENDS = ".!?;:\n"
-
-
-def split_text(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
-    """`text` in pieces of at most `max_chars` characters: cut after the last sentence mark (`.!?;:`, a
-    newline) inside the limit, else at the last space, else hard at the limit (a long unpunctuated text
-    never reaches an engine as one piece). Joined with spaces the pieces give the text back."""
-    pieces: list[str] = []
-    rest = text.strip()
-    while len(rest) > max_chars:
-        window = rest[:max_chars + 1]
-        cut = max(window.rfind(ch) for ch in _SENTENCE_ENDS) + 1
-        if cut <= 0:
-            cut = window.rfind(" ")
-        if cut <= 0:
-            cut = max_chars
-        pieces.append(rest[:cut].strip())
-        rest = rest[cut:].strip()
-    if rest:
-        pieces.append(rest)
-    return [p for p in pieces if p]
-
-
+CHUNK_CHARS = 200  # longest piece of text one engine call speaks (`synctalk.text.split_sentences`)
 def join_results(results: list[TTSResult]) -> TTSResult:
     """One result of consecutive pieces' results: audio at the first piece's rate, alignments shifted by
     the audio before them (dropped when a piece has none), engine and voice of the first piece."""

@@ -22,7 +22,8 @@ from services.tts import (
     TTSUnavailable,
     build_tts,
 )
-from synctalk.tts import CHUNK_CHARS, split_text
+from synctalk.text import split_sentences
+from synctalk.tts import CHUNK_CHARS
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -159,11 +160,12 @@ def test_cache_is_bounded_in_bytes_not_entries() -> None:
 
 def test_long_unpunctuated_text_is_spoken_in_pieces() -> None:
     text = " ".join(f"word{i}" for i in range(300))  # about 2,000 characters, no punctuation
-    pieces = split_text(text)
+    pieces = split_sentences(text, CHUNK_CHARS, CHUNK_CHARS)
     assert len(pieces) > 1 and all(len(p) <= CHUNK_CHARS for p in pieces)
     assert " ".join(pieces) == text
-    assert split_text("x" * 450) == ["x" * 200, "x" * 200, "x" * 50]  # not even a space: cut hard
-    assert split_text("First one. Second one.", 15) == ["First one.", "Second one."]
+    hard = split_sentences("x" * 450, CHUNK_CHARS, CHUNK_CHARS)  # not even a space: cut hard
+    assert len(hard) == 3 and all(len(p) <= CHUNK_CHARS for p in hard) and "".join(hard) == "x" * 450
+    assert split_sentences("First one. Second one.", 15, 15) == ["First one.", "Second one."]
     engine = Silent()
     result = FallbackTTS([engine], max_text_chars=None).synthesize(text)
     assert all(len(t) <= CHUNK_CHARS for t in engine.texts) and len(engine.texts) == len(pieces)
