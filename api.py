@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from config import REPO_ROOT, Settings
 from config import settings as default_settings
 from services.admission import RETRY_AFTER_S, calibrate_admission
-from services.debug import DebugRecorder, wav_bytes
+from services.debug import DebugRecorder
 from services.deps import DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services, require_token
 from services.errors import DOMAIN_ERRORS
 from services.live import router as live_router
@@ -50,7 +50,7 @@ from services.streaming import MJPEG_END, MJPEG_MEDIA_TYPE, MJPEGResponse, mjpeg
 from services.tts import SynthesisCancelled, TextError, TTSBusy, TTSUnavailable, build_tts, estimate_speech_seconds
 from services.tts import check_text as tts_check_text
 from services.webrtc import router as webrtc_router
-from synctalk.audio import AudioTooLong, load_audio
+from synctalk.audio import AudioTooLong, load_audio, wav_bytes
 from synctalk.fileio import remove_stale_temporaries
 from synctalk.timing import SAMPLE_RATE
 
@@ -348,8 +348,12 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
                                f"unsupported audio file {extension or '(no extension)'}; "
                                f"send one of {', '.join(AUDIO_EXTENSIONS)}")
             data = await upload.read(max_bytes + 1)
-    except StarletteHTTPException:
+    except APIError:
         raise
+    except StarletteHTTPException as exc:  # Starlette's own 400 for a multipart body it cannot parse
+        if exc.status_code != 400:
+            raise
+        raise APIError(400, "bad_form", f"cannot parse the multipart form: {exc.detail}") from None
     except Exception as exc:  # malformed multipart body
         raise APIError(400, "bad_form", f"cannot parse the multipart form: {exc}") from None
     if len(data) > max_bytes:

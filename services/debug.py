@@ -7,16 +7,17 @@ input, and everything written is counted against `debug.max_bytes`.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
-import wave
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from synctalk.audio import wav_bytes
+from synctalk.fileio import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +26,6 @@ def _dir_bytes(folder: Path) -> int:
     if not folder.is_dir():
         return 0
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
-    """Mono float audio in [-1, 1] as a 16-bit PCM WAV file in memory."""
-    import io
-
-    pcm = (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as wf:
-        wf.setnchannels(1)
-        wf.setsampwidth(2)
-        wf.setframerate(int(sample_rate))
-        wf.writeframes(pcm.tobytes())
-    return buf.getvalue()
 
 
 class DebugRecorder:
@@ -92,11 +79,7 @@ class DebugRecorder:
                     self._warned = True
                 return False
             self._used += len(data)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / name
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(folder / name, data)
         return True
 
     def save_audio_clip(self, session: str, audio: np.ndarray, sample_rate: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -13,7 +14,7 @@ from services.streaming import StreamStats, encode_jpeg
 from synctalk.engine import LipSyncEngine
 from synctalk.features import StreamingFeatures, load_whisper_encoder
 from synctalk.scheduler import FrameScheduler
-from synctalk.timing import FPS, FUTURE_ROWS
+from synctalk.timing import FPS, FUTURE_ROWS, SAMPLES_PER_FRAME
 
 
 class FrameGenerationService:
@@ -24,7 +25,7 @@ class FrameGenerationService:
     `job(audio16k)` returns a `FrameJob`: each blocking `next_batch()` computes just enough features
     (the streaming Whisper routine, so the first frame does not wait for the whole utterance), renders
     the next batch and JPEG-encodes it. Output frame i is the mouth for audio [40 i, 40 i + 40) ms, the
-    training indexing, and there are round(25 x duration) frames.
+    training indexing, and there are round(25 x duration) frames (none for audio under 40 ms).
 
     With a `scheduler` (the server passes the avatar's), frames are rendered in batches shared with the
     avatar's other streams, each batch due when the stream's clock needs it; without one they are
@@ -117,29 +118,47 @@ class FeatureFeed:
         return self._rows[: self._count]
 
 
+LIVE_JOBS: weakref.WeakSet[FrameJob] = weakref.WeakSet()  # every FrameJob not yet freed
+
+
+def live_jobs() -> int:
+    """How many `FrameJob`s exist now (a stream's job is freed when its client goes away)."""
+    return len(LIVE_JOBS)
+
+
 class FrameJob:
     """One stream's generation state (a `services.streaming.FrameSource`): blocking `next_batch()`
-    calls return JPEG batches in frame order until `total` frames are out or `cancel` is set."""
+    calls return JPEG batches in frame order until `total` frames are out or `cancel` is set.
+    `close()` cancels the job and drops its audio, features and frame order at once (the stream calls it
+    when it ends, so nothing big waits for a garbage collection)."""
 
     def __init__(self, service: FrameGenerationService, audio16k: np.ndarray,
                  on_frame: Callable[[int, bytes], None] | None = None):
         self.service = service
-        self.feed = FeatureFeed(service.engine, audio16k)
-        self.total = self.feed.total
+        self.feed: FeatureFeed | None = FeatureFeed(service.engine, audio16k)
+        # audio shorter than one frame (40 ms) makes no frame (the server answers 400 audio_too_short)
+        self.total = self.feed.total if len(self.feed.audio) >= SAMPLES_PER_FRAME else 0
         self.order = service.frame_order(self.total)
         self.cancel = threading.Event()
         self.on_frame = on_frame
         self.next_frame = 0
         self.t0: float | None = None  # when the first batch was asked for: frame i is due t0 + i / 25
+        LIVE_JOBS.add(self)
+
+    def close(self) -> None:
+        """Cancel the job and release its audio, features and frame order (call once no batch runs)."""
+        self.cancel.set()
+        self.feed, self.on_frame = None, None
+        self.order = self.order[:0]
 
     def next_batch(self) -> list[bytes] | None:
-        """The next frames as JPEG bytes, or None when finished or cancelled."""
-        svc, start = self.service, self.next_frame
-        if self.cancel.is_set() or start >= self.total:
+        """The next frames as JPEG bytes, or None when finished, cancelled or closed."""
+        svc, start, feed = self.service, self.next_frame, self.feed
+        if self.cancel.is_set() or feed is None or start >= self.total:
             return None
         end = min(self.total, start + (svc.first_batch if start == 0 else svc.batch_size))
         # frame i's window reads feature rows [i - 8, i + 8): rows up to end + FUTURE_ROWS must exist
-        features = self.feed.ensure(end + FUTURE_ROWS, self.cancel)
+        features = feed.ensure(end + FUTURE_ROWS, self.cancel)
         if self.cancel.is_set():
             return None
         if self.t0 is None:
@@ -149,8 +168,9 @@ class FrameJob:
         jpegs = [svc.encode(f) for f in frames]
         if svc.stats is not None:
             svc.stats.add(frames_generated=len(jpegs))
-        if self.on_frame is not None:
+        on_frame = self.on_frame
+        if on_frame is not None:
             for k, jpeg in enumerate(jpegs):
-                self.on_frame(start + k, jpeg)
+                on_frame(start + k, jpeg)
         self.next_frame = end
         return jpegs

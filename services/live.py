@@ -69,6 +69,17 @@ VAD_AHEAD_FRAMES = 0  # speech frames start at the frame holding the onset (the 
 MAX_CHUNK_SECONDS = 5.0  # one binary message holds at most this much audio
 MAX_AHEAD_S = 3.0  # the worker plans at most this far ahead of the last frame sent
 
+LIVE_OBJECTS: weakref.WeakSet[Any] = weakref.WeakSet()  # every LiveConnection and LiveTimeline not yet freed
+
+
+def live_objects() -> dict[str, int]:
+    """How many `LiveConnection`s and `LiveTimeline`s exist now, by class name (both are freed when
+    their client goes away)."""
+    counts = {"LiveConnection": 0, "LiveTimeline": 0}
+    for obj in list(LIVE_OBJECTS):
+        counts[type(obj).__name__] = counts.get(type(obj).__name__, 0) + 1
+    return counts
+
 
 # ---------------------------------------------------------------------------------------------
 # Options
@@ -381,6 +392,10 @@ class Item:
     events: list[dict]
 
 
+def _drop_item(item: Item | None) -> None:
+    """The emit callback of a closed timeline: nothing goes anywhere."""
+
+
 class LiveTimeline:
     """The frames of one WebSocket: ingests audio, plans frames in order, renders them, hands them out.
 
@@ -430,6 +445,7 @@ class LiveTimeline:
         self._threads: list[threading.Thread] = []
         self.error: BaseException | None = None
         self.stats = {"rendered": 0, "render_s": 0.0, "features_s": 0.0}
+        LIVE_OBJECTS.add(self)
 
     # -- entry points (event loop thread) ----------------------------------------------------------
 
@@ -472,9 +488,20 @@ class LiveTimeline:
             self._threads.append(thread)
 
     def join(self, timeout: float = 10.0) -> None:
-        """Wait for the threads after `close()` (a render in flight finishes first)."""
+        """Wait for the threads after `close()` (a render in flight finishes first), then drop what the
+        timeline holds: the emit callback (its connection refers back to it), the threads, queued audio,
+        sessions and the feature stream, so nothing waits for a garbage collection."""
         for thread in self._threads:
             thread.join(timeout)
+        if any(thread.is_alive() for thread in self._threads):
+            return  # a thread still runs (a very slow render): it still needs its state
+        with self._cv:
+            self.emit = _drop_item
+            self._threads.clear()
+            self._inbox.clear()
+            self.sessions.clear()
+            self.features = None
+            self.last_speech_frame = None
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def body() -> None:
@@ -758,6 +785,7 @@ class LiveConnection:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.ahead = AheadMeter()
+        LIVE_OBJECTS.add(self)
 
     def _emit_threadsafe(self, item: Item | None) -> None:
         try:

@@ -6,12 +6,18 @@ asyncio queue; the response's async generator takes frames from the queue and se
 than `start + i / fps`, where `start` is the moment the first part is sent. When the client goes away,
 Starlette cancels the generator at its current `await`; its `finally` sets the source's cancel flag,
 cancels the producer and waits for the batch in flight, so no work continues and no task leaks.
+
+Nothing of a stream outlives its client: the generator drops its references to the source, the queue
+and the producer when it ends (a cancellation's traceback keeps finished frames, and their locals, alive
+until a garbage collection otherwise), the worker thread gets only a weak reference to the source, and a
+client that stops reading is given up after `send_timeout_s` (`MJPEGResponse`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,13 +26,14 @@ import anyio
 import numpy as np
 import simplejpeg
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
 BOUNDARY = "frame"
 MJPEG_MEDIA_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
 MJPEG_END = f"--{BOUNDARY}--\r\n".encode()
+MJPEG_SEND_TIMEOUT_S = 10.0  # a client that takes no data for this long is given up
 
 
 def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
@@ -77,20 +84,47 @@ class FrameSource(Protocol):
         ...
 
 
+def weak_next_batch(source: FrameSource) -> Callable[[], list[bytes] | None]:
+    """`source.next_batch` through a weak reference (None once the source is gone), for the worker
+    thread: a finished call's frames, kept by a cancellation traceback, then hold no stream alive."""
+    ref = weakref.ref(source)
+
+    def next_batch() -> list[bytes] | None:
+        alive = ref()
+        return None if alive is None else alive.next_batch()
+
+    return next_batch
+
+
+def close_source(source: FrameSource) -> None:
+    """Cancel `source` and let it release what it holds (`close()`, when it has one)."""
+    source.cancel.set()
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
 async def paced_parts(source: FrameSource, stats: StreamStats, fps: float, queue_frames: int = 16,
                       on_close: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
     """Multipart parts of `source`'s frames at real-time pace, then the closing boundary.
 
     Frame i is sent no earlier than `start + i / fps`; it is late only when generation is slower than
     real time (frames are never dropped). The outcome ("completed", "cancelled" or "failed") is
-    counted in `stats` and logged; `on_close()` runs once at the end (admission gives the place back).
+    counted in `stats` and logged; `on_close()` runs once, when the last frame is sent or the stream ends
+    otherwise (admission gives the place back).
     """
     queue: asyncio.Queue[bytes | None | Exception] = asyncio.Queue(maxsize=max(1, queue_frames))
+    cancel, total, fetch = source.cancel, source.total, weak_next_batch(source)
 
-    async def produce() -> None:
+    in_flight: list[asyncio.Future] = []  # the batch being made in a worker thread
+
+    async def produce(queue: asyncio.Queue[bytes | None | Exception]) -> None:
         try:
-            while not source.cancel.is_set():
-                batch = await anyio.to_thread.run_sync(source.next_batch)
+            while not cancel.is_set():
+                # shielded: cancelling the producer must not abandon the thread, which finishes its batch
+                call = asyncio.ensure_future(anyio.to_thread.run_sync(fetch))
+                in_flight[:] = [call]
+                batch = await asyncio.shield(call)
                 if batch is None:
                     break
                 for jpeg in batch:
@@ -101,10 +135,11 @@ async def paced_parts(source: FrameSource, stats: StreamStats, fps: float, queue
 
     stats.add(streams_started=1, active_streams=1)
     outcome = "cancelled"
-    producer = asyncio.create_task(produce())
+    producer = asyncio.create_task(produce(queue))
     loop = asyncio.get_running_loop()
     start: float | None = None
     index = 0
+    item: bytes | None | Exception = None
     try:
         while True:
             item = await queue.get()
@@ -122,34 +157,58 @@ async def paced_parts(source: FrameSource, stats: StreamStats, fps: float, queue
             yield mjpeg_part(item)
             stats.add(frames_sent=1)
             index += 1
-        yield MJPEG_END
         outcome = "completed"
+        if on_close is not None:  # generation is over: a client chaining streams finds the place free
+            on_close()
+            on_close = None
+        yield MJPEG_END
     finally:
-        source.cancel.set()
+        cancel.set()
         if not producer.done():
             producer.cancel()
         try:
             # Wait for the batch in flight (threads cannot be interrupted; one batch is short). Shielded:
             # after a disconnect the surrounding anyio scope is cancelled and would re-cancel any await.
             with anyio.CancelScope(shield=True):
-                await asyncio.gather(producer, return_exceptions=True)
+                await asyncio.gather(producer, *in_flight, return_exceptions=True)
         finally:
             stats.add(active_streams=-1, **{f"streams_{outcome}": 1})
-            log.info("stream %s after %d of %d frames", outcome, index, source.total)
+            log.info("stream %s after %d of %d frames", outcome, index, total)
+            close_source(source)
+            # this frame may outlive the stream (kept by a cancellation traceback): keep nothing big in it
+            in_flight.clear()
+            del source, producer, queue, item
             if on_close is not None:
                 on_close()
+
+
+class ClientNotReading(Exception):
+    """A send to an MJPEG client did not complete within the send timeout."""
 
 
 class MJPEGResponse(StreamingResponse):
     """`StreamingResponse` for `multipart/x-mixed-replace` that always closes its body iterator, so
     cleanup runs at once on every ASGI server (with spec >= 2.4 a disconnect surfaces as an error from
-    `send` while the generator is suspended at a `yield`)."""
+    `send` while the generator is suspended at a `yield`), and gives up on a client whose sends have
+    not completed for `send_timeout_s` (it stopped reading: its stream would be held for ever)."""
 
     media_type = MJPEG_MEDIA_TYPE
+    send_timeout_s = MJPEG_SEND_TIMEOUT_S
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self.send_timeout_s
+
+        async def timed_send(message: Message) -> None:
+            try:
+                with anyio.fail_after(timeout):
+                    await send(message)
+            except TimeoutError:
+                raise ClientNotReading() from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, timed_send)
+        except ClientNotReading:  # the server closes the connection (the response is incomplete)
+            log.warning("MJPEG client not reading for %.1f s: stream stopped", timeout)
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from synctalk.fileio import write_bytes_atomic
 from synctalk.timing import FPS, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,9 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(audio, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
-def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE) -> Path:
-    """Write mono (1-D) or [samples, channels] audio as PCM16 WAV, atomically (temp file + rename).
-
-    Float input is clipped to [-1, 1] and rounded; int16 is written as is."""
-    path = Path(path)
+def wav_bytes(audio: np.ndarray, sr: int = SAMPLE_RATE) -> bytes:
+    """Mono (1-D) or [samples, channels] audio as a PCM16 WAV file in memory. Float input is clipped
+    to [-1, 1] and rounded; int16 is written as is."""
     audio = np.asarray(audio)
     if audio.ndim not in (1, 2):
         raise ValueError(f"audio must be 1-D or [samples, channels], got shape {audio.shape}")
@@ -188,20 +187,18 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE)
         pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
     else:
         raise ValueError(f"unsupported audio dtype {audio.dtype}; use float or int16")
-    channels = 1 if pcm.ndim == 1 else pcm.shape[1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with wave.open(str(tmp), "wb") as wf:
-            wf.setnchannels(channels)
-            wf.setsampwidth(2)
-            wf.setframerate(int(sr))
-            wf.writeframes(np.ascontiguousarray(pcm).astype("<i2").tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as wf:
+        wf.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
+        wf.setsampwidth(2)
+        wf.setframerate(int(sr))
+        wf.writeframes(np.ascontiguousarray(pcm).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE) -> Path:
+    """`wav_bytes` written atomically (temp file + rename); returns the path."""
+    return write_bytes_atomic(path, wav_bytes(audio, sr))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from synctalk.dataset import DatasetError
+from synctalk.fileio import atomic_path, write_text_atomic
 from unet_328 import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -178,11 +179,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through `synctalk.fileio.atomic_path` (a kill never leaves a half-written file)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class JsonlLog:
@@ -196,11 +196,12 @@ class JsonlLog:
         if resume_step is None:
             path.unlink(missing_ok=True)
         elif path.is_file():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
+            text = path.read_text()
+            lines = text.splitlines()
+            if lines and not text.endswith("\n"):  # a line cut by a kill mid-append: never complete
+                lines.pop()
+            keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
 
     def write(self, entry: dict) -> None:
         if self.enabled:

@@ -8,6 +8,7 @@ stalled upload (408) and stale temporaries removed at start-up. The rest are uni
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import os
@@ -20,10 +21,12 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from test_api import speech_like
+from test_api import LiveServer, audio_file, build_app, make_settings, parse_mjpeg, speech_like
 from test_live import ServerProcess
 
-from services.live import AheadMeter, origin_allowed
+from services.generator import live_jobs
+from services.live import AheadMeter, live_objects, origin_allowed
+from services.streaming import MJPEGResponse, StreamStats, paced_parts
 from synctalk import audio as audio_io
 
 TOKEN = "s3cret-token-42"
@@ -309,3 +312,144 @@ def test_stalled_upload_gets_408(server):
     body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
     assert body["error"] == "body_timeout" and "server.body_timeout_s" in body["detail"]
     assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 5
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. nothing of a session outlives its client (a server in this process, so objects can be counted)
+
+LEAK_SESSIONS = 40
+MJPEG_SEND_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def inproc(fixture_avatar, tmp_path_factory):
+    """uvicorn in a thread of this process (the fixture avatar, a 1 s MJPEG send timeout)."""
+    tmp = tmp_path_factory.mktemp("reliability_inproc")
+    app, _ = build_app(make_settings(fixture_avatar, tmp, idle_seconds=0.8))
+    saved, MJPEGResponse.send_timeout_s = MJPEGResponse.send_timeout_s, MJPEG_SEND_TIMEOUT_S
+    try:
+        with LiveServer(app) as running:
+            running.ws_url = running.url.replace("http://", "ws://")
+            yield running
+    finally:
+        MJPEGResponse.send_timeout_s = saved
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MiB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def live_counts() -> dict[str, int]:
+    """Per-session objects alive now (weak registries: no garbage collection is run to count them),
+    and the live worker threads."""
+    threads = sum(t.name in ("live-features", "live-frames") for t in threading.enumerate())
+    return {"FrameJob": live_jobs(), **live_objects(), "live threads": threads}
+
+
+def settled(timeout: float = 5.0, collect: bool = False) -> dict[str, int]:
+    """`live_counts()` once every count is zero, or the last counts after `timeout` seconds (with `collect`,
+    a garbage collection before each count)."""
+    deadline = time.time() + timeout
+    while True:
+        if collect:
+            gc.collect()
+        counts = live_counts()
+        if not any(counts.values()) or time.time() > deadline:
+            return counts
+        time.sleep(0.1)
+
+
+def cancel_mjpeg_early(client: httpx.Client, upload: bytes, i: int) -> None:
+    """Open a text (even i) or upload (odd i) stream, read two frames, hang up."""
+    if i % 2:
+        request = client.build_request("POST", "/generate-from-audio", files={"audio_file": ("a.wav", upload)})
+    else:
+        request = client.build_request("GET", "/generate", params={"text": "Hello there, how are you today?"})
+    r = client.send(request, stream=True)
+    try:
+        assert r.status_code == 200, r.read()
+        parts = parse_mjpeg(r.iter_raw())
+        next(parts)
+        next(parts)
+    finally:
+        r.close()
+
+
+async def short_live_session(ws_url: str, pcm: bytes) -> None:
+    """Connect, take `ready`, send a little audio, take three messages, hang up."""
+    import websockets
+
+    async with websockets.connect(ws_url + "/ws/live", max_size=None) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "ready"
+        await ws.send(pcm)
+        for _ in range(3):
+            await asyncio.wait_for(ws.recv(), 30)
+
+
+def test_cancelled_streams_and_closed_live_sessions_leave_nothing_behind(inproc):
+    upload = audio_file("WAV", 4.0)
+    pcm = (speech_like(0.3) * 32767).astype("<i2").tobytes()
+    with httpx.Client(base_url=inproc.url, timeout=60) as client:
+        cancel_mjpeg_early(client, upload, 0)  # warm up: TTS, features, idle loop JPEGs
+        cancel_mjpeg_early(client, upload, 1)
+        asyncio.run(short_live_session(inproc.ws_url, pcm))
+        assert settled(collect=True) == dict.fromkeys(live_counts(), 0)
+        start_mb = rss_mb()
+        gc.disable()  # only reference counting frees objects from here on: a cycle would be seen
+        try:
+            for i in range(LEAK_SESSIONS):
+                cancel_mjpeg_early(client, upload, i)
+            assert settled() == dict.fromkeys(live_counts(), 0), "after cancelled MJPEG streams"
+            for _ in range(LEAK_SESSIONS):
+                asyncio.run(short_live_session(inproc.ws_url, pcm))
+            assert settled() == dict.fromkeys(live_counts(), 0), "after closed live sessions"
+            end_mb = rss_mb()
+        finally:
+            gc.enable()
+        assert client.get("/health").json()["streams"]["active_streams"] == 0
+    assert end_mb <= 1.15 * start_mb, (start_mb, end_mb)
+
+
+class EndlessSource:
+    """A `FrameSource` that never ends (one tiny JPEG per batch)."""
+
+    total = 10**9
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.closed = False
+
+    def next_batch(self) -> list[bytes] | None:
+        return None if self.cancel.is_set() else [b"\xff\xd8 frame \xff\xd9"]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_mjpeg_client_that_stops_reading_is_given_up():
+    """The ASGI `send` of a client that stopped reading never returns: after the send timeout the response
+    returns, the source is cancelled and closed and the admission place is given back."""
+    source, stats, released = EndlessSource(), StreamStats(), []
+    response = MJPEGResponse(paced_parts(source, stats, fps=25.0, on_close=lambda: released.append(1)))
+    response.send_timeout_s = 0.5
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client never sends anything (no disconnect either)
+        return {}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if len(sent) > 5:  # the socket's buffers are full: this send never completes
+            await asyncio.Event().wait()
+
+    async def serve() -> float:
+        start = time.perf_counter()
+        await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send), 10)
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(serve())
+    assert 0.5 <= elapsed < 3.0, elapsed
+    assert source.cancel.is_set() and source.closed and released == [1]
+    assert stats.snapshot()["active_streams"] == 0 and stats.snapshot()["streams_cancelled"] == 1
