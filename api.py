@@ -23,13 +23,12 @@ from typing import Annotated, Any
 import anyio
 import numpy as np
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,7 +37,7 @@ from config import settings as default_settings
 from services.admission import RETRY_AFTER_S, calibrate_admission
 from services.debug import DebugRecorder
 from services.deps import DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services, require_token
-from services.errors import DOMAIN_ERRORS
+from services.errors import DOMAIN_ERRORS, APIError
 from services.live import router as live_router
 from services.models import (
     AvatarInfo,
@@ -49,17 +48,15 @@ from services.models import (
 from services.streaming import MJPEG_END, MJPEG_MEDIA_TYPE, MJPEGResponse, mjpeg_part, paced_parts
 from services.tts import SynthesisCancelled, TextError, TTSBusy, TTSUnavailable, build_tts, estimate_speech_seconds
 from services.tts import check_text as tts_check_text
+from services.uploads import AUDIO_EXTENSIONS, LIMIT_SETTING, decode_upload, read_upload
 from services.webrtc import router as webrtc_router
-from synctalk.audio import AudioTooLong, load_audio, wav_bytes
+from synctalk.audio import wav_bytes
 from synctalk.fileio import remove_stale_temporaries
 from synctalk.timing import SAMPLE_RATE
 
 log = logging.getLogger("api")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".m4a")
-UPLOAD_FIELDS = ("audio_file", "file")
-FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries on top of the file itself
 STREAM_HEADERS = ["X-Frame-Count", "X-Audio-Duration", "X-FPS", "X-Avatar", "X-TTS-Engine"]
 
 
@@ -74,18 +71,9 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="human-readable explanation")
 
 
-class APIError(HTTPException):
-    """An HTTP error with a stable machine-readable `error` code."""
-
-    def __init__(self, status_code: int, error: str, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(status_code, detail, headers)
-        self.error = error
-
-
 _DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                   405: "method_not_allowed", 408: "body_timeout", 411: "length_required", 413: "upload_too_large",
                   415: "unsupported_media_type", 422: "invalid_request", 503: "unavailable"}
-LIMIT_SETTING = "server.max_audio_seconds"
 
 
 def _error(status_code: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -328,55 +316,6 @@ async def speak_text(services: Services, text: str, avatar: str | None, voice: s
     voice = await check_voice(services, voice)
     result = await synthesize(services, text, voice, request)
     return await stream_audio(services, result.to_16k(), info, "text", {"X-TTS-Engine": result.engine})
-
-
-async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
-    """The uploaded audio file's bytes and its extension; the size cap is enforced before parsing."""
-    length = request.headers.get("content-length")
-    if length is None or not length.isdigit():
-        raise APIError(411, "length_required", "the upload needs a Content-Length header")
-    if int(length) > max_bytes + FORM_OVERHEAD:
-        raise APIError(413, "upload_too_large", f"upload is {length} bytes, the limit is {max_bytes}")
-    try:
-        async with request.form(max_files=1, max_fields=8) as form:
-            upload = next((form[f] for f in UPLOAD_FIELDS if isinstance(form.get(f), UploadFile)), None)
-            if upload is None:
-                raise APIError(400, "missing_file", "send the audio as multipart form field 'audio_file'")
-            extension = Path(upload.filename or "").suffix.lower()
-            if extension not in AUDIO_EXTENSIONS:
-                raise APIError(415, "unsupported_format",
-                               f"unsupported audio file {extension or '(no extension)'}; "
-                               f"send one of {', '.join(AUDIO_EXTENSIONS)}")
-            data = await upload.read(max_bytes + 1)
-    except APIError:
-        raise
-    except StarletteHTTPException as exc:  # Starlette's own 400 for a multipart body it cannot parse
-        if exc.status_code != 400:
-            raise
-        raise APIError(400, "bad_form", f"cannot parse the multipart form: {exc.detail}") from None
-    except Exception as exc:  # malformed multipart body
-        raise APIError(400, "bad_form", f"cannot parse the multipart form: {exc}") from None
-    if len(data) > max_bytes:
-        raise APIError(413, "upload_too_large", f"upload is over the limit of {max_bytes} bytes")
-    return data, extension
-
-
-async def decode_upload(data: bytes, extension: str, max_seconds: float) -> np.ndarray:
-    """16 kHz mono float32 audio of an uploaded file; 413 when it is longer than `max_seconds` (from the
-    container's declared duration before decoding, else while decoding); 400 when it cannot be decoded."""
-
-    try:
-        audio = await anyio.to_thread.run_sync(lambda: load_audio(data, max_seconds=max_seconds))
-    except AudioTooLong as exc:
-        length = f"{exc.duration_s:.0f} s long" if exc.duration_s is not None else "longer than the limit"
-        raise APIError(413, "audio_too_long", f"the {extension} file is {length}; the limit "
-                                              f"({LIMIT_SETTING}) is {max_seconds:g} s") from None
-    except Exception as exc:  # each decoder has its own error types; all mean "not valid audio"
-        log.info("cannot decode %s upload: %s", extension, exc)
-        raise APIError(400, "corrupt_audio", f"cannot decode the {extension} file: {exc}") from None
-    if audio.size == 0:
-        raise APIError(400, "corrupt_audio", f"the {extension} file holds no audio")
-    return np.asarray(audio, dtype=np.float32)
 
 
 def avatar_still(info: AvatarInfo) -> bytes:

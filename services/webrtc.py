@@ -27,7 +27,6 @@ import json
 import logging
 import time
 import uuid
-from pathlib import PurePath
 from typing import Annotated, Any
 
 import anyio
@@ -36,17 +35,17 @@ import cv2
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
 
 from config import Settings, WebRTCConfig
 from services.admission import RETRY_AFTER_S
 from services.deps import Services, ServicesDep
+from services.errors import APIError
 from services.live import idle_loop
 from services.sessions import Slot, SpeechTimeline, Utterance, make_segment, warm_speech
 from services.tts import SynthesisCancelled, TextError, TTSBusy, TTSUnavailable, check_text, estimate_speech_seconds
-from synctalk.audio import AudioTooLong, load_audio
+from services.uploads import decode_upload, read_upload
 from synctalk.scheduler import FrameScheduler
 from synctalk.text import split_sentences
 from synctalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -61,18 +60,7 @@ AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 AUDIO_CHUNK = SAMPLES_PER_FRAME // 2  # 20 ms audio frames (the Opus packet time)
 TTS_LOW_WATER_S = 3.0  # a later sentence is synthesised at once when less speech than this is queued
 TTS_RENDER_HEADROOM_S = 0.8  # ... else once this much of the queued speech is rendered
-AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".m4a")
-FORM_OVERHEAD = 64 * 1024
 CLOSED_REMEMBERED = 1024  # ids of closed sessions kept to answer 410 instead of 404
-
-
-class SessionError(HTTPException):
-    """An HTTP error with a stable machine-readable `error` code (rendered as `{error, detail}` by the
-    app's handler, like api.APIError)."""
-
-    def __init__(self, status_code: int, error: str, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(status_code, detail, headers)
-        self.error = error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +213,10 @@ class WebRTCSession:
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
         except Exception as exc:  # aiortc raises ValueError, KeyError, ... on malformed SDP
-            raise SessionError(400, "bad_sdp", f"cannot parse the SDP offer: {exc or type(exc).__name__}") from None
+            raise APIError(400, "bad_sdp", f"cannot parse the SDP offer: {exc or type(exc).__name__}") from None
         kinds = {t.kind for t in self.pc.getTransceivers()}
         if "video" not in kinds:
-            raise SessionError(400, "bad_sdp", "the offer has no video media section (add a recvonly video and "
+            raise APIError(400, "bad_sdp", "the offer has no video media section (add a recvonly video and "
                                                "audio transceiver)")
         self.pc.addTrack(self.video)
         if "audio" in kinds:
@@ -238,7 +226,7 @@ class WebRTCSession:
         try:
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as exc:
-            raise SessionError(400, "bad_sdp", f"cannot answer the SDP offer: {exc or type(exc).__name__}") from None
+            raise APIError(400, "bad_sdp", f"cannot answer the SDP offer: {exc or type(exc).__name__}") from None
         self.timeline.start()
         self._tasks = [asyncio.create_task(self._produce(), name=f"webrtc-produce-{self.id[:8]}"),
                        asyncio.create_task(self._watch(), name=f"webrtc-watch-{self.id[:8]}")]
@@ -262,7 +250,7 @@ class WebRTCSession:
         try:
             msg = json.loads(message) if isinstance(message, str) else None
             if not isinstance(msg, dict):
-                raise SessionError(400, "bad_message", "data channel messages must be JSON objects with a 'type'")
+                raise APIError(400, "bad_message", "data channel messages must be JSON objects with a 'type'")
             kind = msg.get("type")
             if kind == "speak":
                 body = SpeakRequest.model_validate({k: v for k, v in msg.items() if k != "type"})
@@ -273,9 +261,9 @@ class WebRTCSession:
             elif kind == "close":
                 await self.close("closed by the client")
             else:
-                raise SessionError(400, "unknown_type", f"unknown message type {kind!r}; expected speak, "
+                raise APIError(400, "unknown_type", f"unknown message type {kind!r}; expected speak, "
                                                         f"interrupt or close")
-        except SessionError as exc:
+        except APIError as exc:
             self.emit({"type": "error", "error": exc.error, "detail": str(exc.detail)})
         except (ValueError, TypeError) as exc:
             self.emit({"type": "error", "error": "bad_message", "detail": str(exc)})
@@ -284,7 +272,7 @@ class WebRTCSession:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise SessionError(410, "session_closed", f"session {self.id} is closed")
+            raise APIError(410, "session_closed", f"session {self.id} is closed")
 
     async def speak_text(self, text: str, voice: str | None, interrupt: bool) -> dict:
         """Queue `text` (sentence-streamed TTS); with `interrupt`, cut what is playing first."""
@@ -293,16 +281,16 @@ class WebRTCSession:
         try:
             text = check_text(text, settings.tts.max_text_chars)
         except TextError as exc:
-            raise SessionError(400, exc.code, str(exc)) from None
+            raise APIError(400, exc.code, str(exc)) from None
         estimate = estimate_speech_seconds(text)
         if estimate > settings.server.max_audio_seconds:
-            raise SessionError(413, "audio_too_long", f"the text would take about {estimate:.0f} s to speak; the "
+            raise APIError(413, "audio_too_long", f"the text would take about {estimate:.0f} s to speak; the "
                                                       f"limit is {settings.server.max_audio_seconds:g} s")
         voice = voice or self.voice
         if voice:
             known = await anyio.to_thread.run_sync(self.services.tts.voices)
             if voice not in known:
-                raise SessionError(404, "unknown_voice", f"unknown voice {voice!r}; available: {', '.join(known)}")
+                raise APIError(404, "unknown_voice", f"unknown voice {voice!r}; available: {', '.join(known)}")
         pieces = split_sentences(text, self.cfg.sentence_chars, self.cfg.first_sentence_chars)
         utt = Utterance(uuid.uuid4().hex[:12], text=text, voice=voice or None, pieces=pieces)
         return await self._enqueue(utt, interrupt)
@@ -317,7 +305,7 @@ class WebRTCSession:
         if interrupt:
             await self.interrupt(quiet=True)
         if len(self.queue) >= self.cfg.max_queued:
-            raise SessionError(429, "queue_full", f"{len(self.queue)} speak commands are already waiting")
+            raise APIError(429, "queue_full", f"{len(self.queue)} speak commands are already waiting")
         busy = self.speaking()
         self.queue.append(utt)
         self._wake.set()
@@ -344,7 +332,7 @@ class WebRTCSession:
         if not cut and producing is None and not dropped:
             if quiet:
                 return {"session_id": self.id, "interrupted": False}
-            raise SessionError(409, "nothing_playing", "nothing is playing or queued in this session")
+            raise APIError(409, "nothing_playing", "nothing is playing or queued in this session")
         if not cut:  # nothing had reached the timeline yet: the interrupt is immediate
             self.emit({"type": "interrupted", "utterance_id": producing.id if producing else None,
                        "frame": None, "time": None, "position": 0.0})
@@ -492,8 +480,8 @@ class SessionRegistry:
         if session is not None:
             return session
         if session_id in self.closed_ids:
-            raise SessionError(410, "session_closed", f"session {session_id} is closed")
-        raise SessionError(404, "unknown_session", f"no session {session_id!r}")
+            raise APIError(410, "session_closed", f"session {session_id} is closed")
+        raise APIError(404, "unknown_session", f"no session {session_id!r}")
 
 
 def get_registry(request: Request) -> SessionRegistry:
@@ -551,20 +539,20 @@ async def webrtc_offer(services: ServicesDep, registry: RegistryDep, body: Offer
     """Open a session: the SDP answer carries the avatar's video and speech tracks (see docs/api-reference.md)."""
     cfg = services.settings.webrtc
     if body.type != "offer":
-        raise SessionError(400, "bad_sdp", f"type must be 'offer', got {body.type!r}")
+        raise APIError(400, "bad_sdp", f"type must be 'offer', got {body.type!r}")
     if not body.sdp.lstrip().startswith("v=0") or "\nm=" not in body.sdp:
-        raise SessionError(400, "bad_sdp", "the offer is not an SDP session description (v=0 ... m=...)")
+        raise APIError(400, "bad_sdp", "the offer is not an SDP session description (v=0 ... m=...)")
     if len(registry.sessions) >= cfg.max_sessions:
-        raise SessionError(503, "too_many_sessions", f"{len(registry.sessions)} sessions are open "
+        raise APIError(503, "too_many_sessions", f"{len(registry.sessions)} sessions are open "
                                                      f"(webrtc.max_sessions)", headers={"Retry-After": "5"})
     info = services.models.resolve(body.avatar)
     voice = body.voice or None
     if voice is not None and voice not in await anyio.to_thread.run_sync(services.tts.voices):
-        raise SessionError(404, "unknown_voice", f"unknown voice {voice!r}")
+        raise APIError(404, "unknown_voice", f"unknown voice {voice!r}")
     scheduler = await anyio.to_thread.run_sync(services.models.scheduler, info.name)
     await anyio.to_thread.run_sync(warm_speech, scheduler.engine)
     if not services.admission.try_acquire("webrtc"):
-        raise SessionError(503, "busy", f"this server is at its capacity of {services.admission.capacity} "
+        raise APIError(503, "busy", f"this server is at its capacity of {services.admission.capacity} "
                                         f"streams; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)})
     session = WebRTCSession(registry, services, scheduler, info.name, voice)
     try:
@@ -584,37 +572,12 @@ async def session_status(registry: RegistryDep, session_id: str) -> dict[str, An
 
 
 async def read_audio_upload(request: Request, settings: Settings) -> np.ndarray:
-    """16 kHz mono audio of a multipart upload (field `audio_file`), size and length capped."""
-    max_bytes = settings.server.max_upload_bytes
-    length = request.headers.get("content-length")
-    if length is None or not length.isdigit():
-        raise SessionError(411, "length_required", "the upload needs a Content-Length header")
-    if int(length) > max_bytes + FORM_OVERHEAD:
-        raise SessionError(413, "upload_too_large", f"upload is {length} bytes, the limit is {max_bytes}")
-    try:
-        async with request.form(max_files=1, max_fields=8) as form:
-            upload = next((form[f] for f in ("audio_file", "file") if isinstance(form.get(f), UploadFile)), None)
-            if upload is None:
-                raise SessionError(400, "missing_file", "send the audio as multipart form field 'audio_file'")
-            extension = PurePath(upload.filename or "").suffix.lower()
-            if extension not in AUDIO_EXTENSIONS:
-                raise SessionError(415, "unsupported_format", f"unsupported audio file {extension or '(none)'}; "
-                                                              f"send one of {', '.join(AUDIO_EXTENSIONS)}")
-            data = await upload.read(max_bytes + 1)
-    except HTTPException:
-        raise
-    except Exception as exc:  # malformed multipart body
-        raise SessionError(400, "bad_form", f"cannot parse the multipart form: {exc}") from None
-    max_s = settings.server.max_audio_seconds
-    try:
-        audio = await anyio.to_thread.run_sync(lambda: load_audio(data, max_seconds=max_s))
-    except AudioTooLong:
-        raise SessionError(413, "audio_too_long", f"the audio is longer than {max_s:g} s") from None
-    except Exception as exc:  # each decoder has its own error types
-        raise SessionError(400, "corrupt_audio", f"cannot decode the {extension} file: {exc}") from None
+    """16 kHz mono audio of a multipart upload (`services.uploads`), at least one video frame long."""
+    data, extension = await read_upload(request, settings.server.max_upload_bytes)
+    audio = await decode_upload(data, extension, settings.server.max_audio_seconds)
     if audio.size < SAMPLES_PER_FRAME:
-        raise SessionError(400, "audio_too_short", "the audio is shorter than one video frame (40 ms)")
-    return np.asarray(audio, np.float32)
+        raise APIError(400, "audio_too_short", "the audio is shorter than one video frame (40 ms)")
+    return audio
 
 
 @router.post("/sessions/{session_id}/speak", responses=ERRORS, openapi_extra={"requestBody": {"content": {
@@ -634,7 +597,7 @@ async def session_speak(services: ServicesDep, registry: RegistryDep, session_id
     try:
         body = SpeakRequest.model_validate_json(await request.body())
     except ValueError as exc:
-        raise SessionError(422, "invalid_request", f"send JSON {{text, voice?, interrupt?}}: {exc}") from None
+        raise APIError(422, "invalid_request", f"send JSON {{text, voice?, interrupt?}}: {exc}") from None
     return await session.speak_text(body.text, body.voice, body.interrupt)
 
 
