@@ -38,6 +38,7 @@ from synctalk.trainkit import (
     JsonlLog,
     ProgressLine,
     TrainError,
+    add_run_args,
     atomic_torch_save,
     autocast,
     cosine_with_warmup,
@@ -582,14 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require_syncnet", action="store_true",
                    help=f"stop when the SyncNet's held-out accuracy is below {SYNCNET_MIN_ACCURACY} "
                         "(default: warn and train without the sync term)")
-    p.add_argument("--size", default=d["size"], choices=["328", "small"])
-    p.add_argument("--mode", "--asr", dest="mode", default=d["mode"], choices=["whisper", "ave"])
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--max_steps", type=int, default=d["max_steps"])
-    p.add_argument("--batchsize", type=int, default=d["batchsize"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--warmup_steps", type=int, default=d["warmup_steps"])
-    p.add_argument("--min_lr_ratio", type=float, default=d["min_lr_ratio"])
+    add_run_args(p, d)
     p.add_argument("--grad_clip", type=float, default=d["grad_clip"])
     p.add_argument("--l1_weight", type=float, default=d["l1_weight"])
     p.add_argument("--ssim_weight", type=float, default=d["ssim_weight"])
@@ -598,17 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"])
     p.add_argument("--ema", action="store_true", default=d["ema"])
     p.add_argument("--ema_decay", type=float, default=d["ema_decay"])
-    p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--device", default=d["device"])
-    p.add_argument("--workers", type=int, default=d["workers"])
-    p.add_argument("--threads", type=int, default=d["threads"])
     p.add_argument("--save_every", type=int, default=d["save_every"])
     p.add_argument("--latest_every", type=int, default=d["latest_every"])
     p.add_argument("--log_every", type=int, default=d["log_every"])
     p.add_argument("--val_every", type=int, default=d["val_every"])
     p.add_argument("--val_frames", type=int, default=d["val_frames"])
     p.add_argument("--lmd_frames", type=int, default=d["lmd_frames"])
-    p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--resume", action="store_true", help=f"continue from SAVE_DIR/{LATEST}")
     return p
 

@@ -24,6 +24,7 @@ from synctalk.trainkit import (
     JsonlLog,
     ProgressLine,
     TrainError,
+    add_run_args,
     autocast,
     cosine_with_warmup,
     make_loader,
@@ -265,24 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the per-person SyncNet (balanced in/off-sync pairs).")
     p.add_argument("--dataset_dir", required=True, help="dataset/NAME (made by data_utils/process.py)")
     p.add_argument("--save_dir", required=True, help="syncnet_ckpt/NAME")
-    p.add_argument("--size", default=d["size"], choices=["328", "small"])
-    p.add_argument("--mode", "--asr", dest="mode", default=d["mode"], choices=["whisper", "ave"])
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--max_steps", type=int, default=d["max_steps"])
-    p.add_argument("--batchsize", type=int, default=d["batchsize"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--warmup_steps", type=int, default=d["warmup_steps"])
-    p.add_argument("--min_lr_ratio", type=float, default=d["min_lr_ratio"])
-    p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--device", default=d["device"])
-    p.add_argument("--workers", type=int, default=d["workers"])
-    p.add_argument("--threads", type=int, default=d["threads"])
+    add_run_args(p, d)
     p.add_argument("--eval_every", type=int, default=d["eval_every"])
     p.add_argument("--in_batch", action=argparse.BooleanOptionalAction, default=d["in_batch"],
                    help="triplets with in-batch far negatives (--no-in_batch: plain balanced pairs)")
     p.add_argument("--bn_samples", type=int, default=d["bn_samples"])
     p.add_argument("--log_every", type=int, default=d["log_every"])
-    p.add_argument("--seed", type=int, default=d["seed"])
     return p
 
 

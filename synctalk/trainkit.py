@@ -270,6 +270,24 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def add_run_args(p: argparse.ArgumentParser, d: dict[str, Any]) -> None:
+    """The flags both trainers share (size, mode, schedule, device, AMP, workers, threads, seed), with
+    each trainer's own defaults `d`."""
+    p.add_argument("--size", default=d["size"], choices=["328", "small"])
+    p.add_argument("--mode", "--asr", dest="mode", default=d["mode"], choices=["whisper", "ave"])
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--max_steps", type=int, default=d["max_steps"])
+    p.add_argument("--batchsize", type=int, default=d["batchsize"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--warmup_steps", type=int, default=d["warmup_steps"])
+    p.add_argument("--min_lr_ratio", type=float, default=d["min_lr_ratio"])
+    p.add_argument("--amp", default=d["amp"], choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--device", default=d["device"])
+    p.add_argument("--workers", type=int, default=d["workers"])
+    p.add_argument("--threads", type=int, default=d["threads"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+
+
 def run_cli(fn: Callable[[argparse.Namespace], Any], argv: list[str] | None, parser: argparse.ArgumentParser,
             check: Callable[[argparse.Namespace], None] | None = None) -> int:
     """Parse, `check(args)`, run `fn(args)` and print its result; user errors (TrainError and the
