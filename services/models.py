@@ -167,13 +167,14 @@ class ModelService:
 
     def scheduler(self, name: str | None = None) -> FrameScheduler:
         """The frame scheduler every stream of avatar `name` renders through (loads the avatar)."""
-        engine = self.engine(name)
-        resolved = self.resolve(name).name
-        with self._lock:
-            slot = self._slots[resolved]
-        if slot.scheduler is None or slot.scheduler.engine is not engine:  # evicted meanwhile: a private one
-            return FrameScheduler(engine, max_wait_s=self.settings.server.batch_wait_ms / 1000)
-        return slot.scheduler
+        name = self.resolve(name).name
+        for _ in range(3):  # evicted between loading and asking: load again (never a private, unclosed one)
+            engine = self.engine(name)
+            with self._lock:
+                scheduler = self._slots[name].scheduler
+            if scheduler is not None and scheduler.engine is engine:
+                return scheduler
+        raise AvatarLoadError(f"avatar {name!r} was evicted while loading; the memory budget is too small")
 
     def memory_bytes(self) -> int:
         """Memory held by the loaded avatars."""
