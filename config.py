@@ -134,6 +134,9 @@ class ServerConfig(BaseModel):
     # 0 = measure at start-up: the default avatar's frames/s through its scheduler, times 0.9, over 25 fps
     max_streams: int = Field(0, ge=0, le=1024)
     batch_wait_ms: float = Field(4.0, ge=0.0, le=100.0)  # the scheduler waits this long for other streams' frames
+    # False: no cross-stream batching, each stream renders alone on the engine, one stream's batch at a time
+    # (synctalk.scheduler.FrameScheduler(batching=False)); the baseline bench/server.py compares against
+    batching: bool = True
 
 
 class IceServer(BaseModel):

@@ -7,7 +7,8 @@ dataset/checkpoint roots, then the bundled demo avatar): the same registry the C
 Nothing is loaded at import time: `ModelService(settings)` only scans folders; engines are built on
 first use (`engine(name)`) or by `warm_up()` (the server's lifespan), each under its own lock so two
 requests for the same avatar never load it twice. Each loaded avatar gets one
-`synctalk.scheduler.FrameScheduler` (`scheduler(name)`), shared by all its streams. Past
+`synctalk.scheduler.FrameScheduler` (`scheduler(name)`), shared by all its streams (batching across
+them unless `server.batching` is off). Past
 `models.memory_budget_mb` the least recently used other avatars are evicted (a stream still running on
 an evicted engine keeps it until it ends); an evicted avatar loads again on its next request.
 """
@@ -158,7 +159,9 @@ class ModelService:
                     raise AvatarLoadError(f"cannot load avatar {info.name!r}: {exc}") from exc
                 slot.error = None
                 slot.load_seconds = time.perf_counter() - start
-                slot.scheduler = FrameScheduler(slot.engine, max_wait_s=self.settings.server.batch_wait_ms / 1000)
+                server = self.settings.server
+                slot.scheduler = FrameScheduler(slot.engine, max_wait_s=server.batch_wait_ms / 1000,
+                                                batching=server.batching)
                 log.info("loaded avatar %s (%s, epoch %d) in %.2f s, %.0f MB", info.name,
                          info.checkpoint_path.name, info.epoch, slot.load_seconds,
                          slot.engine.memory_bytes() / 2**20)
@@ -239,7 +242,7 @@ class ModelService:
                 entry["engine"] = engine.describe()
                 entry["memory_mb"] = round(engine.memory_bytes() / 2**20, 1)
             if slot and slot.scheduler is not None:
-                entry["scheduler"] = slot.scheduler.stats.snapshot()
+                entry["scheduler"] = {**slot.scheduler.stats.snapshot(), "batching": slot.scheduler.batching}
             out.append(entry)
         return {"default": self.default_name, "avatars": out,
                 "loaded": [e["name"] for e in out if e["loaded"]],
@@ -254,6 +257,7 @@ class ModelService:
             info.dataset_dir, info.checkpoint_path, backend=models.backend, device=models.resolved_device(),
             dtype=models.dtype, threads=models.threads, batch_size=models.batch_size,
             ave_checkpoint=models.ave_checkpoint, feature_config=self.settings.audio.feature_config(),
+            idle=info.idle,
         )
         warm_engine(engine)
         return engine

@@ -5,9 +5,15 @@ checkpoint folder `<checkpoint_root>/<name>/` holding `<epoch>.pth` files (the l
 unless one is asked for). Roots are searched in order; the first that has the name wins, so the
 user's own avatar of a name shadows the bundled demo avatar of the same name. Names are only ever
 compared with what a scan found; a request's name never becomes a path.
+
+An optional `<dataset_root>/<name>/avatar.json` describes the avatar: `attribution` (a credit line the
+server reports and the page shows, for avatars made from licensed footage) and `idle` ("recorded": the
+idle loop shows the source frames as they are; "rendered": with the mouth the model renders for silence,
+for footage in which the person talks throughout).
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +61,8 @@ class AvatarInfo:
     epoch: int
     num_frames: int
     source: str  # "user" or "demo"
+    attribution: str | None = None
+    idle: str = "recorded"
 
     def first_frame_path(self) -> Path:
         """The avatar's still image: source frame 0."""
@@ -63,7 +71,29 @@ class AvatarInfo:
     def public(self) -> dict[str, Any]:
         """What /health reports (no filesystem paths)."""
         return {"name": self.name, "epoch": self.epoch, "frames": self.num_frames, "source": self.source,
-                "checkpoint": self.checkpoint_path.name}
+                "checkpoint": self.checkpoint_path.name, "attribution": self.attribution}
+
+
+def read_avatar_file(dataset_dir: Path) -> dict[str, Any]:
+    """`attribution` and `idle` from `dataset_dir/avatar.json` (defaults when absent); AvatarError when
+    the file is not valid."""
+    path = dataset_dir / "avatar.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AvatarError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AvatarError(f"{path}: expected a JSON object")
+    out: dict[str, Any] = {}
+    if data.get("attribution") is not None:
+        out["attribution"] = str(data["attribution"])
+    idle = data.get("idle", "recorded")
+    if idle not in ("recorded", "rendered"):
+        raise AvatarError(f"{path}: idle must be 'recorded' or 'rendered', got {idle!r}")
+    out["idle"] = idle
+    return out
 
 
 def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -124,7 +154,12 @@ def discover_avatars(root: AvatarRoot) -> dict[str, AvatarInfo]:
         if ckpt is None or frames == 0:
             log.debug("skipping %s: %s", folder, "no checkpoint" if ckpt is None else "no frames")
             continue
-        found[folder.name] = AvatarInfo(folder.name, folder, ckpt[0], ckpt[1], frames, root.source)
+        try:
+            extra = read_avatar_file(folder)
+        except AvatarError as exc:
+            log.warning("skipping %s: %s", folder, exc)
+            continue
+        found[folder.name] = AvatarInfo(folder.name, folder, ckpt[0], ckpt[1], frames, root.source, **extra)
     return found
 
 
@@ -150,6 +185,7 @@ class AvatarRegistry:
                 continue
             path = pick_checkpoint(root.checkpoint_root / name, checkpoint)
             epoch = int(path.stem) if path.stem.isdigit() else -1
-            return AvatarInfo(name, dataset_dir, path, epoch, count_frames(dataset_dir), root.source)
+            return AvatarInfo(name, dataset_dir, path, epoch, count_frames(dataset_dir), root.source,
+                              **read_avatar_file(dataset_dir))
         names = sorted(self.scan())
         raise UnknownAvatarError(f"unknown avatar {name!r}; available: {', '.join(names) or 'none'}")

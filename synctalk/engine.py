@@ -31,6 +31,7 @@ from synctalk import face as face_crop
 from synctalk.face import BLEND_MODES, Paster
 from synctalk.features import FeatureConfig, extract_features
 from synctalk.sizes import audio_input_shape, audio_window, get_size
+from synctalk.timing import SAMPLE_RATE
 from unet_328 import export_onnx, load_unet_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -243,12 +244,18 @@ class _Slot:
     crops: np.ndarray  # [B, crop, crop, 3] uint8: source crop with the generated interior
 
 
+IDLE_MODES = ("recorded", "rendered")  # what the idle loop shows (see LipSyncEngine.idle_frame)
+
+
 class LipSyncEngine:
     """One avatar ready to generate frames. Build with `LipSyncEngine.load(...)`."""
 
     def __init__(self, dataset_dir: Path, checkpoint_path: Path, runner, meta: dict, frames: FrameStore,
                  boxes: np.ndarray, crops: np.ndarray | None, batch_size: int, blend: str,
-                 color_match: bool, ave_checkpoint: Path | None, feature_config: FeatureConfig):
+                 color_match: bool, ave_checkpoint: Path | None, feature_config: FeatureConfig,
+                 idle: str = "recorded"):
+        if idle not in IDLE_MODES:
+            raise EngineError(f"unknown idle mode {idle!r}; choose one of {IDLE_MODES}")
         self.dataset_dir = dataset_dir
         self.checkpoint_path = checkpoint_path
         self.runner = runner
@@ -266,6 +273,9 @@ class LipSyncEngine:
         self.feature_config = feature_config
         self._slots = [self._new_slot(), self._new_slot()]
         self._lock = threading.Lock()  # one render/run at a time (they share the slots)
+        self.idle = idle
+        self._idle_crops: dict[int, np.ndarray] = {}  # idle="rendered": frame -> silent-mouth crop
+        self._silence: np.ndarray | None = None
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -274,7 +284,7 @@ class LipSyncEngine:
              device: str = "cpu", dtype: str = "float32", batch_size: int = 8, threads: int = 1,
              blend: str = "feather", color_match: bool = False, ave_checkpoint: str | Path | None = None,
              frame_cache_bytes: int = FRAME_CACHE_BYTES, feature_config: FeatureConfig | None = None,
-             ) -> LipSyncEngine:
+             idle: str = "recorded") -> LipSyncEngine:
         """Load an avatar: dataset folder (frames, crop boxes, crop cache) + U-Net checkpoint. Every
         option is an argument (the server and CLIs pass their settings). Raises EngineError /
         CheckpointError."""
@@ -318,7 +328,7 @@ class LipSyncEngine:
         else:
             log.info("no %s: cropping from the frames on the fly", cache.name)
         engine = cls(dataset_dir, checkpoint_path, runner, meta, frames, boxes, crops, batch_size, blend,
-                     color_match, Path(ave_checkpoint) if ave_checkpoint else None, feature_config)
+                     color_match, Path(ave_checkpoint) if ave_checkpoint else None, feature_config, idle)
         log.info("loaded avatar %s: %d frames %dx%d, %s mode, size %s, backend %s on %s, batch %d",
                  dataset_dir.name, len(frames), frames.shape[1], frames.shape[0], engine.mode,
                  size.name, backend, runner.device, batch_size)
@@ -332,7 +342,8 @@ class LipSyncEngine:
     def memory_bytes(self) -> int:
         """What this avatar holds in memory: decoded source frames, the crop cache and the U-Net."""
         crops = int(self._crop_cache.nbytes) if self._crop_cache is not None else 0
-        return int(self.frames.cached_bytes) + crops + self.runner.model_bytes
+        idle = sum(int(c.nbytes) for c in list(self._idle_crops.values()))
+        return int(self.frames.cached_bytes) + crops + idle + self.runner.model_bytes
 
     def describe(self) -> dict:
         """A JSON-able summary (for logs and the server's /models)."""
@@ -424,6 +435,26 @@ class LipSyncEngine:
                 self._infer(slot, b)
                 out[s:s + b] = slot.crops[:b]
         return out
+
+    def silence_window(self) -> np.ndarray:
+        """The network audio input `[1, C, H, W]` of silence (digital silence through this checkpoint's
+        feature routine; computed once)."""
+        if self._silence is None:
+            feats = self.features(np.zeros(2 * SAMPLE_RATE, np.float32))
+            self._silence = self.audio_windows(feats, [len(feats) // 2])
+        return self._silence
+
+    def idle_frame(self, index: int) -> np.ndarray:
+        """Source frame `index` as the idle loop shows it: as recorded (`idle="recorded"`, read-only), or
+        with the mouth the model renders for silence (`idle="rendered"`, for avatars recorded while talking;
+        each frame's crop is rendered once and kept)."""
+        if self.idle == "recorded":
+            return self.frames.get(int(index))
+        crop = self._idle_crops.get(int(index))
+        if crop is None:
+            crop = self.render_crops(self.silence_window(), [int(index)])[0]
+            self._idle_crops[int(index)] = crop
+        return self.paste(crop, int(index), np.empty(self.frame_shape, np.uint8))
 
     def render(self, windows: np.ndarray, frame_indices: Sequence[int] | np.ndarray,
                out: Sequence[np.ndarray] | np.ndarray | None = None) -> list[np.ndarray]:

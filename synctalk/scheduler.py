@@ -12,6 +12,10 @@ behind each other and the U-Net runs N half-empty batches where one full batch w
 - Paste-back runs in a bounded pool (`paste_workers`, default the core count), so the U-Net worker
   moves on to the next batch while the previous one is pasted.
 - A cancelled future is dropped the next time the worker looks at it: its frames are never rendered.
+- `batching=False` turns all of this off: each request is rendered alone on the engine in the caller's
+  thread (`LipSyncEngine.render`, whose lock lets one stream's batch run at a time), which is what a
+  stream does without a scheduler. The server's `server.batching` switch; `bench/server.py` measures
+  it as the baseline of the scheduler.
 
 Every frame is rendered exactly as `LipSyncEngine.render` renders it alone (the U-Net treats the
 samples of a batch independently), which `tests/test_scheduler.py` checks. Degradation policy
@@ -79,19 +83,23 @@ class FrameScheduler:
     """Cross-stream batching for one `LipSyncEngine` (see the module docstring)."""
 
     def __init__(self, engine: LipSyncEngine, max_batch: int | None = None, max_wait_s: float = 0.004,
-                 paste_workers: int | None = None):
+                 paste_workers: int | None = None, batching: bool = True):
         self.engine = engine
         self.max_batch = max(1, int(max_batch or engine.batch_size))
         self.max_wait_s = max(0.0, float(max_wait_s))
+        self.batching = bool(batching)
         self.stats = SchedulerStats()
         self._queue: list[_Request] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
-        self._paste = ThreadPoolExecutor(max(1, paste_workers or os.cpu_count() or 1),
-                                         thread_name_prefix="paste")
-        self._worker = threading.Thread(target=self._run, name="frame-scheduler", daemon=True)
-        self._worker.start()
+        self._paste: ThreadPoolExecutor | None = None
+        self._worker: threading.Thread | None = None
+        if self.batching:  # without batching nothing runs in the background
+            self._paste = ThreadPoolExecutor(max(1, paste_workers or os.cpu_count() or 1),
+                                             thread_name_prefix="paste")
+            self._worker = threading.Thread(target=self._run, name="frame-scheduler", daemon=True)
+            self._worker.start()
 
     # -- client side ----------------------------------------------------------------------------
 
@@ -103,6 +111,8 @@ class FrameScheduler:
         windows = np.asarray(windows, dtype=np.float32)
         if len(windows) != len(indices):
             raise ValueError(f"{len(windows)} audio windows for {len(indices)} frames")
+        if not self.batching:
+            return self._render_alone(windows, indices, paste)
         size = self.engine.size
         future: Future = Future()
         req = _Request(windows, indices, time.monotonic() if deadline is None else float(deadline),
@@ -132,8 +142,31 @@ class FrameScheduler:
             self._cv.notify_all()
         for req in pending:
             req.future.cancel()
-        self._worker.join(timeout=30)
-        self._paste.shutdown(wait=True)
+        if self._worker is not None and self._paste is not None:
+            self._worker.join(timeout=30)
+            self._paste.shutdown(wait=True)
+
+    def _render_alone(self, windows: np.ndarray, indices: np.ndarray, paste: bool) -> Future:
+        """Without batching: the frames on the engine in the caller's thread, as a stream without a
+        scheduler renders them (the engine's lock: one stream's batch at a time); a finished future."""
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the frame scheduler is closed")
+            self.stats.requests += 1
+        future: Future = Future()
+        try:
+            future.set_result(self.engine.render(windows, indices) if paste
+                              else list(self.engine.render_crops(windows, indices)))
+        except Exception as exc:  # handed over as the worker path hands it: through the future
+            future.set_exception(exc)
+            return future
+        with self._cv:
+            for s in range(0, len(indices), self.engine.batch_size):  # the engine's own batches
+                size = min(self.engine.batch_size, len(indices) - s)
+                self.stats.batches += 1
+                self.stats.frames += size
+                self.stats.batch_sizes[size] = self.stats.batch_sizes.get(size, 0) + 1
+        return future
 
     # -- worker ---------------------------------------------------------------------------------
 
@@ -202,6 +235,7 @@ class FrameScheduler:
             req.crops[k] = crop
             req.done += 1
             if req.done == req.n:
+                assert self._paste is not None  # (the worker runs only with batching)
                 self._paste.submit(self._finish, req)
 
     def _finish(self, req: _Request) -> None:

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from synctalk.engine import LipSyncEngine
 from synctalk.scheduler import FrameScheduler
@@ -90,3 +91,29 @@ def test_crops_mode_and_bad_input(engine, features):
         sched.close()
     with pytest.raises(RuntimeError, match="closed"):
         sched.submit(w, o)
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    """The bundled demo avatar's engine (no training needed)."""
+    demo = REPO / "demo_avatar"
+    return LipSyncEngine.load(demo / "dataset" / "demo", demo / "checkpoint" / "demo" / "3.pth", backend="onnx",
+                              device="cpu", batch_size=8, threads=1)
+
+
+def test_without_batching_each_request_renders_alone_in_the_callers_thread(demo_engine):
+    features = np.random.default_rng(0).random((20, 2, 384), dtype=np.float32)
+    windows, order = demo_engine.audio_windows(features, range(10)), demo_engine.frame_order(10)
+    before = {t.ident for t in threading.enumerate()}
+    sched = FrameScheduler(demo_engine, batching=False)
+    assert {t.ident for t in threading.enumerate()} == before  # no worker thread, no paste pool
+    future = sched.submit(windows, order)
+    assert future.done()  # rendered in this thread before submit returned
+    for got, want in zip(future.result(), demo_engine.render(windows, order)):
+        np.testing.assert_array_equal(got, want)
+    crops = sched.submit(windows[:3], order[:3], paste=False).result(0)
+    np.testing.assert_array_equal(np.stack(crops), demo_engine.render_crops(windows[:3], order[:3]))
+    assert (sched.stats.requests, sched.stats.frames, sched.stats.batches) == (2, 13, 3)  # the engine's 8 + 2, 3
+    sched.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        sched.submit(windows, order)
