@@ -6,8 +6,12 @@
     torchrun --standalone --nproc_per_node=2 train_328.py ... --device cuda # DDP, one process per GPU
     python train_328.py ... --resume                                       # continue from latest.pth
 
-Loss = l1_weight * L1 + ssim_weight * (1 - SSIM or MS-SSIM) + sync_weight * SyncNet BCE
+Loss = l1_weight * L1 (mouth region counted mouth_weight times) + ssim_weight * (1 - SSIM or MS-SSIM)
+       + grad_weight * image-gradient L1 + temporal_weight * adjacent-frame L1 + gan_weight * patch-critic
+       hinge loss + sync_weight * SyncNet BCE
        (+ perceptual_weight * VGG19 feature MSE, only when torchvision's VGG19 weights are cached locally).
+The defaults are the winner of the recipe study (docs/training-guide.md); --cpu_budget_s stops a run after
+that many CPU seconds of training steps (the study's equal budget).
 Writes to --save_dir: `<epoch>.pth` every --save_every epochs and at the end (unet_328.save_checkpoint
 format), `latest.pth` (everything needed to resume bit-for-bit), `train_log.jsonl` (loss terms per logged
 step), `metrics.jsonl` (held-out metrics per epoch) and TensorBoard events under `runs/`.
@@ -29,19 +33,20 @@ import torch.nn.functional as F
 
 from syncnet_328 import load_syncnet_checkpoint
 from synctalk import face as face_crop
-from synctalk import metrics
-from synctalk.dataset import AvatarDataset, DatasetError, ensure_crop_cache
+from synctalk import losses, metrics
+from synctalk.dataset import REFERENCE_POLICIES, AvatarDataset, DatasetError, ensure_crop_cache
 from synctalk.landmarks import FaceMesh
 from synctalk.metrics import SYNCNET_MIN_ACCURACY, syncnet_trusted
 from synctalk.trainkit import (
     LATEST,
+    CpuBudget,
     JsonlLog,
     ProgressLine,
     TrainError,
     add_run_args,
     atomic_torch_save,
     autocast,
-    cosine_with_warmup,
+    budget_schedule,
     init_distributed,
     make_loader,
     resolve_amp,
@@ -54,7 +59,7 @@ from synctalk.trainkit import (
     setup_logging,
     tensorboard_writer,
 )
-from unet_328 import CheckpointError, build_unet, save_checkpoint
+from unet_328 import CheckpointError, build_unet, load_unet_checkpoint, save_checkpoint
 
 log = logging.getLogger("train_328")
 
@@ -76,6 +81,13 @@ DEFAULTS = dict(
     ssim="auto",           # auto (ms-ssim when the model side is > 160 px, else ssim), ssim, msssim
     sync_weight=0.05,      # SyncNet BCE on (pred, audio); only with --use_syncnet
     perceptual_weight=0.01,  # VGG19 conv1_1..conv3_3 feature MSE (upstream weight); only if weights cached
+    mouth_weight=1.0,      # the mouth region (losses.MOUTH_BOX) counts this many times in L1 / gradient terms
+    grad_weight=0.0,       # image-gradient L1 (high-frequency term)
+    temporal_weight=0.0,   # adjacent-frame term (trains on consecutive pairs: twice the frames per step)
+    gan_weight=0.0,        # patch critic on the mouth region, hinge loss
+    gan_start=0.25,        # the critic's term starts after this share of the run and ramps up over 10 %
+    reference="random",    # reference frame of a training sample: random, nearest (head pose), closed
+    cpu_budget_s=0.0,      # stop after this many CPU seconds of training steps (0 = no budget)
     ema=False,             # keep an exponential moving average of the weights (saved checkpoints use it)
     ema_decay=0.999,
     amp="auto",            # auto (bf16 on CUDA when supported), bf16, fp16, none; CPU always runs fp32
@@ -129,14 +141,19 @@ class GeneratorLoss(nn.Module):
 
     def __init__(self, inner: int, l1_weight: float, ssim_weight: float, ssim_kind: str,
                  sync_weight: float, perceptual_weight: float, syncnet: nn.Module | None = None,
-                 sync_head: tuple[float, float] | None = None, vgg: nn.Module | None = None):
+                 sync_head: tuple[float, float] | None = None, vgg: nn.Module | None = None,
+                 mouth_weight: float = 1.0, grad_weight: float = 0.0, temporal_weight: float = 0.0,
+                 gan_weight: float = 0.0, adversarial: losses.AdversarialTerm | None = None):
         super().__init__()
         if ssim_kind == "auto":
             ssim_kind = "msssim" if inner > 160 else "ssim"
         if ssim_kind == "msssim" and inner <= 160:
             raise TrainError(f"MS-SSIM needs images larger than 160 px (model side {inner}); use --ssim ssim")
         self.w = {"l1": l1_weight, "ssim": ssim_weight, "sync": sync_weight if syncnet is not None else 0.0,
-                  "perceptual": perceptual_weight if vgg is not None else 0.0}
+                  "perceptual": perceptual_weight if vgg is not None else 0.0, "grad": grad_weight,
+                  "temporal": temporal_weight, "gan": gan_weight if adversarial is not None else 0.0}
+        self.mouth_weight, self.adversarial = mouth_weight, adversarial
+        self.register_buffer("pixel_weights", losses.region_weights(inner, mouth_weight), persistent=False)
         self.ssim_kind = ssim_kind
         self.syncnet, self.vgg = syncnet, vgg
         self.sync_head = sync_head or (1.0, 0.0)
@@ -158,11 +175,22 @@ class GeneratorLoss(nn.Module):
         scale, bias = self.sync_head
         return scale * (a.float() * v.float()).sum(1) + bias
 
-    def forward(self, pred: torch.Tensor, label: torch.Tensor, audio: torch.Tensor):
+    def forward(self, pred: torch.Tensor, label: torch.Tensor, audio: torch.Tensor, gan_scale: float = 0.0,
+                pairs: bool = False):
+        """(weighted total, {term: detached value}); `pairs`: the batch is consecutive frame pairs
+        (the temporal term is computed only then); `gan_scale`: the critic term's ramp factor."""
         from pytorch_msssim import ms_ssim, ssim
 
         terms: dict[str, torch.Tensor] = {}
-        terms["l1"] = F.l1_loss(pred.float(), label.float())
+        weights = self.pixel_weights if self.mouth_weight != 1.0 else None
+        terms["l1"] = (losses.weighted_l1(pred.float(), label.float(), weights) if weights is not None
+                       else F.l1_loss(pred.float(), label.float()))
+        if self.w["grad"] > 0:
+            terms["grad"] = losses.gradient_l1(pred.float(), label.float(), weights)
+        if self.w["temporal"] > 0 and pairs:
+            terms["temporal"] = losses.temporal_l1(pred.float(), label.float())
+        if self.w["gan"] > 0 and gan_scale > 0 and self.adversarial is not None:
+            terms["gan"] = gan_scale * self.adversarial.generator_loss(pred)
         if self.w["ssim"] > 0:
             fn = ms_ssim if self.ssim_kind == "msssim" else ssim
             terms["ssim"] = 1.0 - fn(pred.float(), label.float(), data_range=1.0, size_average=True)
@@ -360,23 +388,30 @@ def train(args: argparse.Namespace) -> Path:
         except DatasetError as exc:
             raise TrainError(str(exc)) from None
     dist.barrier()
-    train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False)
+    train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
+                             reference=args.reference, pairs=args.temporal_weight > 0)
     val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
     mode, size = train_ds.mode, train_ds.size
 
     model = build_unet(mode, size.name).to(device)
+    if args.init_checkpoint and not args.resume:
+        start_from(model, args.init_checkpoint, mode, size.name)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     syncnet, head = (load_frozen_syncnet(args.syncnet_checkpoint, mode, size.name, device, args.require_syncnet)
                      if args.use_syncnet or args.require_syncnet else (None, None))
     vgg_file = vgg19_weights_file() if args.perceptual_weight > 0 else None
     vgg = VGGFeatures(vgg_file).to(device) if vgg_file else None
+    adversarial = losses.AdversarialTerm(device, args.gan_start) if args.gan_weight > 0 else None
     loss_fn = GeneratorLoss(size.inner, args.l1_weight, args.ssim_weight, args.ssim, args.sync_weight,
-                            args.perceptual_weight, syncnet, head, vgg)
+                            args.perceptual_weight, syncnet, head, vgg, mouth_weight=args.mouth_weight,
+                            grad_weight=args.grad_weight, temporal_weight=args.temporal_weight,
+                            gan_weight=args.gan_weight, adversarial=adversarial).to(device)
     if dist.is_main:
         log.info("dataset %s: mode %s, size %s, %d training / %d held-out frames", train_ds.name, mode,
                  size.name, len(train_ds), len(val_ds))
-        log.info("loss terms: %s%s", ", ".join(f"{k} x{v:g}" for k, v in loss_fn.active().items()),
+        log.info("reference policy %s; mouth region x%g; loss terms: %s%s", args.reference, args.mouth_weight,
+                 ", ".join(f"{k} x{v:g}" for k, v in loss_fn.active().items()),
                  "" if vgg else " (VGG19 perceptual term off: no torchvision VGG19 weights in "
                  f"{torch.hub.get_dir()}/checkpoints)")
 
@@ -387,8 +422,9 @@ def train(args: argparse.Namespace) -> Path:
     if args.max_steps > 0:
         total = min(total, args.max_steps)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    budget = CpuBudget(args.cpu_budget_s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total, args.warmup_steps, args.min_lr_ratio))
+        optimizer, budget_schedule(total, args.warmup_steps, args.min_lr_ratio, budget))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     ema = EMA(model, args.ema_decay) if args.ema else None
 
@@ -408,6 +444,9 @@ def train(args: argparse.Namespace) -> Path:
             else:
                 ema = EMA(model, args.ema_decay)
         epoch, skip, step = blob["epoch"], blob["batch_in_epoch"], blob["step"]
+        budget.used = float(blob.get("cpu_used", 0.0))
+        if adversarial is not None and blob.get("adversarial") is not None:
+            adversarial.load_state_dict(blob["adversarial"])
         history = list(blob.get("history", []))
         set_rng_state(blob["rng"][min(dist.rank, len(blob["rng"]) - 1)])
         old = blob.get("args", {})
@@ -444,6 +483,7 @@ def train(args: argparse.Namespace) -> Path:
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
             "epoch": epoch_, "batch_in_epoch": skip_, "step": step, "rng": states, "history": history,
+            "cpu_used": budget.used, "adversarial": adversarial.state_dict() if adversarial else None,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         }, latest)
 
@@ -453,7 +493,7 @@ def train(args: argparse.Namespace) -> Path:
         metrics, grid = validator(eval_model)
         elapsed = time.perf_counter() - t_start
         entry = {"step": step, "epoch": epoch_label, **metrics,
-                 "samples_per_s": samples / elapsed if elapsed > 0 else 0.0}
+                 "samples_per_s": samples / elapsed if elapsed > 0 else 0.0, "train_cpu_s": budget.used}
         path = None
         if save_numbered:
             path = save_dir / f"{int(epoch_label)}.pth"
@@ -472,7 +512,7 @@ def train(args: argparse.Namespace) -> Path:
                  ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return path
 
-    done = step >= total
+    done = step >= total or budget.spent
     if done and dist.is_main:
         log.info("nothing to do: step %d already reached the limit %d", step, total)
     t_start, samples = time.perf_counter(), 0
@@ -488,15 +528,20 @@ def train(args: argparse.Namespace) -> Path:
                         disable=None, leave=False)
         batch_i = skip
         for image, audio, label in it:
+            budget.start()
+            pairs = image.dim() == 5  # temporal pairs [B, 2, ...] -> consecutive rows [2B, ...]
+            if pairs:
+                image, audio, label = (t.flatten(0, 1) for t in (image, audio, label))
             image = image.to(device, non_blocking=True)
             audio = audio.to(device, non_blocking=True)
             label = label.to(device, non_blocking=True)
             if device.type == "cuda":
                 image = image.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)  # upstream's SyncNet forgot this; we never do
+            gan_scale = adversarial.scale(max(step / total, budget.fraction)) if adversarial else 0.0
             with autocast(device, amp):
                 pred = net(image, audio)
-                loss, terms = loss_fn(pred, label, audio)
+                loss, terms = loss_fn(pred, label, audio, gan_scale=gan_scale, pairs=pairs)
             scaler.scale(loss).backward()
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)
@@ -506,6 +551,9 @@ def train(args: argparse.Namespace) -> Path:
             scheduler.step()
             if ema is not None:
                 ema.update(model)
+            if adversarial is not None and gan_scale > 0:
+                terms["critic"] = torch.tensor(adversarial.critic_step(pred, label))
+            budget.stop()
             step += 1
             batch_i += 1
             samples += len(image) * dist.world
@@ -528,7 +576,7 @@ def train(args: argparse.Namespace) -> Path:
                             writer.add_scalar(f"train/{k}", v, step)
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{values[0]:.4f}")
-            done = step >= total
+            done = step >= total or budget.spent
             if done:
                 break
             if args.val_every > 0 and step % args.val_every == 0 and batch_i < steps_per_epoch:
@@ -546,7 +594,7 @@ def train(args: argparse.Namespace) -> Path:
         else:
             skip = batch_i
         label_epoch = epoch if epoch_done else epoch + 1  # number of (possibly partial) epochs trained
-        final = done or epoch >= args.epochs
+        final = done or epoch >= args.epochs or budget.spent
         if dist.is_main:
             saved = validate(label_epoch, label_epoch % args.save_every == 0 or final)
             last_ckpt = saved or last_ckpt
@@ -562,6 +610,19 @@ def train(args: argparse.Namespace) -> Path:
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return last_ckpt
+
+
+def start_from(model: nn.Module, path: str, mode: str, size: str) -> None:
+    """Load the weights of U-Net checkpoint `path` into `model` (fine-tuning; the optimizer starts fresh);
+    TrainError when it is another mode or size."""
+    try:
+        init, meta = load_unet_checkpoint(path, expect_mode=mode)
+    except CheckpointError as exc:
+        raise TrainError(f"--init_checkpoint: {exc}") from None
+    if meta.get("size", "328") != size:
+        raise TrainError(f"--init_checkpoint: {path} is a size {meta.get('size')} model, training size {size}")
+    model.load_state_dict(init.state_dict())
+    log.info("starting from the weights of %s (epoch %s, step %s)", path, meta.get("epoch"), meta.get("step"))
 
 
 def unet_meta(ds: AvatarDataset, epoch: int, step: int, ema: bool) -> dict:
@@ -590,6 +651,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssim", default=d["ssim"], choices=["auto", "ssim", "msssim"])
     p.add_argument("--sync_weight", type=float, default=d["sync_weight"])
     p.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"])
+    p.add_argument("--mouth_weight", type=float, default=d["mouth_weight"],
+                   help="weight of the mouth region in the L1 and gradient terms (1 = uniform)")
+    p.add_argument("--grad_weight", type=float, default=d["grad_weight"], help="image-gradient L1 term")
+    p.add_argument("--temporal_weight", type=float, default=d["temporal_weight"],
+                   help="adjacent-frame term (each sample becomes a pair of consecutive frames)")
+    p.add_argument("--gan_weight", type=float, default=d["gan_weight"], help="patch critic on the mouth region")
+    p.add_argument("--gan_start", type=float, default=d["gan_start"],
+                   help="share of the run before the critic's term starts")
+    p.add_argument("--reference", default=d["reference"], choices=list(REFERENCE_POLICIES),
+                   help="reference frame of a training sample: random, nearest head pose, closed mouth")
+    p.add_argument("--cpu_budget_s", type=float, default=d["cpu_budget_s"],
+                   help="stop after this many CPU seconds spent in training steps (0 = no budget)")
     p.add_argument("--ema", action="store_true", default=d["ema"])
     p.add_argument("--ema_decay", type=float, default=d["ema_decay"])
     p.add_argument("--save_every", type=int, default=d["save_every"])
@@ -599,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_frames", type=int, default=d["val_frames"])
     p.add_argument("--lmd_frames", type=int, default=d["lmd_frames"])
     p.add_argument("--resume", action="store_true", help=f"continue from SAVE_DIR/{LATEST}")
+    p.add_argument("--init_checkpoint", default=None,
+                   help="start from this U-Net checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
     return p
 
 
@@ -610,6 +685,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--lr must be > 0, got {args.lr}")
     if min(args.max_steps, args.latest_every, args.val_every) < 0:
         raise TrainError("--max_steps, --latest_every and --val_every must be >= 0")
+    if min(args.mouth_weight, args.grad_weight, args.temporal_weight, args.gan_weight, args.cpu_budget_s) < 0:
+        raise TrainError("--mouth_weight, --grad_weight, --temporal_weight, --gan_weight and --cpu_budget_s "
+                         "must be >= 0")
+    if not 0.0 <= args.gan_start < 1.0:
+        raise TrainError(f"--gan_start must be in [0, 1), got {args.gan_start}")
     if not 0.0 < args.ema_decay < 1.0:
         raise TrainError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
 

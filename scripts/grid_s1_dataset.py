@@ -6,7 +6,7 @@
 Concatenates the main-session clips (the README's second-session clips are left out: another shirt,
 background and framing) into `OUT/grid_s1.mp4` (H.264 25 fps, AAC 16 kHz mono; each clip's audio cut or
 padded to exactly its frames x 640 samples, so clips stay aligned) and writes `OUT/utterances.json`:
-every clip's frame range and the `--held_out` whole utterances (evenly spread, deterministic) that
+every clip's frame range with its silences from the word alignments (`sil` spans), and the `--held_out` whole utterances (evenly spread, deterministic) that
 `synctalk.dataset.dataset_split` then keeps out of training. Next: `python data_utils/process.py
 OUT/grid_s1.mp4`.
 """
@@ -62,6 +62,26 @@ def decode_clip(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
     return frames, np.pad(audio, (0, max(0, want - len(audio))))[:want].astype(np.float32)
 
 
+ALIGN_UNITS_PER_FRAME = 1000  # GRID .align times are in 1/25000 s
+
+
+def aligned_silences(source: Path, name: str, offset: int, n_frames: int) -> list[list[int]]:
+    """The `sil` spans of a clip's word alignment as [start, end) frame ranges (rounded inwards) shifted
+    by `offset`; [] when the clip has no .align file."""
+    path = source / "align" / f"{name}.align"
+    if not path.is_file():
+        return []
+    spans = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "sil":
+            a = -(-int(parts[0]) // ALIGN_UNITS_PER_FRAME)  # ceil
+            b = min(int(parts[1]) // ALIGN_UNITS_PER_FRAME, n_frames)
+            if b > a:
+                spans.append([offset + a, offset + b])
+    return spans
+
+
 def held_out_names(names: list[str], count: int) -> list[str]:
     """`count` utterances spread evenly over the list (deterministic), never the first or the last."""
     if count <= 0:
@@ -96,7 +116,8 @@ def build(source: Path, out: Path, held_out: int) -> Path:
                     af.sample_rate, af.pts, af.time_base = SAMPLE_RATE, samples, Fraction(1, SAMPLE_RATE)
                     container.mux(aus.encode(af))
                     samples += block.shape[1]
-                utterances.append({"name": name, "start": start - len(frames), "end": start})
+                utterances.append({"name": name, "start": start - len(frames), "end": start,
+                                   "silences": aligned_silences(source, name, start - len(frames), len(frames))})
                 log.info("%3d/%d %s: %d frames", k + 1, len(names), name, len(frames))
             container.mux(vs.encode(None))
             container.mux(aus.encode(None))

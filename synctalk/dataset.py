@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from synctalk import face as face_crop
+from synctalk import metrics
 from synctalk.audio import silence_mask, speech_envelope
 from synctalk.fileio import atomic_path
 from synctalk.sizes import ModelSize, audio_window, get_size
@@ -144,6 +145,24 @@ def read_utterances(dataset_dir: str | Path) -> tuple[list[dict], list[str]] | N
     return utts, held
 
 
+def aligned_silence_mask(dataset_dir: str | Path, n: int) -> np.ndarray | None:
+    """Silent frames `[n]` from the `silences` ([start, end) frame spans, e.g. from word alignments) of
+    `utterances.json`; None when the file or the spans are absent (use the audio envelope instead)."""
+    path = Path(dataset_dir) / UTTERANCES_FILE
+    if not path.is_file():
+        return None
+    try:
+        spans = [span for u in json.loads(path.read_text())["utterances"] for span in u.get("silences", [])]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{path} is malformed ({exc})") from None
+    if not spans:
+        return None
+    mask = np.zeros(n, dtype=bool)
+    for a, b in spans:
+        mask[max(0, int(a)):min(n, int(b))] = True
+    return mask
+
+
 def utterance_split(n: int, utterances: list[dict], held_out: list[str], split: str) -> np.ndarray:
     """Frame indices of `split` when whole utterances are held out: `val` = the frames of the held-out
     utterances (clipped to n), `train` = all other frames except GUARD frames on each side of each."""
@@ -254,6 +273,41 @@ def ensure_crop_cache(dataset_dir: str | Path, size: str | ModelSize = "328", wo
 # Datasets
 
 
+REFERENCE_POLICIES = ("random", "nearest", "closed")  # how a training sample's reference frame is drawn
+NEAREST_CANDIDATES = 32  # 'nearest': random candidates searched for the closest head pose
+NEAREST_MIN_GAP = 13     # 'nearest': candidates at least this many frames (0.5 s) away from the target
+CLOSED_SHARE = 0.10      # 'closed': the training frames with the smallest mouth opening, this share
+
+
+def frame_openings(dataset_dir: str | Path, frames: np.ndarray) -> np.ndarray:
+    """Mouth opening (metrics.mouth_opening) of each of `frames` from `landmarks/<i>.lms`."""
+    folder = Path(dataset_dir) / "landmarks"
+    lms = np.stack([face_crop.load_landmarks(folder / f"{int(i)}.lms") for i in frames])
+    if lms.shape[1] < 468:
+        raise DatasetError(f"{folder}: the closed-mouth policy needs 478-point mediapipe landmarks")
+    return metrics.mouth_opening(lms)
+
+
+def closed_mouth_frames(dataset_dir: str | Path, train_frames: np.ndarray) -> np.ndarray:
+    """The CLOSED_SHARE of `train_frames` with the smallest mouth opening (at least one)."""
+    opening = frame_openings(dataset_dir, train_frames)
+    order = np.argsort(np.nan_to_num(opening, nan=np.inf), kind="stable")
+    keep = max(1, int(round(CLOSED_SHARE * len(train_frames))))
+    return np.sort(train_frames[order[:keep]])
+
+
+def frame_poses(dataset_dir: str | Path, n: int) -> np.ndarray:
+    """Standardised head pose `[n, 2]` (yaw, roll) per frame from `face_track.npz`."""
+    path = Path(dataset_dir) / "face_track.npz"
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing: the nearest-pose policy needs it; "
+                           f"run: {preprocess_hint(Path(dataset_dir))}")
+    with np.load(path) as track:
+        pose = np.stack([track["yaw"][:n], track["roll"][:n]], axis=1).astype(np.float64)
+    pose = np.nan_to_num(pose, nan=0.0)
+    return (pose - pose.mean(axis=0)) / (pose.std(axis=0) + 1e-6)
+
+
 class AvatarDataset(Dataset):
     """U-Net samples of one split: `(image [6, S, S], audio [C, H, W], label [3, S, S])`, float32.
 
@@ -265,7 +319,9 @@ class AvatarDataset(Dataset):
 
     def __init__(self, dataset_dir: str | Path, size: str | ModelSize = "328", mode: str | None = None,
                  split: str = "train", seed: int = 0, val_fraction: float = VAL_FRACTION,
-                 build_cache: bool = True):
+                 build_cache: bool = True, reference: str = "random", pairs: bool = False):
+        if reference not in REFERENCE_POLICIES:
+            raise DatasetError(f"unknown reference policy {reference!r}; choose from {REFERENCE_POLICIES}")
         self.dataset_dir = check_dataset(dataset_dir)
         self.name = self.dataset_dir.name
         self.size = size if isinstance(size, ModelSize) else get_size(size)
@@ -291,6 +347,10 @@ class AvatarDataset(Dataset):
         self.epoch = 0
         self._crops: np.ndarray | None = None
         self._member: np.ndarray | None = None  # frame -> in this split (SyncNet negatives)
+        self.reference, self.pairs = reference, pairs
+        self._closed_pool = (closed_mouth_frames(self.dataset_dir, self.train_frames)
+                             if reference == "closed" else None)
+        self._poses = frame_poses(self.dataset_dir, self.n_frames) if reference == "nearest" else None
 
     # the memmap is reopened in each worker process instead of being pickled (that would copy it)
     def __getstate__(self) -> dict:
@@ -322,8 +382,27 @@ class AvatarDataset(Dataset):
         return int(epoch), int(self.frames[i])
 
     def reference_for(self, frame: int, rng: np.random.Generator) -> int:
-        """A uniformly drawn training frame other than `frame` (any, when there is only one)."""
+        """The reference frame of `frame` under the dataset's policy (REFERENCE_POLICIES)."""
+        if self._closed_pool is not None:
+            return self._draw_other(self._closed_pool, frame, rng)
+        if self._poses is not None:
+            return self._nearest_pose(frame, rng)
+        return self._draw_other(self.train_frames, frame, rng)
+
+    def _nearest_pose(self, frame: int, rng: np.random.Generator) -> int:
+        """Among NEAREST_CANDIDATES random training frames at least NEAREST_MIN_GAP frames away, the one
+        whose head pose (yaw, roll) is closest to `frame`'s."""
+        assert self._poses is not None
         pool = self.train_frames
+        cands = pool[rng.integers(len(pool), size=NEAREST_CANDIDATES)]
+        far = cands[np.abs(cands - frame) >= NEAREST_MIN_GAP]
+        cands = far if len(far) else cands
+        dist = np.linalg.norm(self._poses[cands] - self._poses[frame], axis=1)
+        return int(cands[int(np.argmin(dist))])
+
+    @staticmethod
+    def _draw_other(pool: np.ndarray, frame: int, rng: np.random.Generator) -> int:
+        """A uniformly drawn frame of `pool` other than `frame` (any, when there is only one)."""
         pos = int(np.searchsorted(pool, frame))
         if pos < len(pool) and pool[pos] == frame and len(pool) > 1:
             k = int(rng.integers(len(pool) - 1))
@@ -346,9 +425,29 @@ class AvatarDataset(Dataset):
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 torch.from_numpy(self.audio(frame)), torch.from_numpy(np.ascontiguousarray(label)))
 
+    def neighbour(self, frame: int) -> int:
+        """The next frame when it is in this split, else the previous one (for temporal pairs)."""
+        member = self._membership()
+        nxt, prev = frame + 1, frame - 1
+        if nxt < self.n_frames and member[nxt]:
+            return nxt
+        return prev if prev >= 0 and member[prev] else frame
+
+    def _membership(self) -> np.ndarray:
+        if self._member is None:
+            self._member = np.zeros(self.n_frames, dtype=bool)
+            self._member[self.frames] = True
+        return self._member
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """One sample; with `pairs`, frames t and its neighbour stacked on a new first axis (same
+        reference), for the temporal loss."""
         epoch, frame = self._key(key)
-        return self.unet_sample(frame, self.reference_for(frame, self.rng(frame, epoch)))
+        ref = self.reference_for(frame, self.rng(frame, epoch))
+        if not self.pairs:
+            return self.unet_sample(frame, ref)
+        first, second = self.unet_sample(frame, ref), self.unet_sample(self.neighbour(frame), ref)
+        return tuple(torch.stack(t) for t in zip(first, second))
 
 
 class SyncNetDataset(AvatarDataset):
@@ -372,14 +471,12 @@ class SyncNetDataset(AvatarDataset):
     def negative_for(self, frame: int, rng: np.random.Generator, shifted: bool | None = None) -> int:
         """The audio frame of a negative pair, from this split, always >= MIN_SHIFT frames away:
         shifted (MIN_SHIFT..NEAR_SHIFT away) or far (anywhere else); half and half unless `shifted`."""
-        if self._member is None:
-            self._member = np.zeros(self.n_frames, bool)
-            self._member[self.frames] = True
+        member = self._membership()
         if shifted is None:
             shifted = bool(rng.random() < 0.5)
         if shifted:
             near = [f for d in range(MIN_SHIFT, NEAR_SHIFT + 1) for f in (frame - d, frame + d)
-                    if 0 <= f < self.n_frames and self._member[f]]
+                    if 0 <= f < self.n_frames and member[f]]
             if near:
                 return near[int(rng.integers(len(near)))]
         far = self.frames[np.abs(self.frames - frame) >= MIN_SHIFT]

@@ -101,17 +101,59 @@ def resolve_workers(arg: int, device: torch.device, world: int) -> int:
     return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // world - 1))
 
 
-def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
-    """LR multiplier for step s (0-based): linear warm-up to 1, then cosine down to `min_ratio`."""
+class CpuBudget:
+    """A training budget in CPU seconds of this process (all its threads), counted only inside the
+    training steps (validation and checkpoints are free), so arms of a study that take different time per
+    step get the same compute. `seconds` <= 0 means no budget."""
+
+    def __init__(self, seconds: float, used: float = 0.0):
+        self.seconds, self.used = float(seconds), float(used)
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self._t0 = time.process_time()
+
+    def stop(self) -> None:
+        if self._t0 is not None:
+            self.used += time.process_time() - self._t0
+            self._t0 = None
+
+    @property
+    def fraction(self) -> float:
+        """Share of the budget spent (0 without a budget)."""
+        return min(1.0, self.used / self.seconds) if self.seconds > 0 else 0.0
+
+    @property
+    def spent(self) -> bool:
+        return self.seconds > 0 and self.used >= self.seconds
+
+
+def budget_schedule(total: int, warmup: int, min_ratio: float, budget: CpuBudget, warmup_share: float = 0.05):
+    """LR multiplier for step s (0-based): linear warm-up to 1, then cosine down to `min_ratio` at the end.
+
+    Without a budget the run ends at `total` steps and warm-up lasts `warmup` steps (at most 5 % of them).
+    With one, progress is the larger of the step share and the spent budget share, and warm-up lasts the
+    first `warmup_share` of that progress."""
     warmup = max(0, min(warmup, total // 20))
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if budget.seconds > 0:
+            progress, share = max(step / max(1, total), budget.fraction), warmup_share
+            if progress < share:
+                return max(progress / share, 1e-3)
+        else:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress, share = step / max(1, total), warmup / max(1, total)
+        rest = min(1.0, (progress - share) / max(1e-9, 1.0 - share))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * rest))
 
     return factor
+
+
+def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
+    """LR multiplier for step s (0-based): linear warm-up to 1, then cosine down to `min_ratio`."""
+    return budget_schedule(total, warmup, min_ratio, CpuBudget(0.0))
 
 
 class EpochIndices(torch.utils.data.Sampler):

@@ -205,7 +205,7 @@ def test_generator_loss_terms_and_local_only_vgg(tmp_path, monkeypatch):
 
 
 def test_cosine_schedule_with_warmup():
-    from train_328 import cosine_with_warmup
+    from synctalk.trainkit import cosine_with_warmup
 
     f = cosine_with_warmup(1000, 500, 0.05)  # warm-up capped at 5 % = 50 steps
     assert f(0) == pytest.approx(1 / 50) and f(49) == pytest.approx(1.0)

@@ -1,0 +1,176 @@
+"""The recipe study's training options: mouth-weighted and gradient terms, the patch critic, the
+adjacent-frame term, reference policies and the CPU budget (docs/training-guide.md, "Recipe study")."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from test_training import FAST, fabricate_dataset, jsonl, run_py
+
+from synctalk import losses
+from synctalk.dataset import CLOSED_SHARE, NEAREST_MIN_GAP, AvatarDataset, DatasetError
+from synctalk.trainkit import CpuBudget, budget_schedule
+
+
+def add_tracks(d, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Write mediapipe-shaped landmarks (inner-lip gap = a known opening) and a face track (yaw, roll)."""
+    rng = np.random.default_rng(seed)
+    opening = rng.random(n)
+    yaw, roll = rng.normal(0, 5, n), rng.normal(0, 2, n)
+    (d / "landmarks").mkdir(exist_ok=True)
+    for i in range(n):
+        pts = np.tile([100.0, 100.0], (478, 1))
+        pts[33], pts[263] = (80, 90), (120, 90)  # eye corners 40 px apart
+        pts[13], pts[14] = (100, 130), (100, 130 + 40 * opening[i])
+        (d / "landmarks" / f"{i}.lms").write_text("".join(f"{x:.2f} {y:.2f}\n" for x, y in pts))
+    np.savez(d / "face_track.npz", yaw=yaw, roll=roll)
+    return opening, np.stack([yaw, roll], axis=1)
+
+
+@pytest.fixture(scope="module")
+def tracked_dataset(tmp_path_factory):
+    d = fabricate_dataset(tmp_path_factory.mktemp("tracked"), n=80)
+    opening, pose = add_tracks(d, 80)
+    return d, opening, pose
+
+
+def test_region_weights_count_the_mouth_more_and_average_one():
+    w = losses.region_weights(160, 4.0)
+    rows, cols = losses.mouth_slices(160)
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[..., rows, cols].mean() / w[..., :10, :10].mean() == pytest.approx(4.0)
+    assert torch.allclose(losses.region_weights(160, 1.0), torch.ones(1, 1, 160, 160))
+    label, pred = torch.zeros(1, 3, 160, 160), torch.zeros(1, 3, 160, 160)
+    pred[..., rows, cols] = 0.1  # an error inside the mouth costs more than plain L1 says
+    assert losses.weighted_l1(pred, label, w) > torch.nn.functional.l1_loss(pred, label)
+
+
+def test_gradient_term_punishes_blur_not_brightness():
+    rng = np.random.default_rng(0)
+    sharp = (rng.random((64, 64, 3)) > 0.5).astype(np.float32)
+    blurred = cv2.GaussianBlur(sharp, (7, 7), 2.0)
+    t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None]  # noqa: E731
+    assert losses.gradient_l1(t(sharp) + 0.2, t(sharp)).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.gradient_l1(t(blurred), t(sharp)).item() > 0.1
+
+
+def test_temporal_term_wants_the_real_frame_to_frame_change():
+    label = torch.rand(4, 3, 8, 8)  # pairs (0, 1), (2, 3)
+    assert losses.temporal_l1(label + 0.3, label).item() == pytest.approx(0.0, abs=1e-6)
+    frozen = label.clone()
+    frozen[1::2] = frozen[0::2]  # the generated mouth does not move between t and t + 1
+    assert losses.temporal_l1(frozen, label).item() > 0.1
+    with pytest.raises(ValueError):
+        losses.temporal_l1(label[:3], label[:3])
+
+
+def test_adversarial_term_schedule_and_critic_learns():
+    torch.manual_seed(0)
+    adv = losses.AdversarialTerm(torch.device("cpu"), start=0.25, ramp=0.1)
+    assert adv.scale(0.1) == 0.0 and adv.scale(0.3) == pytest.approx(0.5) and adv.scale(0.9) == 1.0
+    real = (torch.rand(8, 3, 64, 64) > 0.5).float()  # textured
+    fake = torch.full((8, 3, 64, 64), 0.5, requires_grad=True)  # flat
+    first = adv.critic_step(fake, real)
+    for _ in range(40):
+        last = adv.critic_step(fake, real)
+    assert last < first - 0.5, (first, last)
+    adv.optimizer.zero_grad(set_to_none=True)
+    adv.generator_loss(fake).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    assert all(p.grad is None for p in adv.critic.parameters())
+    assert all(p.requires_grad for p in adv.critic.parameters()), "the critic trains again afterwards"
+
+
+def test_generator_loss_with_every_study_term():
+    import train_328
+
+    adv = losses.AdversarialTerm(torch.device("cpu"), start=0.0)
+    loss = train_328.GeneratorLoss(160, 1.0, 0.2, "auto", 0.05, 0.0, mouth_weight=4.0, grad_weight=1.0,
+                                   temporal_weight=1.0, gan_weight=0.05, adversarial=adv)
+    assert loss.active() == {"l1": 1.0, "ssim": 0.2, "grad": 1.0, "temporal": 1.0, "gan": 0.05}
+    for p in adv.critic.parameters():
+        p.grad = None
+    pred = torch.rand(4, 3, 160, 160, requires_grad=True)
+    total, terms = loss(pred, torch.rand(4, 3, 160, 160), torch.randn(4, 48, 16, 16), gan_scale=1.0, pairs=True)
+    total.backward()
+    assert set(terms) == {"l1", "ssim", "grad", "temporal", "gan"} and pred.grad is not None
+    assert all(p.grad is None for p in adv.critic.parameters()), "the generator step leaves the critic alone"
+    _, terms = loss(pred, torch.rand(4, 3, 160, 160), torch.randn(4, 48, 16, 16), gan_scale=0.0, pairs=False)
+    assert set(terms) == {"l1", "ssim", "grad"}  # no pairs, critic not started
+
+
+def test_closed_policy_draws_only_the_most_closed_training_frames(tracked_dataset):
+    d, opening, _ = tracked_dataset
+    ds = AvatarDataset(d, "small", split="train", reference="closed")
+    train = ds.train_frames
+    keep = max(1, round(CLOSED_SHARE * len(train)))
+    expected = set(train[np.argsort(opening[train])[:keep]].tolist())
+    rng = np.random.default_rng(1)
+    drawn = {ds.reference_for(int(f), rng) for f in train for _ in range(3)}
+    assert drawn <= expected and len(drawn) > 1
+
+
+def test_nearest_policy_picks_the_closest_pose_far_enough_away(tracked_dataset):
+    d, _, pose = tracked_dataset
+    ds = AvatarDataset(d, "small", split="train", reference="nearest")
+    z = (pose - pose.mean(0)) / pose.std(0)
+    rng = np.random.default_rng(2)
+    for frame in (10, 40):
+        ref = ds.reference_for(frame, rng)
+        assert abs(ref - frame) >= NEAREST_MIN_GAP
+        dist = np.linalg.norm(z - z[frame], axis=1)
+        far = ds.train_frames[np.abs(ds.train_frames - frame) >= NEAREST_MIN_GAP]
+        assert dist[ref] <= np.quantile(dist[far], 0.25), "the pick is among the closest poses"
+
+
+def test_policies_need_their_tracks(tmp_path):
+    d = fabricate_dataset(tmp_path, n=30)
+    with pytest.raises(DatasetError, match="face_track"):
+        AvatarDataset(d, "small", reference="nearest")
+    with pytest.raises(DatasetError, match="unknown reference policy"):
+        AvatarDataset(d, "small", reference="mirror")
+
+
+def test_pairs_are_consecutive_frames_with_one_reference(tracked_dataset):
+    d, _, _ = tracked_dataset
+    ds = AvatarDataset(d, "small", split="train", pairs=True)
+    image, audio, label = ds[(0, 5)]
+    assert image.shape[0] == audio.shape[0] == label.shape[0] == 2
+    assert torch.equal(image[0, :3], image[1, :3]), "one reference for both frames"
+    frame = int(ds.frames[5])
+    second = ds.neighbour(frame)
+    assert abs(second - frame) == 1
+    assert torch.equal(label[1], ds.unet_sample(second, 0)[2])
+
+
+def test_budget_schedule_warms_up_and_ends_low():
+    budget = CpuBudget(100.0)
+    f = budget_schedule(10**6, 500, 0.05, budget)
+    values = []
+    for used in (1, 4, 5, 30, 60, 99.9, 100):
+        budget.used = used
+        values.append(f(10))
+    assert values[0] < values[1] < values[2] == pytest.approx(1.0)
+    assert values[2] > values[3] > values[4] > values[5] and values[6] == pytest.approx(0.05)
+    assert budget.spent and CpuBudget(0).fraction == 0.0 and not CpuBudget(0).spent
+
+
+def test_cpu_budget_run_with_every_term_stops_on_budget(tracked_dataset, tmp_path):
+    d, _, _ = tracked_dataset
+    save = tmp_path / "budget"
+    res = run_py(["train_328.py", "--dataset_dir", str(d), "--save_dir", str(save), *FAST, "--batchsize", "2",
+                  "--max_steps", "100000", "--epochs", "1000", "--cpu_budget_s", "4", "--log_every", "1",
+                  "--val_frames", "2", "--lmd_frames", "0", "--mouth_weight", "4", "--grad_weight", "1",
+                  "--temporal_weight", "1", "--gan_weight", "0.05", "--gan_start", "0", "--reference", "nearest"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    last = jsonl(save / "metrics.jsonl")[-1]
+    assert 4.0 <= last["train_cpu_s"] < 30 and 1 < last["step"] < 100000
+    logged = jsonl(save / "train_log.jsonl")
+    assert {"grad", "temporal", "l1", "ssim"} <= set(logged[-1])
+    assert any("gan" in e and "critic" in e for e in logged)
+    blob = torch.load(save / "latest.pth", weights_only=True)
+    assert blob["cpu_used"] == pytest.approx(last["train_cpu_s"]) and blob["adversarial"] is not None
+    assert json.loads(json.dumps(blob["args"]))["reference"] == "nearest"
