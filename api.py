@@ -12,18 +12,20 @@ avatar before the first request is served. Routes live in small routers (`page_r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Annotated, Any
+from functools import partial
+from pathlib import Path as FilePath
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import numpy as np
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -37,7 +39,8 @@ from config import settings as default_settings
 from services.admission import RETRY_AFTER_S, calibrate_admission
 from services.debug import DebugRecorder
 from services.deps import DebugDep, ModelsDep, Services, ServicesDep, StatsDep, build_services, require_token
-from services.errors import DOMAIN_ERRORS, APIError
+from services.errors import DOMAIN_ERRORS, APIError, domain_error
+from services.generator import FeatureFeed, FrameGenerationService, FrameJob
 from services.live import router as live_router
 from services.models import (
     AvatarInfo,
@@ -45,19 +48,33 @@ from services.models import (
     limit_torch_threads,
     torch_threads,
 )
+from services.request_ids import REQUEST_ID_PATTERN, RequestIdInUse, RunningRequest, TooManyRequests
 from services.streaming import MJPEG_END, MJPEG_MEDIA_TYPE, MJPEGResponse, mjpeg_part, paced_parts
-from services.tts import SynthesisCancelled, TextError, TTSBusy, TTSUnavailable, build_tts, estimate_speech_seconds
+from services.tts import (
+    Piece,
+    SynthesisCancelled,
+    TextError,
+    TTSBusy,
+    TTSResult,
+    TTSUnavailable,
+    build_tts,
+    estimate_speech_seconds,
+)
 from services.tts import check_text as tts_check_text
 from services.uploads import AUDIO_EXTENSIONS, LIMIT_SETTING, decode_upload, read_upload
 from services.webrtc import router as webrtc_router
 from synctalk.audio import wav_bytes
 from synctalk.fileio import remove_stale_temporaries
 from synctalk.timing import SAMPLE_RATE
+from synctalk.tts import Speech16kStream
 
 log = logging.getLogger("api")
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-STREAM_HEADERS = ["X-Frame-Count", "X-Audio-Duration", "X-FPS", "X-Avatar", "X-TTS-Engine"]
+STATIC_DIR = FilePath(__file__).resolve().parent / "static"
+STREAM_HEADERS = ["X-Frame-Count", "X-Audio-Duration", "X-FPS", "X-Avatar", "X-TTS-Engine", "X-Request-Id",
+                  "X-Streamed"]
+T = TypeVar("T")
+_FEEDERS: set[asyncio.Task] = set()  # synthesis of streamed texts' later pieces (a reference until done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,13 +121,15 @@ def install_error_handlers(app: FastAPI) -> None:
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "bad input (empty or too long text, corrupt audio)"},
     404: {"model": ErrorBody, "description": "unknown avatar or voice"},
+    409: {"model": ErrorBody, "description": "`request_id` belongs to a stream that is still running"},
     413: {"model": ErrorBody, "description": "the speech or audio would be longer than server.max_audio_seconds"},
     503: {"model": ErrorBody, "description": "no avatar available, TTS unavailable, or TTS busy (with Retry-After)"},
 }
 MJPEG_OK: dict[int | str, dict[str, Any]] = {200: {
     "content": {MJPEG_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
     "description": "multipart MJPEG, one JPEG part per 40 ms of audio, paced in real time; headers "
-                   "`X-Frame-Count`, `X-Audio-Duration` (s), `X-FPS`, `X-Avatar`",
+                   "`X-Request-Id`, `X-Streamed`, `X-FPS`, `X-Avatar`, and `X-Frame-Count`, `X-Audio-Duration` (s) "
+                   "when the whole audio is known before the first frame (`X-Streamed: 0`)",
 }}
 
 
@@ -185,7 +204,7 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/[^\s'\"(),;]+")
 
 def public_path(path: str) -> str:
     """`path` relative to the project when inside it, else only its last component."""
-    p = Path(path)
+    p = FilePath(path)
     try:
         return str(p.relative_to(REPO_ROOT))
     except ValueError:
@@ -248,16 +267,11 @@ async def check_voice(services: Services, voice: str | None) -> str | None:
     return voice
 
 
-async def synthesize(services: Services, text: str, voice: str | None, request: Request | None = None) -> Any:
-    """TTS in a worker thread (cached by (text, voice) in the chain); 400 when nothing is speakable, 503 +
-    Retry-After when every synthesis slot and queue place is taken; stops (499) when `request`'s client
-    disconnects while it waits or between text pieces."""
-
-    def cancelled() -> bool:  # asked from the worker thread
-        return request is not None and anyio.from_thread.run(request.is_disconnected)
-
+async def run_tts(call: Callable[[], T]) -> T:
+    """A TTS call in a worker thread: 400 when nothing is speakable, 503 + Retry-After when every
+    synthesis slot and queue place is taken, 499 when its requester went away (or cancelled it)."""
     try:
-        result = await anyio.to_thread.run_sync(services.tts.synthesize, text, voice, cancelled)
+        return await anyio.to_thread.run_sync(call)
     except TTSBusy as exc:
         raise APIError(503, "tts_busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
     except SynthesisCancelled as exc:
@@ -267,12 +281,71 @@ async def synthesize(services: Services, text: str, voice: str | None, request: 
         raise
     except ValueError as exc:
         raise APIError(400, "bad_text", str(exc)) from None
-    return result
 
 
-async def stream_audio(services: Services, audio16k: np.ndarray, info: AvatarInfo, kind: str,
-                       extra_headers: dict[str, str] | None = None) -> MJPEGResponse:
-    """The MJPEG response of avatar `info` speaking 16 kHz mono `audio16k`."""
+def client_gone(request: Request) -> Callable[[], bool]:
+    """Asked from a worker thread: whether `request`'s client has disconnected."""
+    return lambda: anyio.from_thread.run(request.is_disconnected)
+
+
+async def synthesize(services: Services, text: str, voice: str | None, request: Request | None = None) -> Any:
+    """The whole text's speech (`FallbackTTS.synthesize`, cached by (text, voice)); stops (499) when
+    `request`'s client disconnects while it waits or between text pieces."""
+    cancelled = client_gone(request) if request is not None else None
+    return await run_tts(partial(services.tts.synthesize, text, voice, cancelled))
+
+
+def open_request(services: Services, request_id: str | None) -> RunningRequest:
+    """Register a speech request under `request_id` (a new id when None): 409 when that id's stream is
+    still running, 503 when the registry is full."""
+    try:
+        return services.requests.open(request_id)
+    except RequestIdInUse as exc:
+        raise APIError(409, "request_id_in_use", f"{exc}; use another request_id or cancel it first "
+                                                 f"(DELETE /generate/{request_id})",
+                       headers={"X-Request-Id": str(request_id)}) from None
+    except TooManyRequests:
+        raise busy(services) from None
+
+
+def check_running(entry: RunningRequest) -> None:
+    """499 when the request is over before its stream started (cancelled, or its client left)."""
+    if entry.cancel.is_set():
+        raise APIError(499, "client_closed_request", f"request {entry.request_id} ended before its stream started")
+
+
+def with_request_id(exc: Exception, request_id: str) -> Exception:
+    """`exc` as an HTTP error carrying `X-Request-Id` (domain errors become their `APIError`); other
+    exceptions unchanged."""
+    if isinstance(exc, StarletteHTTPException):
+        exc.headers = {**(exc.headers or {}), "X-Request-Id": request_id}
+        return exc
+    mapped = domain_error(exc)
+    if mapped is None:
+        return exc
+    return APIError(mapped[0], mapped[1], str(exc), headers={"X-Request-Id": request_id})
+
+
+async def run_request(services: Services, entry: RunningRequest, work: Awaitable[MJPEGResponse]) -> MJPEGResponse:
+    """Await a speech request's `work`; when it fails before its stream starts, the id is given back and
+    the error carries `X-Request-Id`."""
+    try:
+        return await work
+    except BaseException as exc:
+        services.requests.close(entry)
+        if not isinstance(exc, Exception):  # cancelled: nothing to answer
+            raise
+        if entry.cancelled and isinstance(exc, APIError) and exc.status_code == 499:
+            exc = APIError(499, "request_cancelled", f"request {entry.request_id} was cancelled "
+                                                     "(DELETE /generate/{request_id}) before its stream started")
+        tagged = with_request_id(exc, entry.request_id)
+        raise tagged from None
+
+
+async def new_job(services: Services, info: AvatarInfo, audio16k: np.ndarray, kind: str,
+                  final: bool = True) -> tuple[FrameJob, FrameGenerationService, str]:
+    """A frame job of avatar `info` on 16 kHz `audio16k` (more to come when not `final`), its generator
+    and its debug session name (the audio is recorded now when `final`)."""
     settings = services.settings
     scheduler = await anyio.to_thread.run_sync(services.models.scheduler, info.name)
     generator = services.generator_cls(scheduler.engine, batch_size=settings.models.batch_size,
@@ -280,18 +353,99 @@ async def stream_audio(services: Services, audio16k: np.ndarray, info: AvatarInf
                                        scheduler=scheduler)
     assert services.debug is not None
     session = DebugRecorder.new_session(kind)
-    await anyio.to_thread.run_sync(services.debug.save_audio_clip, session, audio16k, SAMPLE_RATE)
-    source = await anyio.to_thread.run_sync(generator.job, audio16k, services.debug.frame_sink(session))
-    if source.total == 0:
-        raise APIError(400, "audio_too_short", "the audio is shorter than one video frame (40 ms)")
-    headers = {"X-Frame-Count": str(source.total), "X-Audio-Duration": f"{len(audio16k) / SAMPLE_RATE:.4f}",
-               "X-FPS": str(generator.fps), "X-Avatar": info.name, "Cache-Control": "no-store",
-               "X-Accel-Buffering": "no", **(extra_headers or {})}
+    if final:
+        await anyio.to_thread.run_sync(services.debug.save_audio_clip, session, audio16k, SAMPLE_RATE)
+    job = await anyio.to_thread.run_sync(generator.job, audio16k, services.debug.frame_sink(session), final)
+    return job, generator, session
+
+
+def mjpeg_stream(services: Services, entry: RunningRequest, job: FrameJob, fps: int,
+                 headers: dict[str, str]) -> MJPEGResponse:
+    """The paced MJPEG response of `job` for request `entry`: takes an admission place (503 when full);
+    the place and the id are given back once, when the last frame is sent or the stream ends otherwise
+    (client gone, `DELETE /generate/{id}`: `entry.stop` ends it at once)."""
+    if entry.cancel.is_set():
+        job.cancel.set()
+    check_running(entry)
     if not services.admission.try_acquire("mjpeg"):
-        source.cancel.set()
+        job.cancel.set()
         raise busy(services)
-    return MJPEGResponse(paced_parts(source, services.stats, generator.fps,
-                                     on_close=lambda: services.admission.release("mjpeg")), headers=headers)
+    entry.client_gone = None  # from now on the response notices a client that leaves
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            services.admission.release("mjpeg")
+            services.requests.close(entry)
+
+    return MJPEGResponse(paced_parts(job, services.stats, fps, on_close=release, stop=entry.stop),
+                         headers={**headers, "X-Request-Id": entry.request_id}, on_finish=release)
+
+
+def stream_headers(generator: FrameGenerationService, info: AvatarInfo, streamed: bool,
+                   extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Headers every speech stream sends (without the request id)."""
+    return {"X-FPS": str(generator.fps), "X-Avatar": info.name, "X-Streamed": "1" if streamed else "0",
+            "Cache-Control": "no-store", "X-Accel-Buffering": "no", **(extra or {})}
+
+
+async def stream_audio(services: Services, entry: RunningRequest, audio16k: np.ndarray, info: AvatarInfo,
+                       kind: str, extra_headers: dict[str, str] | None = None) -> MJPEGResponse:
+    """The MJPEG response of avatar `info` speaking 16 kHz mono `audio16k` (known whole: the frame count
+    and duration are sent as headers)."""
+    job, generator, _ = await new_job(services, info, audio16k, kind)
+    if job.total == 0:
+        raise APIError(400, "audio_too_short", "the audio is shorter than one video frame (40 ms)")
+    headers = {"X-Frame-Count": str(job.total), "X-Audio-Duration": f"{len(audio16k) / SAMPLE_RATE:.4f}",
+               **stream_headers(generator, info, False, extra_headers)}
+    return mjpeg_stream(services, entry, job, generator.fps, headers)
+
+
+def feed_speech(speech: Iterator[Piece], audio16k: Speech16kStream, feed: FeatureFeed,
+                on_complete: Callable[[np.ndarray], None]) -> None:
+    """Worker thread: synthesise a text's remaining pieces into `feed` as each is ready, then end it
+    (`on_complete(audio)` gets the whole 16 kHz audio). A synthesis that stops (cancelled) or fails ends
+    the feed with the error, so a stream still waiting for the audio ends too."""
+    try:
+        for piece in speech:
+            feed.append(audio16k.push(piece.result))
+        feed.append(audio16k.end())
+        feed.finish()
+        on_complete(feed.audio)
+    except SynthesisCancelled as exc:
+        feed.fail(exc)
+    except Exception as exc:
+        log.error("speech synthesis failed after the stream started: %s", exc)
+        feed.fail(exc)
+    finally:
+        close = getattr(speech, "close", None)
+        if close is not None:
+            close()
+
+
+async def stream_speech(services: Services, entry: RunningRequest, speech: Iterator[Piece], first: TTSResult,
+                        info: AvatarInfo, extra_headers: dict[str, str]) -> MJPEGResponse:
+    """The MJPEG response of a text whose first piece is synthesised and later ones are not yet: frames
+    start from the first piece while a worker thread synthesises the rest into the job (`feed_speech`,
+    which then owns `speech`; it is closed here when the stream cannot start).
+    The total is not known up front, so `X-Frame-Count` and `X-Audio-Duration` are not sent
+    (`X-Streamed: 1`)."""
+    try:
+        audio16k = Speech16kStream()
+        job, generator, session = await new_job(services, info, audio16k.push(first), "text", final=False)
+        assert job.feed is not None and services.debug is not None
+        response = mjpeg_stream(services, entry, job, generator.fps,
+                                stream_headers(generator, info, True, extra_headers))
+    except BaseException:
+        getattr(speech, "close", lambda: None)()
+        raise
+    save = partial(services.debug.save_audio_clip, session, sample_rate=SAMPLE_RATE)
+    task = asyncio.ensure_future(anyio.to_thread.run_sync(feed_speech, speech, audio16k, job.feed, save))
+    _FEEDERS.add(task)
+    task.add_done_callback(_FEEDERS.discard)
+    return response
 
 
 def busy(services: Services) -> APIError:
@@ -306,16 +460,33 @@ def check_capacity(services: Services) -> None:
         raise busy(services)
 
 
-async def speak_text(services: Services, text: str, avatar: str | None, voice: str | None,
-                     request: Request | None = None) -> MJPEGResponse:
-    """Validate, synthesise and stream (the body of both /generate routes)."""
+async def speak_text(services: Services, entry: RunningRequest, text: str, avatar: str | None,
+                     voice: str | None, request: Request | None = None) -> MJPEGResponse:
+    """Validate, synthesise and stream (the body of both /generate routes). The text is synthesised
+    sentence by sentence (`FallbackTTS.synthesize_pieces`): a text of one piece (or a cached one) is
+    streamed whole; a longer one starts streaming after its first piece (`stream_speech`)."""
     text = check_text(text, services.settings.tts.max_text_chars)
     check_capacity(services)
     check_speech_length(text, services.settings.server.max_audio_seconds)
     info = services.models.resolve(avatar)
     voice = await check_voice(services, voice)
-    result = await synthesize(services, text, voice, request)
-    return await stream_audio(services, result.to_16k(), info, "text", {"X-TTS-Engine": result.engine})
+    entry.client_gone = client_gone(request) if request is not None else None
+    speech = services.tts.synthesize_pieces(text, voice, entry.over)
+    handed_over = False
+    try:
+        first = await run_tts(partial(next, speech, None))
+        if first is None:
+            raise APIError(400, "bad_text", "the text has nothing to speak")
+        check_running(entry)
+        extra = {"X-TTS-Engine": first.result.engine}
+        if first.last:
+            next(speech, None)  # the end of the iteration caches the result
+            return await stream_audio(services, entry, first.result.to_16k(), info, "text", extra)
+        handed_over = True  # stream_speech (then its feeder) closes the iteration from here on
+        return await stream_speech(services, entry, speech, first.result, info, extra)
+    finally:
+        if not handed_over:
+            speech.close()
 
 
 def avatar_still(info: AvatarInfo) -> bytes:
@@ -332,6 +503,9 @@ system_router = APIRouter(tags=["system"])
 
 AvatarQuery = Annotated[str | None, Query(description="avatar name (see /health); default avatar if omitted")]
 VoiceQuery = Annotated[str | None, Query(description="TTS voice (see /health); default voice if omitted")]
+RequestIdQuery = Annotated[str | None, Query(pattern=REQUEST_ID_PATTERN, description=(
+    "id of this stream (1-64 characters of A-Z a-z 0-9 _ -) for `DELETE /generate/{request_id}`; made by "
+    "the server when omitted; sent back in `X-Request-Id`"))]
 
 
 class GenerateRequest(BaseModel):
@@ -376,15 +550,41 @@ def static_file(name: str) -> FileResponse:
 @speech_router.get("/generate", response_class=MJPEGResponse, responses={**MJPEG_OK, **ERRORS})
 async def generate_get(services: ServicesDep, request: Request,
                        text: Annotated[str, Query(description="what to say")],
-                       avatar: AvatarQuery = None, voice: VoiceQuery = None) -> MJPEGResponse:
+                       avatar: AvatarQuery = None, voice: VoiceQuery = None,
+                       request_id: RequestIdQuery = None) -> MJPEGResponse:
     """Stream MJPEG of the avatar speaking `text` (for an `<img src=...>`)."""
-    return await speak_text(services, text, avatar, voice, request)
+    entry = open_request(services, request_id)
+    return await run_request(services, entry, speak_text(services, entry, text, avatar, voice, request))
 
 
 @speech_router.post("/generate", response_class=MJPEGResponse, responses={**MJPEG_OK, **ERRORS})
-async def generate_post(services: ServicesDep, request: Request, body: GenerateRequest) -> MJPEGResponse:
+async def generate_post(services: ServicesDep, request: Request, body: GenerateRequest,
+                        request_id: RequestIdQuery = None) -> MJPEGResponse:
     """Stream MJPEG of the avatar speaking the JSON body's `text`."""
-    return await speak_text(services, body.text, body.avatar, body.voice, request)
+    entry = open_request(services, request_id)
+    return await run_request(services, entry, speak_text(services, entry, body.text, body.avatar, body.voice,
+                                                         request))
+
+
+class CancelBody(BaseModel):
+    """DELETE /generate/{request_id}."""
+
+    request_id: str
+    cancelled: bool
+
+
+@speech_router.delete("/generate/{request_id}", response_model=CancelBody, responses={
+    404: {"model": ErrorBody, "description": "no stream with this id is running (unknown or finished)"},
+    422: {"model": ErrorBody, "description": "not a valid request id"}})
+async def cancel_generate(services: ServicesDep, request_id: Annotated[str, Path(
+        pattern=REQUEST_ID_PATTERN, description="the `X-Request-Id` of a running speech stream")]) -> dict[str, Any]:
+    """Stop a running `/generate` or `/generate-from-audio` stream: its MJPEG body ends at once (closing
+    boundary), its generation and admission place are released; a request still synthesising stops (499)."""
+    if services.requests.cancel(request_id) is None:
+        raise APIError(404, "unknown_request", f"no running stream has the id {request_id!r} (unknown or "
+                                               "already finished)")
+    log.info("request %s cancelled", request_id)
+    return {"request_id": request_id, "cancelled": True}
 
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -396,14 +596,21 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 @speech_router.post("/generate-from-audio", response_class=MJPEGResponse, openapi_extra=UPLOAD_BODY,
                     responses={**MJPEG_OK, **ERRORS, 411: {"model": ErrorBody}, 413: {"model": ErrorBody},
                                415: {"model": ErrorBody}})
-async def generate_from_audio(services: ServicesDep, request: Request,
-                              avatar: AvatarQuery = None) -> MJPEGResponse:
+async def generate_from_audio(services: ServicesDep, request: Request, avatar: AvatarQuery = None,
+                              request_id: RequestIdQuery = None) -> MJPEGResponse:
     """Stream MJPEG of the avatar speaking an uploaded recording (form field `audio_file`)."""
+    entry = open_request(services, request_id)
+    return await run_request(services, entry, speak_upload(services, entry, request, avatar))
+
+
+async def speak_upload(services: Services, entry: RunningRequest, request: Request,
+                       avatar: str | None) -> MJPEGResponse:
+    """Validate, read, decode and stream an upload (the body of POST /generate-from-audio)."""
     info = services.models.resolve(avatar)
     check_capacity(services)
     data, extension = await read_upload(request, services.settings.server.max_upload_bytes)
     audio = await decode_upload(data, extension, services.settings.server.max_audio_seconds)
-    return await stream_audio(services, audio, info, "audio")
+    return await stream_audio(services, entry, audio, info, "audio")
 
 
 @speech_router.get("/generate-from-audio", response_class=MJPEGResponse, responses={**MJPEG_OK, **ERRORS})
@@ -548,7 +755,7 @@ def create_app(services: Services | None = None, settings: Settings | None = Non
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.server.body_timeout_s)
     if settings.server.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.server.cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],
                            expose_headers=STREAM_HEADERS)
     install_error_handlers(app)
     for router in ROUTERS + ([docs_router] if protected_docs else []):

@@ -91,7 +91,7 @@ async def play(port: int, audio: np.ndarray, chunk_ms: float) -> dict:
         for i in range(0, len(pcm), step):
             await asyncio.sleep(max(0.0, t_start + (i + step) / 32000 - time.monotonic()))
             await ws.send(pcm[i:i + step])
-        await ws.send(json.dumps({"type": "stop"}))
+        await ws.send(json.dumps({"type": "end"}))  # the last audio plays out
         await asyncio.sleep(ready["latency_ms"] / 1000 + 1.5)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -324,7 +324,7 @@ async def live_stream(url: str, media: Media) -> StreamResult:
         frames: list[tuple[float, int, str, float | None]] = []
         reader = asyncio.create_task(read_live(ws, frames))
         sent = await send_realtime(ws, media.pcm)
-        await ws.send(json.dumps({"type": "stop"}))
+        await ws.send(json.dumps({"type": "end"}))
         await asyncio.sleep(float(hello.get("latency_ms", 760)) / 1000 + 0.5)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)

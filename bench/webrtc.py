@@ -3,17 +3,19 @@ audio sample, p50/p95 over `--requests` requests, for a one-sentence and a 1,000
 
     python bench/webrtc.py [--requests 20] [--size small] [--threads 1] [--batch_size 8] [--workdir DIR]
 
-The avatar is built as in bench/server.py (`bench/inference.py`'s `make_avatar`: frames of the shared May
-clip or the synthetic fixture, a random checkpoint of `--size`; speed does not depend on the weights) and
-`python api.py` is started on it. Every request uses a text no request used before (TTS runs in the request).
+The avatar is built with `bench/inference.py`'s `make_avatar` (frames of the shared May clip or the
+synthetic fixture, a random checkpoint of `--size`; speed does not depend on the weights) and
+`python api.py` is started on it (bench/server.py's `Server`). Every request uses a text no request used
+before (TTS runs in the request).
 
 - webrtc: one session (aiortc client, recvonly video + audio, data channel), then per request
   `POST /sessions/{id}/speak`; the first speech frame is the received video frame whose pts is the
   `speech_started` event's frame, the first audio sample the received audio packet holding that frame's
   first sample (both by their RTP timestamps, timed at arrival). Each utterance is interrupted once both
   have arrived, and the next request waits until no sentence is being synthesised and the idle loop is back.
-- mjpeg (baseline, same run and server): `GET /generate?text=...`, time to the first JPEG part (the whole
-  text is synthesised before the first frame; the page gets the audio from `/get-tts-audio` separately).
+- mjpeg (baseline, same run and server): `GET /generate?text=...`, time to the first JPEG part for the same
+  two texts (sentence-streamed: the first sentence is synthesised before the first frame, the others while
+  the stream runs; the page gets the audio from `/get-tts-audio` separately).
 Prints one JSON object (each section also goes to stderr as soon as it is measured).
 """
 from __future__ import annotations
@@ -123,7 +125,8 @@ async def first_mjpeg_part(client: httpx.AsyncClient, text: str) -> float:
     """Seconds from GET /generate to its first complete JPEG part (the stream is then dropped)."""
     start = time.perf_counter()
     async with client.stream("GET", "/generate", params={"text": text}) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"GET /generate: {response.status_code} {(await response.aread()).decode()[:300]}")
         buf = b""
         async for chunk in response.aiter_raw():
             buf += chunk

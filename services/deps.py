@@ -1,9 +1,10 @@
 """The server's services and the FastAPI dependencies that hand them to routes.
 
 `Services` bundles everything a request needs (settings, avatar registry, TTS, stream counters, debug
-recorder, generator class). `create_app(services)` stores it on `app.state`; routes receive the parts
-through the typed aliases below (`ModelsDep`, `TTSDep`, ...), so tests can build an app around their
-own `Services` or override one dependency with `app.dependency_overrides`.
+recorder, generator class, admission, the running speech requests by id). `create_app(services)` stores
+it on `app.state`; routes receive the parts through the typed aliases below (`ModelsDep`, `TTSDep`, ...),
+so tests can build an app around their own `Services` or override one dependency with
+`app.dependency_overrides`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from services.admission import Admission
 from services.debug import DebugRecorder
 from services.generator import EnhancedFrameGenerationService, FrameGenerationService
 from services.models import ModelService
+from services.request_ids import RequestRegistry
 from services.streaming import StreamStats
 from services.tts import FallbackTTS, build_tts
 
@@ -37,6 +39,7 @@ class Services:
     stats: StreamStats = field(default_factory=StreamStats)
     debug: DebugRecorder | None = None
     admission: Admission = field(default_factory=Admission)
+    requests: RequestRegistry = field(default_factory=RequestRegistry)  # running speech streams by request id
 
     def __post_init__(self) -> None:
         if self.debug is None:

@@ -48,6 +48,11 @@ class FrameGenerationService:
         """Source frame for each of `n` output frames: the template frame throughout."""
         return np.full(n, self.template, dtype=np.int64)
 
+    def order_prefix(self, known: int, final: bool) -> np.ndarray:
+        """The source frames of the first output frames that no later audio can change, for a clip of at
+        least `known` frames (exactly `known` when `final`): all of them here."""
+        return self.frame_order(known)
+
     def encode(self, frame: np.ndarray) -> bytes:
         """JPEG bytes of a BGR frame at this service's quality."""
         return encode_jpeg(frame, self.jpeg_quality)
@@ -58,9 +63,11 @@ class FrameGenerationService:
             return self.engine.render(windows, order)
         return self.scheduler.render(windows, order, deadline)
 
-    def job(self, audio16k: np.ndarray, on_frame: Callable[[int, bytes], None] | None = None) -> FrameJob:
-        """A generation job for 16 kHz mono float audio; `on_frame(i, jpeg)` sees every frame."""
-        return FrameJob(self, audio16k, on_frame)
+    def job(self, audio16k: np.ndarray, on_frame: Callable[[int, bytes], None] | None = None,
+            final: bool = True) -> FrameJob:
+        """A generation job for 16 kHz mono float audio; `on_frame(i, jpeg)` sees every frame. With
+        `final=False` more audio follows through `job.feed.append` until `job.feed.finish()`."""
+        return FrameJob(self, audio16k, on_frame, final)
 
 
 class EnhancedFrameGenerationService(FrameGenerationService):
@@ -72,50 +79,125 @@ class EnhancedFrameGenerationService(FrameGenerationService):
         """Ping-pong source order from the template frame, walking back to it by the end."""
         return self.engine.frame_order(n, start_frame=self.template, loop_back=True)
 
+    def order_prefix(self, known: int, final: bool) -> np.ndarray:
+        """The walk out is the first half of the clip whatever its length, so without the final count only
+        the first half of the `known` frames is fixed (the way back depends on the total)."""
+        order = self.frame_order(known)
+        return order if final else order[: (known + 1) // 2]
+
 
 class FeatureFeed:
-    """Per-frame features of a known clip. Whisper mode runs `synctalk.features.StreamingFeatures` one
-    hop at a time, only as far as asked, so rows for the first frames exist long before the last ones
-    (the windows are the ones `extract_features` uses, so the frames equal the offline CLI's). Other
-    modes (ave) are computed in one call up front."""
+    """Per-frame features of a clip. Whisper mode runs `synctalk.features.StreamingFeatures` one hop at a
+    time, only as far as asked, so rows for the first frames exist long before the last ones (the windows
+    are the ones `extract_features` uses, so the frames equal the offline CLI's). Other modes (ave) are
+    computed in one call once the whole clip is there.
 
-    def __init__(self, engine: LipSyncEngine, audio16k: np.ndarray):
+    A feed made with `final=False` takes more audio as it arrives (`append`, from another thread) until
+    `finish()` (or `fail(exc)`); `ensure` then waits for the audio it needs. `total` counts the frames of
+    the audio held so far and is the clip's frame count once `final`."""
 
+    WAIT_S = 0.05  # longest wait for audio between checks of the cancel flag
+
+    def __init__(self, engine: LipSyncEngine, audio16k: np.ndarray, final: bool = True):
         self.engine = engine
         self.audio = np.ascontiguousarray(np.asarray(audio16k, dtype=np.float32).reshape(-1))
-        self._stream = None
+        self.final = bool(final)
+        self.error: BaseException | None = None
+        self._cv = threading.Condition()
+        self._stream: StreamingFeatures | None = None
         self.features: np.ndarray | None = None
         if engine.mode == "whisper":
             cfg = engine.feature_config
             encoder = load_whisper_encoder(cfg.whisper_path, device=engine.feature_device)
             self._stream = StreamingFeatures(encoder, config=cfg)
-            self.total = self._stream.n_frames(len(self.audio))
             self._rows = np.zeros((self.total, *self._stream.empty().shape[1:]), np.float32)
             self._count = self._pushed = 0
             self._flushed = False
-        else:
+        elif self.final:
             self.features = engine.features(self.audio)
-            self.total = len(self.features)
+
+    @property
+    def total(self) -> int:
+        """Frames of the audio held so far, round(25 x duration): the clip's count once `final`."""
+        if self.features is not None:
+            return len(self.features)
+        return int(round(len(self.audio) / SAMPLES_PER_FRAME))
+
+    def append(self, audio16k: np.ndarray) -> None:
+        """More audio of a feed made with `final=False` (thread-safe)."""
+        chunk = np.asarray(audio16k, dtype=np.float32).reshape(-1)
+        with self._cv:
+            if self.final:
+                raise RuntimeError("the feed's audio is complete")
+            self.audio = np.concatenate([self.audio, chunk])
+            self._cv.notify_all()
+
+    def finish(self) -> None:
+        """The audio is complete: `total` is final, the last rows can be made."""
+        with self._cv:
+            self.final = True
+            self._cv.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        """The audio will never be complete: `ensure` raises from now on."""
+        with self._cv:
+            self.error = exc
+            self.final = True
+            self._cv.notify_all()
+
+    def wait(self, cancel: threading.Event | None = None) -> None:
+        """Block until more audio, the end of the audio or a failure, at most `WAIT_S` (then the caller
+        checks its cancel flag)."""
+        with self._cv:
+            if not self.final and not (cancel is not None and cancel.is_set()):
+                self._cv.wait(self.WAIT_S)
+        if self.error is not None:
+            raise RuntimeError(f"the speech audio failed: {self.error}") from self.error
 
     def ensure(self, k: int, cancel: threading.Event | None = None) -> np.ndarray:
-        """Features with at least min(k, total) rows (stops early when `cancel` is set)."""
+        """Features with at least min(k, total) rows, waiting for audio still to come (stops early when
+        `cancel` is set)."""
         if self._stream is None:
-            return self.features
-        k = min(k, self.total)
-        while self._count < k and not (cancel is not None and cancel.is_set()):
+            return self._whole(cancel)
+        while not (cancel is not None and cancel.is_set()):
+            final = self.final  # read first: once final, `audio` is complete
+            if self.error is not None or self._count >= (min(k, self.total) if final else k):
+                break
             if self._pushed < len(self.audio):
                 chunk = self.audio[self._pushed: self._pushed + self._stream.hop]
                 self._pushed += len(chunk)
-                new = self._stream.push(chunk)
-            elif not self._flushed:
-                new = self._stream.flush()  # silence-padded tail: the last frames
+                self._add(self._stream.push(chunk))
+            elif final and not self._flushed:
+                self._add(self._stream.flush())  # silence-padded tail: the last frames
                 self._flushed = True
-            else:
+            elif final:
                 raise RuntimeError(f"feature stream ended at {self._count} of {self.total} frames")
-            new = new[: self.total - self._count]
-            self._rows[self._count: self._count + len(new)] = new
-            self._count += len(new)
+            else:
+                self.wait(cancel)
+        if self.error is not None:
+            raise RuntimeError(f"the speech audio failed: {self.error}") from self.error
         return self._rows[: self._count]
+
+    def _add(self, rows: np.ndarray) -> None:
+        """Keep new feature rows (at most `total`, once final; the buffer grows with the audio)."""
+        if self.final:
+            rows = rows[: max(0, self.total - self._count)]
+        end = self._count + len(rows)
+        if end > len(self._rows):
+            grown = np.zeros((max(end, 2 * len(self._rows), 64), *self._rows.shape[1:]), np.float32)
+            grown[: self._count] = self._rows[: self._count]
+            self._rows = grown
+        self._rows[self._count: end] = rows
+        self._count = end
+
+    def _whole(self, cancel: threading.Event | None) -> np.ndarray:
+        """Features of a non-streaming mode, computed once the whole audio is there."""
+        while self.features is None and not (cancel is not None and cancel.is_set()):
+            if self.final:
+                self.features = self.engine.features(self.audio)
+            else:
+                self.wait(cancel)
+        return self.features if self.features is not None else np.zeros((0, 1), np.float32)
 
 
 LIVE_JOBS: weakref.WeakSet[FrameJob] = weakref.WeakSet()  # every FrameJob not yet freed
@@ -130,33 +212,67 @@ class FrameJob:
     """One stream's generation state (a `services.streaming.FrameSource`): blocking `next_batch()`
     calls return JPEG batches in frame order until `total` frames are out or `cancel` is set.
     `close()` cancels the job and drops its audio, features and frame order at once (the stream calls it
-    when it ends, so nothing big waits for a garbage collection)."""
+    when it ends, so nothing big waits for a garbage collection).
+
+    With `final=False` the audio is still arriving (`feed.append`, `feed.finish`): `total` is None until
+    it is complete, and a batch waits until its frames' audio (and source frames) are known."""
 
     def __init__(self, service: FrameGenerationService, audio16k: np.ndarray,
-                 on_frame: Callable[[int, bytes], None] | None = None):
+                 on_frame: Callable[[int, bytes], None] | None = None, final: bool = True):
         self.service = service
-        self.feed: FeatureFeed | None = FeatureFeed(service.engine, audio16k)
-        # audio shorter than one frame (40 ms) makes no frame (the server answers 400 audio_too_short)
-        self.total = self.feed.total if len(self.feed.audio) >= SAMPLES_PER_FRAME else 0
-        self.order = service.frame_order(self.total)
+        self.feed: FeatureFeed | None = FeatureFeed(service.engine, audio16k, final=final)
+        self.order = np.zeros(0, np.int64)
+        self._order_key: tuple[int, bool] | None = None  # (frames, final) the order was computed for
+        self._closed_total: int | None = None
         self.cancel = threading.Event()
         self.on_frame = on_frame
         self.next_frame = 0
         self.t0: float | None = None  # when the first batch was asked for: frame i is due t0 + i / 25
         LIVE_JOBS.add(self)
 
+    @property
+    def total(self) -> int | None:
+        """Frames this job makes, round(25 x duration) (0 for audio under 40 ms: the server answers 400
+        audio_too_short); None while the audio is still arriving."""
+        feed = self.feed
+        if feed is None:
+            return self._closed_total
+        if not feed.final:
+            return None
+        return feed.total if len(feed.audio) >= SAMPLES_PER_FRAME else 0
+
     def close(self) -> None:
         """Cancel the job and release its audio, features and frame order (call once no batch runs)."""
         self.cancel.set()
+        self._closed_total = self.total
         self.feed, self.on_frame = None, None
         self.order = self.order[:0]
+
+    def _span(self, feed: FeatureFeed, start: int) -> int | None:
+        """End of the next batch [start, end), once its audio has arrived and its source frames are fixed
+        (waiting for more audio otherwise); None when the job is finished or cancelled."""
+        svc = self.service
+        want = start + (svc.first_batch if start == 0 else svc.batch_size)
+        while not self.cancel.is_set():
+            final = feed.final  # read first: once final, the audio is complete
+            total = self.total if final else None
+            known = total if total is not None else len(feed.audio) // SAMPLES_PER_FRAME
+            if (known, final) != self._order_key and (final or len(self.order) < want):
+                self.order, self._order_key = svc.order_prefix(known, final), (known, final)
+            end = min(want, len(self.order))
+            if final or end > start:
+                return end if end > start else None
+            feed.wait(self.cancel)
+        return None
 
     def next_batch(self) -> list[bytes] | None:
         """The next frames as JPEG bytes, or None when finished, cancelled or closed."""
         svc, start, feed = self.service, self.next_frame, self.feed
-        if self.cancel.is_set() or feed is None or start >= self.total:
+        if self.cancel.is_set() or feed is None:
             return None
-        end = min(self.total, start + (svc.first_batch if start == 0 else svc.batch_size))
+        end = self._span(feed, start)
+        if end is None:
+            return None
         # frame i's window reads feature rows [i - 8, i + 8): rows up to end + FUTURE_ROWS must exist
         features = feed.ensure(end + FUTURE_ROWS, self.cancel)
         if self.cancel.is_set():

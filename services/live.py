@@ -118,8 +118,9 @@ class LiveOptions:
 
 
 class IdleLoop:
-    """The first `seconds` of an avatar's source frames, walked ping-pong with the mouth as recorded.
-    JPEGs are encoded once per quality and cached."""
+    """The first `seconds` of an avatar's source frames, walked ping-pong, as the engine's idle mode shows
+    them (`LipSyncEngine.idle_frame`: the mouth as recorded, or rendered for silence). JPEGs are encoded
+    once per quality and cached."""
 
     def __init__(self, engine: LipSyncEngine, seconds: float, fps: int):
         self.engine = engine
@@ -128,8 +129,8 @@ class IdleLoop:
         self._lock = threading.Lock()
 
     def frame(self, index: int) -> np.ndarray:
-        """Source frame `index` (BGR, read-only)."""
-        return self.engine.frames.get(int(index))
+        """Idle frame `index` (BGR, read-only)."""
+        return self.engine.idle_frame(int(index))
 
     def jpeg(self, index: int, quality: int) -> bytes:
         """JPEG of idle frame `index` at `quality` (cached)."""
@@ -379,17 +380,20 @@ class Planned:
     weight: float = 1.0  # blend: share of the idle frame
     events: list[dict] = field(default_factory=list)
     window: np.ndarray | None = None  # speech: the network's audio input
+    epoch: int = 0  # the timeline's epoch when planned (a stop starts a new one)
 
 
 @dataclass
 class Item:
-    """What the worker hands to the sender: frame k's JPEG (None = dropped) and its events."""
+    """What the worker hands to the sender: frame k's JPEG (None = dropped; `LiveTimeline.picture` makes
+    it) and its events."""
 
     k: int
     jpeg: bytes | None
     kind: str
     audio_time: float | None
     events: list[dict]
+    epoch: int = 0  # planned in this epoch of the timeline: the sender drops items of an older one
 
 
 def _drop_item(item: Item | None) -> None:
@@ -401,7 +405,8 @@ class LiveTimeline:
 
     Two threads: `run_features` turns audio into sessions, energy-gate levels and Whisper feature rows;
     `run_frames` plans output frames in order and renders them, so feature extraction and rendering
-    overlap. Thread-safe entry points for the event loop: `push_audio`, `start`, `stop`, `sent`, `close`.
+    overlap. Thread-safe entry points for the event loop: `push_audio`, `start`, `stop` (end of the
+    audio: it plays out), `interrupt` (drop it all now), `sent`, `close`.
     Finished frames go to `emit(item)` (`emit(None)` after a failure, see `error`).
     """
 
@@ -438,6 +443,8 @@ class LiveTimeline:
         self.sessions_started = 0
         self.k_sent = -1
         self.last_audio_posted = -math.inf  # arrival time of the latest audio chunk
+        self.epoch = 0  # bumped by `interrupt`: frames planned before it are never shown
+        self.last_active_k = -1  # the last frame planned as speech or blend, or announcing `idle`
         # thread plumbing
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
@@ -460,8 +467,43 @@ class LiveTimeline:
         self._post(("start", None, at))
 
     def stop(self, at: float) -> None:
-        """End the session taking audio: flush its features; it plays out, then idle."""
+        """End the session taking audio: flush its features; it plays out, then idle (the client's `end`)."""
         self._post(("stop", None, at))
+
+    def interrupt(self, first_k: int) -> dict[str, Any]:
+        """Drop every session and the audio not processed yet, and show the idle loop from output frame
+        `first_k` (the first frame the sender has not committed to; the client's `stop`). Frames planned
+        from `first_k` on belong to the old `epoch`: the sender drops them. Returns the `stopped` event's
+        fields: `frame` (the first frame after the stop), `position` (seconds of the playing session's
+        audio shown, None when none was playing) and `dropped_s` (seconds of received audio never shown)."""
+        with self._cv:
+            position, dropped = self._unplayed(first_k)
+            announce = self.state != "idle" or self.last_active_k >= first_k
+            self.epoch += 1
+            self._inbox.clear()
+            self._inbox.append(("reset", None, time.monotonic()))  # the feature stream starts over
+            self.sessions.clear()
+            if self.state == "speech":
+                self._leave_speech()
+            self.state, self.blend_left, self.last_speech_frame = "idle", 0, None
+            self._announce_idle = self._announce_idle or announce
+            self.k_next = min(self.k_next, first_k)
+            self._cv.notify_all()
+        return {"frame": first_k, "position": position, "dropped_s": round(dropped, 3)}
+
+    def _unplayed(self, first_k: int) -> tuple[float | None, float]:
+        """(seconds shown of the session playing at `first_k` or None, seconds of received audio not shown
+        before `first_k`). Called with the lock held."""
+        dropped = sum(len(pcm) for kind, pcm, _ in self._inbox if kind == "audio") / SAMPLE_RATE
+        position = None
+        for session in self.sessions:
+            frames = session.total_frames if session.total_frames is not None else \
+                -(-session.samples // SAMPLES_PER_FRAME)
+            shown = min(max(0, first_k - session.anchor), frames)
+            if position is None and first_k > session.anchor:
+                position = round(shown / FPS, 4)
+            dropped += max(0.0, session.samples / SAMPLE_RATE - shown / FPS)
+        return position, dropped
 
     def sent(self, k: int) -> None:
         """The sender is done with frame k (sent or dropped)."""
@@ -529,6 +571,9 @@ class LiveTimeline:
                 if self._closed:
                     return
                 kind, pcm, at = self._inbox.popleft()
+                if kind == "reset":  # after `interrupt`: new audio is a new stream
+                    self.features.reset()
+                    continue
                 if kind == "start":
                     if self._current_open() is None:
                         self._open_session(at)
@@ -630,6 +675,9 @@ class LiveTimeline:
             if now < due:
                 return None, due  # idle frames are made just in time
         plan = self._step(k, speaking, a)
+        plan.epoch = self.epoch
+        if plan.kind != "idle" or plan.events:
+            self.last_active_k = k
         if speaking:
             plan.window = session.window(a, self.mode)
             session.discard_before(a - WINDOW)
@@ -650,11 +698,7 @@ class LiveTimeline:
                 self.speech_pos, self.speech_dir = pingpong_step(self.speech_pos, self.speech_dir, self.n_source)
             return Planned(k, "speech", self.speech_pos, a=a, events=events)
         if self.state == "speech":
-            # back to the idle loop: continue from the speech walk if it is inside the loop
-            if self.speech_pos < self.idle.count:
-                self.idle_pos, self.idle_dir = self.speech_pos, self.speech_dir
-            else:
-                self.idle_pos, self.idle_dir = self.idle.count, -1  # steps to the loop's last frame
+            self._leave_speech()
             self.blend_left = self.opts.blend_frames
             self.state = "blend" if self.blend_left > 0 else "idle"
             self._announce_idle = True
@@ -671,6 +715,13 @@ class LiveTimeline:
             events.append({"type": "idle", "frame": k})
         return Planned(k, "idle", self.idle_pos, events=events)
 
+    def _leave_speech(self) -> None:
+        """Back to the idle loop: continue from the speech walk if it is inside the loop."""
+        if self.speech_pos < self.idle.count:
+            self.idle_pos, self.idle_dir = self.speech_pos, self.speech_dir
+        else:
+            self.idle_pos, self.idle_dir = self.idle.count, -1  # steps to the loop's last frame
+
     # -- rendering (no lock held) --------------------------------------------------------------------
 
     def _late(self, k: int) -> bool:
@@ -679,7 +730,7 @@ class LiveTimeline:
     def _render_speech(self, plan: Planned) -> None:
         audio_time = int(plan.a) / FPS
         if self._late(plan.k):  # realtime and already a frame interval late: skip the work
-            self.emit(Item(plan.k, None, plan.kind, audio_time, plan.events))
+            self.emit(Item(plan.k, None, plan.kind, audio_time, plan.events, plan.epoch))
             return
         start = time.perf_counter()
         if self.scheduler is not None:
@@ -689,20 +740,30 @@ class LiveTimeline:
         self.stats["render_s"] += time.perf_counter() - start
         self.stats["rendered"] += 1
         self.last_speech_frame = frame
-        self.emit(Item(plan.k, encode_jpeg(frame, self.opts.ws_jpeg_quality), plan.kind, audio_time, plan.events))
+        self.emit(Item(plan.k, self.picture(frame), plan.kind, audio_time, plan.events, plan.epoch))
 
     def _emit_plain(self, plan: Planned) -> None:
         if plan.kind == "idle" or self.last_speech_frame is None:  # (no speech frame to blend from)
-            self.emit(Item(plan.k, self.idle.jpeg(plan.source, self.opts.ws_jpeg_quality), "idle", None, plan.events))
+            self.emit(Item(plan.k, self.idle_picture(plan.source), "idle", None, plan.events, plan.epoch))
             return
         if self._late(plan.k):
-            self.emit(Item(plan.k, None, plan.kind, None, plan.events))
+            self.emit(Item(plan.k, None, plan.kind, None, plan.events, plan.epoch))
             return
         import cv2
 
         idle = self.idle.frame(plan.source)
         mixed = cv2.addWeighted(self.last_speech_frame, 1.0 - plan.weight, idle, plan.weight, 0.0)
-        self.emit(Item(plan.k, encode_jpeg(mixed, self.opts.ws_jpeg_quality), "blend", None, plan.events))
+        self.emit(Item(plan.k, self.picture(mixed), "blend", None, plan.events, plan.epoch))
+
+    # -- what a frame is handed out as: JPEG for the WebSocket (services/webrtc_mic.py keeps the pixels) --
+
+    def picture(self, frame: np.ndarray) -> Any:
+        """The payload of a rendered or blended frame: JPEG at `server.ws_jpeg_quality`."""
+        return encode_jpeg(frame, self.opts.ws_jpeg_quality)
+
+    def idle_picture(self, index: int) -> Any:
+        """The payload of idle frame `index`: its cached JPEG."""
+        return self.idle.jpeg(index, self.opts.ws_jpeg_quality)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,8 +790,9 @@ def parse_control(text: str) -> dict:
     if not isinstance(msg, dict):
         raise ClientMessageError("bad_message", "text messages must be JSON objects with a 'type'")
     kind = msg.get("type")
-    if kind not in ("config", "start", "stop"):
-        raise ClientMessageError("unknown_type", f"unknown message type {kind!r}; expected config, start or stop")
+    if kind not in ("config", "start", "stop", "end"):
+        raise ClientMessageError("unknown_type", f"unknown message type {kind!r}; expected config, start, stop "
+                                                 "or end")
     if kind == "config":
         extra = set(msg) - CONFIG_KEYS
         if extra:
@@ -784,6 +846,7 @@ class LiveConnection:
         self.frame_events = False
         self.frames_sent = 0
         self.frames_dropped = 0
+        self.committed = -1  # the last frame the sender has taken (sent, or dropped as late)
         self.ahead = AheadMeter()
         LIVE_OBJECTS.add(self)
 
@@ -813,13 +876,26 @@ class LiveConnection:
 
     async def _send(self, text: str | None = None, data: bytes | None = None) -> None:
         async with self.send_lock:
-            try:
-                if text is not None:
-                    await asyncio.wait_for(self.ws.send_text(text), self.opts.send_timeout_s)
-                else:
-                    await asyncio.wait_for(self.ws.send_bytes(data or b""), self.opts.send_timeout_s)
-            except asyncio.TimeoutError:
-                raise SlowClient() from None
+            await self._send_locked(text, data)
+
+    async def _send_locked(self, text: str | None = None, data: bytes | None = None) -> None:
+        """Send one message; the caller holds `send_lock`."""
+        try:
+            if text is not None:
+                await asyncio.wait_for(self.ws.send_text(text), self.opts.send_timeout_s)
+            else:
+                await asyncio.wait_for(self.ws.send_bytes(data or b""), self.opts.send_timeout_s)
+        except asyncio.TimeoutError:
+            raise SlowClient() from None
+
+    async def stop_speech(self) -> None:
+        """The client's `stop`: drop all audio not yet shown and go back to the idle loop with the next
+        frame; answered with `stopped` before any frame after it."""
+        self.decoder = PCMDecoder(self.decoder.rate)  # the next audio is a new stream
+        self.ahead = AheadMeter()  # nothing is buffered any more
+        async with self.send_lock:  # the sender is between frames: `committed` is the last one out
+            info = self.timeline.interrupt(self.committed + 1)
+            await self._send_locked(text=json.dumps({"type": "stopped", **info}))
 
     async def run(self) -> None:
         """Serve the connection until the client leaves, is dropped, or generation fails."""
@@ -917,7 +993,9 @@ class LiveConnection:
                     self.frame_events = control["frame_events"]
             elif kind == "start":
                 self.timeline.start(now)
-            else:
+            elif kind == "stop":
+                await self.stop_speech()
+            else:  # end: the audio so far plays out
                 tail = self.decoder.finish()
                 if tail.size:
                     self.timeline.push_audio(tail, now)
@@ -934,10 +1012,13 @@ class LiveConnection:
                 err = self.timeline.error
                 await self.error("internal", f"frame generation failed: {err}")
                 raise RuntimeError(f"timeline failed: {err}")
+            if item.epoch != self.timeline.epoch:
+                continue  # planned before a stop: never shown
             for event in item.events:
                 await self.send_json(event)
             if item.jpeg is None:
                 self.frames_dropped += 1
+                self.committed = item.k
                 self.timeline.sent(item.k)
                 continue
             deadline = self.clock.deadline(item.k)
@@ -947,6 +1028,7 @@ class LiveConnection:
             late = send_at - deadline
             if self.timeline.realtime and late >= period and self._successor_due(send_at):
                 self.frames_dropped += 1  # a newer frame is already due: skip this stale one
+                self.committed = item.k
                 self.timeline.sent(item.k)
                 continue
             if not self.timeline.realtime and late > 0.002:
@@ -954,10 +1036,15 @@ class LiveConnection:
             delay = send_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if self.frame_events:
-                await self.send_json({"type": "frame", "frame": item.k, "state": item.kind,
-                                      "audio_time": None if item.audio_time is None else round(item.audio_time, 4)})
-            await self._send(data=item.jpeg)
+            async with self.send_lock:  # the frame event and its frame together, never split by a stop
+                if item.epoch != self.timeline.epoch:
+                    continue  # a stop came while it waited
+                self.committed = item.k
+                if self.frame_events:
+                    await self._send_locked(text=json.dumps({
+                        "type": "frame", "frame": item.k, "state": item.kind,
+                        "audio_time": None if item.audio_time is None else round(item.audio_time, 4)}))
+                await self._send_locked(data=item.jpeg)
             last_at = send_at
             self.frames_sent += 1
             self.timeline.sent(item.k)

@@ -15,6 +15,7 @@ ends or is cut the frames cross-fade back to the idle loop and the audio fades o
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import math
@@ -24,6 +25,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from config import WebRTCConfig
@@ -165,7 +167,7 @@ class SpeechTimeline:
         self.cut_utterance: Utterance | None = None
         self.closed = False
         self.error: BaseException | None = None
-        self.last_speech_frame: np.ndarray | None = None  # set by the video track, for blends
+        self.last_speech_frame: np.ndarray | None = None  # the last speech picture taken, for blends
         self.stats = {"rendered": 0, "skipped": 0, "late": 0, "render_s": 0.0}
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="webrtc-render", daemon=True)
@@ -340,6 +342,25 @@ class SpeechTimeline:
             utt.complete = True
 
     # -- the video track's side -----------------------------------------------------------------------
+
+    async def picture(self, k: int, give_up_at: float) -> np.ndarray | None:
+        """Frame k's picture (committing the frame): the rendered speech frame (None when it is not ready by
+        monotonic `give_up_at`, or was skipped), the idle loop, or a blend from the last speech frame."""
+        slot = self.commit(k)
+        if slot.kind == "speech":
+            while True:
+                decided, frame = self.speech_frame(slot)
+                if frame is not None:
+                    self.last_speech_frame = frame
+                    return frame
+                if decided or time.monotonic() > give_up_at:
+                    self.skip_rendering(slot)
+                    return None
+                await asyncio.sleep(0.004)
+        idle = self.idle.frame(slot.idle_pos)
+        if slot.kind == "blend" and self.last_speech_frame is not None:
+            return cv2.addWeighted(self.last_speech_frame, 1.0 - slot.weight, idle, slot.weight, 0.0)
+        return idle
 
     def speech_frame(self, slot: Slot) -> tuple[bool, np.ndarray | None]:
         """(decided, frame) of a speech slot: the rendered frame (taken), or (True, None) when it was

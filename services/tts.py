@@ -3,22 +3,29 @@ cache in front, its warm-up and its status. `build_tts(settings)` builds the cha
 (`settings.tts.engines`, default Piper then espeak).
 
 Bounds: at most `tts.max_concurrent` syntheses run at once and `tts.max_queued` more wait (past that
-`TTSBusy`, which the API answers with 503 + Retry-After); text is spoken in pieces of at most
-`synctalk.tts.CHUNK_CHARS` characters, and a synthesis whose requester has gone stops between pieces
-(`SynthesisCancelled`); the cache holds at most `tts.cache_bytes` bytes of audio."""
+`TTSBusy`, which the API answers with 503 + Retry-After); text is spoken in pieces (`FallbackTTS.pieces`:
+sentences of at most `synctalk.tts.CHUNK_CHARS` characters, the first of a longer text at most
+`FIRST_CHUNK_CHARS`), and a synthesis whose requester has gone stops between pieces
+(`SynthesisCancelled`); the cache holds at most `tts.cache_bytes` bytes of audio.
+
+`synthesize_pieces` is the one sentence-wise synthesis: it yields each piece's result as soon as it is
+made (the MJPEG route streams frames from the first piece while the rest is synthesised) and caches the
+joined result at the end; `synthesize` (whole texts, `/get-tts-audio`) is the same iteration joined, so
+both give the same audio for the same text and voice."""
 from __future__ import annotations
 
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from config import Settings, TTSConfig
 from synctalk.text import split_sentences
 from synctalk.tts import (
     CHUNK_CHARS,
+    FIRST_CHUNK_CHARS,
     EspeakTTS,
     PiperTTS,
     TextError,
@@ -30,7 +37,7 @@ from synctalk.tts import (
     join_results,
 )
 
-__all__ = ["EspeakTTS", "FallbackTTS", "PiperTTS", "SynthesisCancelled", "SynthesisSlots", "TTSBusy", "TTSResult",
+__all__ = ["EspeakTTS", "FallbackTTS", "Piece", "PiperTTS", "SynthesisCancelled", "SynthesisSlots", "TTSBusy", "TTSResult",
            "TTSService", "TTSUnavailable", "TextError", "build_tts", "check_text", "estimate_speech_seconds"]
 
 log = logging.getLogger(__name__)
@@ -80,6 +87,13 @@ class SynthesisSlots:
         finally:
             with self._lock:
                 self.admitted -= 1
+
+
+class Piece(NamedTuple):
+    """One piece of a text's speech, in order; `last` when no piece follows it."""
+
+    result: TTSResult
+    last: bool
 
 
 class FallbackTTS(TTSService):
@@ -136,11 +150,63 @@ class FallbackTTS(TTSService):
                     names.append(v)
         return names
 
+    @staticmethod
+    def pieces(text: str) -> list[str]:
+        """The pieces `text` is spoken in: sentences, long ones cut at clauses then words, at most
+        `CHUNK_CHARS` characters; a text longer than that holds its first piece to `FIRST_CHUNK_CHARS`,
+        so that a streamed text starts soon (a shorter text, such as one sentence of a WebRTC utterance,
+        is cut only where it has to be)."""
+        first = FIRST_CHUNK_CHARS if len(text) > CHUNK_CHARS else CHUNK_CHARS
+        return split_sentences(text, CHUNK_CHARS, first)
+
     def synthesize(self, text: str, voice: str | None = None,
                    cancelled: Callable[[], bool] | None = None) -> TTSResult:
-        """Speak `text` (cached); `cancelled()` is asked while queued and between pieces."""
+        """Speak `text` (cached): `synthesize_pieces` joined; `cancelled()` is asked while queued and
+        between pieces."""
+        pieces = self.synthesize_pieces(text, voice, cancelled)
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as end:
+                return end.value
+
+    def synthesize_pieces(self, text: str, voice: str | None = None, cancelled: Callable[[], bool] | None = None
+                          ) -> Generator[Piece, None, TTSResult]:
+        """Speak `text` piece by piece (`pieces`), yielding each piece's result as soon as it is made;
+        returns (and caches) the joined result. A cached text comes back whole, as one last piece.
+        One synthesis slot is held from the first piece to the last (TTSBusy when none is free and the
+        queue is full); `cancelled()` is asked while queued and before each piece (SynthesisCancelled).
+        A piece with nothing to speak is skipped; ValueError when no piece has anything."""
         text = check_text(text, self.max_text_chars)
         key = (text, voice)
+        cached = self._lookup(key)
+        if cached is not None:
+            yield Piece(cached, True)
+            return cached
+        if voice is not None and voice not in self.voices():
+            raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices())}")
+        texts = self.pieces(text)
+        done: list[TTSResult] = []
+        with self.slots.hold(cancelled):
+            for n, piece in enumerate(texts):
+                if cancelled is not None and cancelled():
+                    raise SynthesisCancelled("the requester went away during synthesis")
+                try:
+                    result = self._synthesize_uncached(piece, voice)
+                except ValueError as exc:  # nothing speakable in this piece
+                    log.info("tts piece %d of %d not spoken: %s", n + 1, len(texts), exc)
+                    continue
+                done.append(result)
+                yield Piece(result, n == len(texts) - 1)
+        if not done:
+            raise ValueError("the text has nothing to speak")
+        joined = done[0] if len(done) == 1 else join_results(done)
+        self.last_engine = joined.engine
+        self._remember(key, joined)
+        return joined
+
+    def _lookup(self, key: tuple[str, str | None]) -> TTSResult | None:
+        """The cached result for (text, voice), counted as a hit or a miss."""
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -148,16 +214,7 @@ class FallbackTTS(TTSService):
                 self.last_engine = self._cache[key].engine
                 return self._cache[key]
             self.cache_misses += 1
-        with self.slots.hold(cancelled):
-            pieces = []
-            for piece in split_sentences(text, CHUNK_CHARS, CHUNK_CHARS):
-                if cancelled is not None and cancelled():
-                    raise SynthesisCancelled("the requester went away during synthesis")
-                pieces.append(self._synthesize_uncached(piece, voice))
-        result = join_results(pieces)
-        self.last_engine = result.engine
-        self._remember(key, result)
-        return result
+            return None
 
     def _remember(self, key: tuple[str, str | None], result: TTSResult) -> None:
         """Cache `result`, evicting least recently used results until the audio fits in `cache_bytes`."""

@@ -2,7 +2,11 @@
 (25 fps: the idle loop when silent, lip-synced frames while speaking), the speech the lips are made from
 (silence when idle) and a data channel of JSON events; controlled over REST or the data channel.
 
-    POST   /webrtc/offer               SDP offer (+ avatar, voice) -> SDP answer + session_id
+A session is in one of two modes, chosen by the offer: `speech` (default: the server speaks texts and
+uploads it is sent) or `mic` (the client sends its microphone as an audio track and the avatar's video
+mirrors it on the `/ws/live` timeline, `services/webrtc_mic.py`; no audio goes back).
+
+    POST   /webrtc/offer               SDP offer (+ avatar, voice, mode) -> SDP answer + session_id
     GET    /sessions/{id}              state of a session
     POST   /sessions/{id}/speak        JSON {text, voice?, interrupt?} or a multipart audio upload
     POST   /sessions/{id}/interrupt    stop the speech (and drop queued speech) now
@@ -27,11 +31,10 @@ import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Protocol
 
 import anyio
 import av
-import cv2
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -42,10 +45,11 @@ from config import Settings, WebRTCConfig
 from services.admission import RETRY_AFTER_S
 from services.deps import Services, ServicesDep
 from services.errors import APIError
-from services.live import idle_loop
-from services.sessions import Slot, SpeechTimeline, Utterance, make_segment, warm_speech
+from services.live import LiveOptions, idle_loop
+from services.sessions import Clock, SpeechTimeline, Utterance, make_segment, warm_speech
 from services.tts import SynthesisCancelled, TextError, TTSBusy, TTSUnavailable, check_text, estimate_speech_seconds
 from services.uploads import decode_upload, read_upload
+from services.webrtc_mic import MicFrames
 from synctalk.scheduler import FrameScheduler
 from synctalk.text import split_sentences
 from synctalk.timing import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -74,6 +78,17 @@ async def sleep_until(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
+class FrameSource(Protocol):
+    """Where the video track takes its frames: `SpeechTimeline` (speech mode) or `MicFrames` (mic mode)."""
+
+    clock: Clock
+    closed: bool
+
+    async def picture(self, k: int, give_up_at: float) -> np.ndarray | None:
+        """Frame k (BGR), or None when it cannot be had by monotonic `give_up_at`."""
+        ...
+
+
 class AvatarVideoTrack(MediaStreamTrack):
     """The avatar at 25 fps on the session clock: frame k has pts 3600 k (1/90000 s). A frame that cannot
     be delivered within one frame interval of its due time is dropped (its pts is skipped), so the video
@@ -81,50 +96,32 @@ class AvatarVideoTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, timeline: SpeechTimeline):
+    def __init__(self, source: FrameSource):
         super().__init__()
-        self.timeline = timeline
+        self.source = source
         self.k = 0
         self.sent = 0
         self.dropped = 0
 
     async def recv(self) -> av.VideoFrame:
         """The next frame, at its due time."""
-        tl = self.timeline
-        tl.clock.start()
+        src = self.source
+        src.clock.start()
         period = 1.0 / FPS
         while True:
-            if self.readyState != "live" or tl.closed:
+            if self.readyState != "live" or src.closed:
                 raise MediaStreamError
             k = self.k
             self.k += 1
-            await sleep_until(tl.clock.deadline(k))
-            slot = tl.commit(k)
-            picture = await self._picture(slot, tl.clock.deadline(k) + period)
-            if picture is None or time.monotonic() > tl.clock.deadline(k) + 2 * period:
+            await sleep_until(src.clock.deadline(k))
+            picture = await src.picture(k, src.clock.deadline(k) + period)
+            if picture is None or time.monotonic() > src.clock.deadline(k) + 2 * period:
                 self.dropped += 1
                 continue
             frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
             frame.pts, frame.time_base = k * (VIDEO_CLOCK // FPS), VIDEO_TIME_BASE
             self.sent += 1
             return frame
-
-    async def _picture(self, slot: Slot, give_up_at: float) -> np.ndarray | None:
-        tl = self.timeline
-        if slot.kind == "speech":
-            while True:
-                decided, frame = tl.speech_frame(slot)
-                if frame is not None:
-                    tl.last_speech_frame = frame
-                    return frame
-                if decided or time.monotonic() > give_up_at:
-                    tl.skip_rendering(slot)
-                    return None
-                await asyncio.sleep(0.004)
-        idle = tl.idle.frame(slot.idle_pos)
-        if slot.kind == "blend" and tl.last_speech_frame is not None:
-            return cv2.addWeighted(tl.last_speech_frame, 1.0 - slot.weight, idle, slot.weight, 0.0)
-        return idle
 
 
 class SpeechAudioTrack(MediaStreamTrack):
@@ -163,11 +160,21 @@ class SpeechAudioTrack(MediaStreamTrack):
 # Sessions
 
 
+async def drain(track: MediaStreamTrack) -> None:
+    """Read and discard a remote track (audio a speech-mode client sends anyway), so nothing piles up."""
+    try:
+        while True:
+            await track.recv()
+    except MediaStreamError:
+        return
+
+
 class WebRTCSession:
-    """One peer connection: tracks, timeline, event channel, the speech producer and the watchdog."""
+    """One peer connection: tracks, timeline, event channel, the speech producer (speech mode) or the
+    microphone's frames (mic mode), and the watchdog."""
 
     def __init__(self, registry: SessionRegistry, services: Services, scheduler: FrameScheduler, avatar: str,
-                 voice: str | None):
+                 voice: str | None, mode: str = "speech"):
         engine = scheduler.engine
         self.id = uuid.uuid4().hex
         self.registry = registry
@@ -175,6 +182,10 @@ class WebRTCSession:
         self.cfg: WebRTCConfig = services.settings.webrtc
         self.avatar = avatar
         self.voice = voice
+        self.mode = mode
+        self.scheduler = scheduler
+        self.mic: MicFrames | None = None  # mic mode: made by `answer`
+        self.remote_audio: MediaStreamTrack | None = None  # the client's audio track, if it sends one
         self.created = time.monotonic()
         self.connected_at: float | None = None
         self.closed = False
@@ -209,7 +220,9 @@ class WebRTCSession:
     # -- set-up -----------------------------------------------------------------------------------
 
     async def answer(self, sdp: str, kind: str) -> RTCSessionDescription:
-        """Apply the client's offer; the answer with both tracks attached."""
+        """Apply the client's offer; the answer with the avatar's tracks attached (speech mode: video and
+        audio; mic mode: video, and the client's audio is consumed)."""
+        self.pc.on("track", self._on_remote_track)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
         except Exception as exc:  # aiortc raises ValueError, KeyError, ... on malformed SDP
@@ -218,8 +231,10 @@ class WebRTCSession:
         if "video" not in kinds:
             raise APIError(400, "bad_sdp", "the offer has no video media section (add a recvonly video and "
                                                "audio transceiver)")
+        if self.mode == "mic":
+            await self._setup_mic()
         self.pc.addTrack(self.video)
-        if "audio" in kinds:
+        if "audio" in kinds and self.mic is None:
             self.pc.addTrack(self.audio)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
@@ -227,15 +242,40 @@ class WebRTCSession:
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as exc:
             raise APIError(400, "bad_sdp", f"cannot answer the SDP offer: {exc or type(exc).__name__}") from None
-        self.timeline.start()
-        self._tasks = [asyncio.create_task(self._produce(), name=f"webrtc-produce-{self.id[:8]}"),
-                       asyncio.create_task(self._watch(), name=f"webrtc-watch-{self.id[:8]}")]
+        self._start_tasks()
         return self.pc.localDescription
+
+    def _on_remote_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self.remote_audio = track
+
+    async def _setup_mic(self) -> None:
+        """Mic mode: the client's audio track drives the video (`MicFrames`, on the /ws/live timeline)."""
+        if self.remote_audio is None:
+            raise APIError(400, "bad_sdp", "mode 'mic' needs an offer that sends audio (the microphone track: "
+                                               "an audio transceiver with direction sendrecv or sendonly)")
+        opts = LiveOptions.from_settings(self.services.settings)
+        self.mic = await anyio.to_thread.run_sync(MicFrames, self.scheduler, opts, self.emit)
+        self.video.source = self.mic
+
+    def _start_tasks(self) -> None:
+        """Start the work of the session: speech producer or microphone reader, and the watchdog."""
+        name = self.id[:8]
+        self._tasks = [asyncio.create_task(self._watch(), name=f"webrtc-watch-{name}")]
+        if self.mic is None:
+            self.timeline.start()
+            self._tasks.append(asyncio.create_task(self._produce(), name=f"webrtc-produce-{name}"))
+        if self.remote_audio is not None:
+            reader = self.mic.consume(self.remote_audio) if self.mic is not None else drain(self.remote_audio)
+            self._tasks.append(asyncio.create_task(reader, name=f"webrtc-audio-in-{name}"))
 
     def _on_datachannel(self, channel: Any) -> None:
         self.channel = channel
         channel.on("message", lambda message: asyncio.ensure_future(self._on_message(message)))
-        self.emit({"type": "ready", "avatar": self.avatar, "fps": FPS, "sample_rate": SAMPLE_RATE})
+        ready = {"type": "ready", "avatar": self.avatar, "fps": FPS, "sample_rate": SAMPLE_RATE, "mode": self.mode}
+        if self.mic is not None:
+            ready["latency_ms"] = round(self.mic.latency_ms)
+        self.emit(ready)
 
     async def _on_state(self) -> None:
         state = self.pc.connectionState
@@ -246,7 +286,7 @@ class WebRTCSession:
             await self.close(f"connection {state}")
 
     async def _on_message(self, message: Any) -> None:
-        """A JSON command on the data channel: speak, interrupt or close."""
+        """A JSON command on the data channel: speak, interrupt (speech mode), end, stop (mic mode) or close."""
         try:
             msg = json.loads(message) if isinstance(message, str) else None
             if not isinstance(msg, dict):
@@ -258,11 +298,15 @@ class WebRTCSession:
                 self.emit({"type": "queued", **result})
             elif kind == "interrupt":
                 await self.interrupt()
+            elif kind == "end" and self.mic is not None:
+                self.mic.end()
+            elif kind == "stop" and self.mic is not None:
+                self.emit({"type": "stopped", **self.mic.stop()})
             elif kind == "close":
                 await self.close("closed by the client")
             else:
-                raise APIError(400, "unknown_type", f"unknown message type {kind!r}; expected speak, "
-                                                        f"interrupt or close")
+                expected = "end, stop or close" if self.mic is not None else "speak, interrupt or close"
+                raise APIError(400, "unknown_type", f"unknown message type {kind!r}; expected {expected}")
         except APIError as exc:
             self.emit({"type": "error", "error": exc.error, "detail": str(exc.detail)})
         except (ValueError, TypeError) as exc:
@@ -274,9 +318,16 @@ class WebRTCSession:
         if self.closed:
             raise APIError(410, "session_closed", f"session {self.id} is closed")
 
+    def _check_speech_mode(self) -> None:
+        """Speak and interrupt need a speech-mode session (409 `mic_session` otherwise)."""
+        self._check_open()
+        if self.mic is not None:
+            raise APIError(409, "mic_session", "this session's video follows the microphone (mode 'mic'); open a "
+                                               "session without mode 'mic' to make the avatar speak")
+
     async def speak_text(self, text: str, voice: str | None, interrupt: bool) -> dict:
         """Queue `text` (sentence-streamed TTS); with `interrupt`, cut what is playing first."""
-        self._check_open()
+        self._check_speech_mode()
         settings = self.services.settings
         try:
             text = check_text(text, settings.tts.max_text_chars)
@@ -297,7 +348,7 @@ class WebRTCSession:
 
     async def speak_audio(self, audio16k: np.ndarray, interrupt: bool) -> dict:
         """Queue uploaded speech; with `interrupt`, cut what is playing first."""
-        self._check_open()
+        self._check_speech_mode()
         utt = Utterance(uuid.uuid4().hex[:12], audio=audio16k)
         return await self._enqueue(utt, interrupt)
 
@@ -313,14 +364,17 @@ class WebRTCSession:
                 "sentences": len(utt.pieces) if utt.text is not None else 1}
 
     def speaking(self) -> bool:
-        """Whether speech is playing, being prepared or waiting."""
+        """Whether speech is playing, being prepared or waiting (mic mode: whether the frame playing now
+        shows speech)."""
+        if self.mic is not None:
+            return self.mic.speaking()
         producing = self.producing is not None and not self.producing.cancel.is_set()
         return bool(self.queue) or producing or self.timeline.busy()
 
     async def interrupt(self, quiet: bool = False) -> dict:
         """Stop the speech at the next frame and drop queued commands; 409 when nothing is playing
         (unless `quiet`)."""
-        self._check_open()
+        self._check_speech_mode()
         cut = self.timeline.interrupt()
         dropped = len(self.queue)
         for utt in self.queue:
@@ -405,8 +459,9 @@ class WebRTCSession:
         while not self.closed:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            if self.timeline.error is not None:
-                self.emit({"type": "error", "error": "internal", "detail": f"rendering failed: {self.timeline.error}"})
+            error = self.mic.error if self.mic is not None else self.timeline.error
+            if error is not None:
+                self.emit({"type": "error", "error": "internal", "detail": f"rendering failed: {error}"})
                 await self.close("rendering failed")
                 return
             if self.connected_at is None:
@@ -444,17 +499,23 @@ class WebRTCSession:
                 task.cancel()
         self._wake.set()
         await anyio.to_thread.run_sync(self.timeline.close)
+        if self.mic is not None:
+            await anyio.to_thread.run_sync(self.mic.close)
         self.video.stop()
         self.audio.stop()
         await self.pc.close()
 
     def describe(self) -> dict:
         """What GET /sessions/{id} reports."""
-        return {"session_id": self.id, "avatar": self.avatar, "voice": self.voice,
-                "connection": self.pc.connectionState, "speaking": self.speaking(), "queued": len(self.queue),
-                "synthesizing": self.producing is not None,
-                "video_frames_sent": self.video.sent, "video_frames_dropped": self.video.dropped,
-                "audio_frames_sent": self.audio.j, "events": list(self.events)[-20:]}
+        out: dict[str, Any] = {"session_id": self.id, "avatar": self.avatar, "voice": self.voice, "mode": self.mode,
+                               "connection": self.pc.connectionState, "speaking": self.speaking(),
+                               "queued": len(self.queue), "synthesizing": self.producing is not None,
+                               "video_frames_sent": self.video.sent, "video_frames_dropped": self.video.dropped,
+                               "audio_frames_sent": self.audio.j, "events": list(self.events)[-20:]}
+        if self.mic is not None:
+            out["mic"] = {"latency_ms": round(self.mic.latency_ms), "audio_seconds": round(self.mic.audio_seconds, 3),
+                          "filled_seconds": round(self.mic.filled_seconds, 3)}
+        return out
 
 
 class SessionRegistry:
@@ -503,10 +564,13 @@ class OfferRequest(BaseModel):
     """Body of POST /webrtc/offer."""
 
     model_config = ConfigDict(extra="forbid")
-    sdp: str = Field(description="the client's SDP offer (with recvonly video and audio, and a data channel)")
+    sdp: str = Field(description="the client's SDP offer (with recvonly video and audio, and a data channel; "
+                                 "mode `mic`: the audio sends the microphone)")
     type: str = Field("offer", description="must be `offer`")
     avatar: str | None = Field(None, description="avatar name (see /health); default avatar if omitted")
     voice: str | None = Field(None, description="default TTS voice of the session's speak commands")
+    mode: Literal["speech", "mic"] = Field("speech", description="`speech`: the avatar says texts and uploads; "
+                                           "`mic`: the video follows the client's audio track (live microphone)")
 
 
 class AnswerBody(BaseModel):
@@ -528,7 +592,8 @@ class SpeakRequest(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "malformed SDP, bad text or audio"}, 404: {"description": "unknown session, avatar or voice"},
-    409: {"description": "interrupt with nothing playing"}, 410: {"description": "the session is closed"},
+    409: {"description": "interrupt with nothing playing; speak or interrupt in a mic-mode session"},
+    410: {"description": "the session is closed"},
     413: {"description": "speech longer than server.max_audio_seconds"},
     429: {"description": "too many speak commands queued"}, 503: {"description": "too many sessions"},
 }
@@ -550,18 +615,22 @@ async def webrtc_offer(services: ServicesDep, registry: RegistryDep, body: Offer
     if voice is not None and voice not in await anyio.to_thread.run_sync(services.tts.voices):
         raise APIError(404, "unknown_voice", f"unknown voice {voice!r}")
     scheduler = await anyio.to_thread.run_sync(services.models.scheduler, info.name)
-    await anyio.to_thread.run_sync(warm_speech, scheduler.engine)
+    if body.mode == "mic" and scheduler.engine.mode != "whisper":
+        raise APIError(400, "mic_unsupported", f"avatar {info.name!r} uses {scheduler.engine.mode} audio features; "
+                                               f"the live microphone needs a whisper-mode checkpoint")
+    if body.mode == "speech":
+        await anyio.to_thread.run_sync(warm_speech, scheduler.engine)
     if not services.admission.try_acquire("webrtc"):
         raise APIError(503, "busy", f"this server is at its capacity of {services.admission.capacity} "
                                         f"streams; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)})
-    session = WebRTCSession(registry, services, scheduler, info.name, voice)
+    session = WebRTCSession(registry, services, scheduler, info.name, voice, body.mode)
     try:
         answer = await session.answer(body.sdp, body.type)
     except BaseException:
         await session.close("set-up failed")
         raise
     registry.add(session)
-    log.info("session %s opened (avatar %s)", session.id[:8], info.name)
+    log.info("session %s opened (avatar %s, mode %s)", session.id[:8], info.name, body.mode)
     return {"sdp": answer.sdp, "type": answer.type, "session_id": session.id}
 
 

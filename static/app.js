@@ -1,6 +1,8 @@
-// SyncTalk 2D web page: idle stream, Text (a WebRTC session when the browser and server allow it: audio and
-// video in one peer connection, Stop interrupts; else multipart MJPEG), Upload (MJPEG over fetch, audio in sync),
-// Live mic (AudioWorklet -> 16 kHz PCM16 -> WS /ws/live -> JPEG frames), debug panel, avatar picker.
+// SyncTalk 2D web page: idle stream, Text and Upload (a WebRTC session when the browser and server allow it:
+// audio and video in one peer connection, Stop interrupts; else multipart MJPEG over fetch with the audio played
+// by the page, Stop cancels with DELETE /generate/{request_id}), Live mic (the microphone as the audio track of a
+// WebRTC session in mode "mic"; else AudioWorklet -> 16 kHz PCM16 -> WS /ws/live -> JPEG frames), debug panel,
+// avatar picker, the avatar's attribution. `?transport=mjpeg` forces the fallbacks (MJPEG and the WebSocket).
 // No external resources; works offline. `window.synctalk` exposes the page state (for tests and
 // for debugging in the console).
 "use strict";
@@ -16,12 +18,17 @@ const state = {
   streamFrames: 0,         // frames of the last text/upload stream
   liveFrames: 0,           // frames received on the live socket
   audioStartedAt: null,    // performance.now() when speech audio started
-  lastEvent: null,         // last JSON event from /ws/live
+  lastEvent: null,         // last live event (from /ws/live or the mic session's data channel)
   lastError: null,
   ready: null,             // the live `ready` event
-  // text transport: "webrtc" (POST /webrtc/offer session) or "mjpeg"; ?transport=mjpeg forces the fallback
+  liveEvents: [],          // live events with their arrival time t (performance.now()), the last 500
+  // transport: "webrtc" (POST /webrtc/offer sessions) or "mjpeg" (MJPEG for text and upload, WebSocket for the
+  // microphone); ?transport=mjpeg forces the fallback, and so does a WebRTC session that cannot be opened
   transport: params.get("transport") === "mjpeg" || !window.RTCPeerConnection ? "mjpeg" : "webrtc",
-  rtcEvent: null,          // last data-channel event of the WebRTC session
+  liveTransport: null,     // "webrtc" or "websocket" while the live mic runs
+  rtcEvent: null,          // last data-channel event of the text/upload WebRTC session
+  requestId: null,         // request_id of the last MJPEG stream (what Stop cancels)
+  health: null,            // the last GET /health
 };
 window.synctalk = state;
 
@@ -150,7 +157,19 @@ async function* mjpegParts(body) {
   }
 }
 
-let playback = null; // the running text/upload playback {abort, audio, url}
+let playback = null; // the running MJPEG text/upload playback {abort, audio, url, timer, requestId}
+
+// A fresh request id for an MJPEG stream (`?request_id=`), so that Stop can cancel it by name.
+function newRequestId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// Ask the server to cancel MJPEG stream `id` (DELETE /generate/{id}); the page aborts its fetch as well, so a
+// server that does not know the route (404/405) changes nothing.
+function cancelStream(id) {
+  fetch(withToken(`/generate/${encodeURIComponent(id)}`), fetchOpts({ method: "DELETE" })).catch(() => {});
+}
 
 function stopPlayback() {
   if (!playback) return;
@@ -161,23 +180,27 @@ function stopPlayback() {
   playback = null;
 }
 
-// Fetch an MJPEG stream and draw it; start `audioBlob` when the first frame arrives; return to idle
-// once the stream has ended and X-Audio-Duration seconds of audio have played.
-async function playStream(url, init, audioBlob, headerDuration) {
+// Fetch the MJPEG stream of `path` (with `query` and a new request_id) and draw it; start `audioBlob` when the
+// first frame arrives; return to idle once the stream has ended and X-Audio-Duration seconds of audio have played.
+async function playStream(path, query, init, audioBlob, headerDuration) {
   stopPlayback();
   stopLive();
   haltRtc();
   const abort = new AbortController();
   const audioUrl = URL.createObjectURL(audioBlob);
   const audio = new Audio(audioUrl);
-  const pb = { abort, audio, url: audioUrl, timer: null };
+  const requestId = newRequestId();
+  const pb = { abort, audio, url: audioUrl, timer: null, requestId };
   playback = pb;
+  state.requestId = requestId;
+  const url = apiUrl(path, Object.assign({}, query, { request_id: requestId }));
   setButtons(true);
   state.streamFrames = 0;
   state.audioStartedAt = null;
   try {
     const resp = await fetch(url, fetchOpts(Object.assign({ signal: abort.signal }, init)));
     if (!resp.ok) throw new Error(await describeError(resp));
+    pb.requestId = resp.headers.get("X-Request-Id") || requestId;
     const duration = parseFloat(resp.headers.get("X-Audio-Duration") || headerDuration || "0");
     $("stage-info").textContent = `${resp.headers.get("X-Frame-Count") || "?"} frames, ${duration.toFixed(2)} s` +
       (resp.headers.get("X-TTS-Engine") ? `, voice engine ${resp.headers.get("X-TTS-Engine")}` : "");
@@ -212,14 +235,16 @@ function setButtons(busy) {
   $("speak").disabled = busy;
   $("play").disabled = busy;
   $("stop").disabled = !busy;
+  $("upload-stop").disabled = !busy;
 }
 
 // ---------------------------------------------------------------------------------------------
-// WebRTC session for the Text tab: one peer connection (recvonly video + audio, data channel "events"),
-// opened on the first Speak and kept; speech frames are drawn on the canvas from the <video> element,
-// which plays the audio in sync with them. Any failure to connect falls back to MJPEG for the page.
+// WebRTC sessions. Text and Upload share one session (recvonly video + audio, data channel "events"), opened on
+// the first Speak or Play and kept; speech frames are drawn on the canvas from the <video> element, which plays
+// the audio in sync with them. The live mic opens its own session in mode "mic" (the microphone as its audio
+// track, video back). A session that cannot be opened switches the page to the fallbacks.
 
-let rtc = null; // {pc, channel, video, id, avatar, utterance, drawing}
+let rtc = null; // the text/upload session {pc, channel, video, media, id, avatar, mode, utterance, drawing, closed}
 
 // Resolve when check() holds (re-checked whenever subscribe's callback fires), reject when failed() does or
 // after ms milliseconds.
@@ -234,33 +259,39 @@ function waitFor(check, subscribe, ms, what, failed = () => false) {
   });
 }
 
-async function openRtc() {
+// Open a session: mode "speech" (recvonly audio) or "mic" (sends `micStream`'s audio track); data-channel
+// events go to onEvent(session, event).
+async function openRtc(mode, onEvent, micStream = null) {
   const pc = new RTCPeerConnection();
   pc.addTransceiver("video", { direction: "recvonly" });
-  pc.addTransceiver("audio", { direction: "recvonly" });
+  if (micStream) pc.addTransceiver(micStream.getAudioTracks()[0], { direction: "sendonly", streams: [micStream] });
+  else pc.addTransceiver("audio", { direction: "recvonly" });
   const channel = pc.createDataChannel("events");
   const video = $("rtc-view");
   const media = new MediaStream();
-  const session = { pc, channel, video, id: null, avatar: state.avatar, utterance: null, drawing: false };
+  const session = { pc, channel, video, media, id: null, avatar: state.avatar, mode, utterance: null,
+    drawing: false, closed: false };
   pc.ontrack = (ev) => { media.addTrack(ev.track); video.srcObject = media; };
-  channel.onmessage = (m) => onRtcEvent(session, JSON.parse(m.data));
-  await pc.setLocalDescription(await pc.createOffer());
-  await waitFor(() => pc.iceGatheringState === "complete", (f) => pc.addEventListener("icegatheringstatechange", f),
-    3000, "ICE gathering").catch(() => {}); // send what was gathered
-  const resp = await fetch(apiUrl("/webrtc/offer"), fetchOpts({
-    method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", avatar: state.avatar }),
-  }));
-  if (!resp.ok) throw new Error(await describeError(resp));
-  const answer = await resp.json();
-  session.id = answer.session_id;
-  await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
-  await waitFor(() => pc.connectionState === "connected" && channel.readyState === "open",
-    (f) => { pc.addEventListener("connectionstatechange", f); channel.addEventListener("open", f); }, 8000,
-    "WebRTC connection", () => ["failed", "closed"].includes(pc.connectionState));
-  pc.addEventListener("connectionstatechange", () => {
-    if (["failed", "closed"].includes(pc.connectionState) && rtc === session) closeRtc();
-  });
+  channel.onmessage = (m) => onEvent(session, JSON.parse(m.data));
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitFor(() => pc.iceGatheringState === "complete", (f) => pc.addEventListener("icegatheringstatechange", f),
+      3000, "ICE gathering").catch(() => {}); // send what was gathered
+    const resp = await fetch(apiUrl("/webrtc/offer"), fetchOpts({
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", avatar: state.avatar, mode }),
+    }));
+    if (!resp.ok) throw new Error(await describeError(resp));
+    const answer = await resp.json();
+    session.id = answer.session_id;
+    await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
+    await waitFor(() => pc.connectionState === "connected" && channel.readyState === "open",
+      (f) => { pc.addEventListener("connectionstatechange", f); channel.addEventListener("open", f); }, 8000,
+      "WebRTC connection", () => ["failed", "closed"].includes(pc.connectionState));
+  } catch (e) {
+    endSession(session);
+    throw e;
+  }
   return session;
 }
 
@@ -268,21 +299,31 @@ function sessionUrl(session, action = "") {
   return withToken(`/sessions/${session.id}${action}`);
 }
 
+// Close a session: its picture at once if it is the one shown, then DELETE on the server and, once that is
+// answered, the peer connection (closing it first would let the server close the session before the DELETE).
+function endSession(session) {
+  if (session.closed) return;
+  session.closed = true;
+  session.drawing = false;
+  if (session.video.srcObject === session.media) session.video.srcObject = null;
+  if (!session.id) { session.pc.close(); return; }
+  fetch(sessionUrl(session), fetchOpts({ method: "DELETE", keepalive: true })).catch(() => {})
+    .finally(() => session.pc.close());
+}
+
 function closeRtc() {
   const session = rtc;
   rtc = null;
   if (!session) return;
-  session.drawing = false;
-  if (session.id) fetch(sessionUrl(session), fetchOpts({ method: "DELETE", keepalive: true })).catch(() => {});
-  session.pc.close();
-  session.video.srcObject = null;
+  endSession(session);
   if (state.mode === "speaking") { showIdle(); setButtons(false); }
 }
 
+// Draw the session's video on the canvas, frame by frame, while session.drawing holds.
 function drawVideoFrames(session) {
   const video = session.video;
   const draw = () => {
-    if (!session.drawing || rtc !== session) return;
+    if (!session.drawing || session.closed) return;
     if (video.videoWidth) {
       if (canvas.width !== video.videoWidth || canvas.height !== video.videoHeight) {
         canvas.width = video.videoWidth;
@@ -290,7 +331,7 @@ function drawVideoFrames(session) {
       }
       ctx2d.drawImage(video, 0, 0);
       state.framesDrawn++;
-      state.streamFrames++;
+      if (session.mode === "mic") state.liveFrames++; else state.streamFrames++;
     }
     if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(draw); else requestAnimationFrame(draw);
   };
@@ -318,33 +359,47 @@ function onRtcEvent(session, ev) {
   }
 }
 
-// Speak over WebRTC; throws {fallback: true} when no session can be opened (the caller uses MJPEG).
-async function speakRtc(text, voice) {
+// Make the avatar speak over the WebRTC session: POST `action` (a speak command) with `init`; `label(body)`
+// describes it under the stage. Throws {fallback: true} when no session can be opened (the caller uses MJPEG).
+async function speakRtc(action, init, label) {
   stopPlayback();
   stopLive();
   if (rtc && rtc.avatar !== state.avatar) closeRtc();
   if (!rtc) {
     try {
-      rtc = await openRtc();
+      rtc = await openRtc("speech", onRtcEvent);
     } catch (e) {
       closeRtc();
       throw Object.assign(new Error(`WebRTC unavailable (${e.message}); using MJPEG`), { fallback: true });
     }
   }
   const session = rtc;
+  session.video.srcObject = session.media;
   session.video.muted = false;
   session.video.play().catch((e) => console.warn("audio playback blocked:", e.message));
-  const resp = await fetch(sessionUrl(session, "/speak"), fetchOpts({
-    method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ text, voice, interrupt: true }),
-  }));
+  const resp = await fetch(sessionUrl(session, action), fetchOpts(init));
   if (!resp.ok) throw new Error(await describeError(resp));
   const body = await resp.json();
   session.utterance = body.utterance_id;
   state.streamFrames = 0;
   state.audioStartedAt = null;
-  $("stage-info").textContent = `WebRTC session, ${body.sentences} sentence(s)`;
+  $("stage-info").textContent = `WebRTC session, ${label(body)}`;
   setButtons(true);
+}
+
+// Speak over WebRTC when that is the transport. True when it was handled (or its error shown); false when the
+// page must use MJPEG (then the transport has switched to the fallback).
+async function tryRtc(action, init, label) {
+  if (state.transport !== "webrtc") return false;
+  try {
+    await speakRtc(action, init, label);
+    return true;
+  } catch (e) {
+    if (!e.fallback) { showError(e.message); setButtons(false); return true; }
+    console.warn(e.message);
+    state.transport = "mjpeg";
+    return false;
+  }
 }
 
 // Stop WebRTC speech without waiting (another kind of playback takes the stage).
@@ -355,6 +410,8 @@ function haltRtc() {
   rtc.drawing = false;
 }
 
+// Stop: interrupt WebRTC speech (the session's `interrupted` event brings the idle loop back), or cancel the
+// MJPEG stream (DELETE /generate/{request_id}, and abort the fetch).
 async function stopSpeech() {
   if (rtc && rtc.utterance) {
     const resp = await fetch(sessionUrl(rtc, "/interrupt"), fetchOpts({ method: "POST" }));
@@ -362,6 +419,7 @@ async function stopSpeech() {
     return;
   }
   if (playback) {
+    cancelStream(playback.requestId);
     stopPlayback();
     showIdle();
     setButtons(false);
@@ -376,23 +434,16 @@ async function speak() {
   const text = $("text").value.trim();
   if (!text) { showError("Type some text first."); return; }
   const voice = $("voice").value || null;
-  if (state.transport === "webrtc") {
-    try {
-      await speakRtc(text, voice);
-      return;
-    } catch (e) {
-      if (!e.fallback) { showError(e.message); setButtons(false); return; }
-      console.warn(e.message);
-      state.transport = "mjpeg";
-    }
-  }
+  const init = { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ text, voice, interrupt: true }) };
+  if (await tryRtc("/speak", init, (b) => `${b.sentences} sentence(s)`)) return;
   setButtons(true);
   try {
     const resp = await fetch(apiUrl("/get-tts-audio", { text, voice }), fetchOpts());
     if (!resp.ok) throw new Error(await describeError(resp));
     const wav = await resp.blob();
     const duration = resp.headers.get("X-Audio-Duration");
-    await playStream(apiUrl("/generate", { text, voice }), { method: "GET" }, wav, duration);
+    await playStream("/generate", { text, voice }, { method: "GET" }, wav, duration);
   } catch (e) {
     showError(e.message);
   } finally {
@@ -403,19 +454,28 @@ async function speak() {
 // ---------------------------------------------------------------------------------------------
 // Upload tab
 
+function uploadForm(file) {
+  const form = new FormData();
+  form.append("audio_file", file, file.name);
+  return form;
+}
+
 async function playUpload() {
   clearError();
   const file = $("file").files[0];
   if (!file) { showError("Choose an audio file first."); return; }
-  const form = new FormData();
-  form.append("audio_file", file, file.name);
-  await playStream(apiUrl("/generate-from-audio"), { method: "POST", body: form }, file, null);
+  if (await tryRtc("/speak?interrupt=true", { method: "POST", body: uploadForm(file) }, () => `${file.name}`)) return;
+  await playStream("/generate-from-audio", {}, { method: "POST", body: uploadForm(file) }, file, null);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Live mic tab
+// Live mic tab: the microphone goes to a WebRTC session in mode "mic" (video back on the <video>, drawn on the
+// canvas), or, as the fallback, through an AudioWorklet as 16 kHz PCM16 to WS /ws/live (JPEG frames back).
 
-let live = null; // {ws, ctx, stream, node}
+let live = null; // {kind: "webrtc" | "websocket", stream, ctx, node, ws, rtc, meter, ready, closing}
+
+const MIC_CONSTRAINTS = { audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false,
+  autoGainControl: false } };
 
 async function startLive() {
   clearError();
@@ -423,83 +483,138 @@ async function startLive() {
   haltRtc();
   if (live) return;
   $("mic-start").disabled = true;
-  const session = { ws: null, ctx: null, stream: null, node: null, ready: false, closing: false };
+  const session = { kind: null, stream: null, ctx: null, node: null, ws: null, rtc: null, meter: null,
+    ready: false, closing: false };
   live = session;
   state.liveFrames = 0;
   try {
-    session.stream = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
-    });
-    session.ctx = new AudioContext();
-    await session.ctx.audioWorklet.addModule(withToken("/static/pcm-worklet.js"));
+    session.stream = await navigator.mediaDevices.getUserMedia(MIC_CONSTRAINTS);
     if (live !== session) return;
-    const source = session.ctx.createMediaStreamSource(session.stream);
-    session.node = new AudioWorkletNode(session.ctx, "pcm16-downsampler",
-      { processorOptions: { targetRate: 16000, chunkMs: 20 } });
-    const mute = session.ctx.createGain();
-    mute.gain.value = 0;
-    source.connect(session.node).connect(mute).connect(session.ctx.destination);
-    const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${proto}//${location.host}${apiUrl("/ws/live")}`);
-    ws.binaryType = "blob";
-    session.ws = ws;
-    let drawing = Promise.resolve();
-    ws.onmessage = (msg) => {
-      if (typeof msg.data === "string") { onLiveEvent(session, JSON.parse(msg.data)); return; }
-      state.liveFrames++;
-      const blob = msg.data;
-      drawing = drawing.then(async () => {
+    if (state.transport === "webrtc") {
+      try {
+        await startLiveRtc(session);
+        return;
+      } catch (e) {
         if (live !== session) return;
-        const bitmap = await createImageBitmap(blob);
-        if (live === session) drawBitmap(bitmap); else bitmap.close();
-      }).catch((e) => console.warn("frame decode failed:", e.message));
-    };
-    ws.onclose = (ev) => {
-      if (live === session && !session.closing) {
-        showError(`live connection closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})`);
-        stopLive();
+        console.warn(`WebRTC unavailable for the microphone (${e.message}); using the WebSocket`);
+        state.transport = "mjpeg";
       }
-    };
-    session.node.port.onmessage = (ev) => {
-      $("level-bar").style.width = `${Math.min(100, Math.round(ev.data.level * 300))}%`;
-      if (session.ready && ws.readyState === WebSocket.OPEN) ws.send(ev.data.pcm);
-    };
-    $("mic-stop").disabled = false;
-    $("mic-status").textContent = "Connecting...";
+    }
+    await startLiveWs(session);
   } catch (e) {
     showError(`Live mic: ${e.message}`);
     stopLive();
   }
 }
 
+// The microphone as the audio track of a mode "mic" session; the level meter reads it with an AnalyserNode.
+async function startLiveRtc(session) {
+  closeRtc(); // one <video> element: the text/upload session reopens on the next Speak
+  session.kind = state.liveTransport = "webrtc";
+  const rtcSession = await openRtc("mic", (s, ev) => onLiveEvent(session, ev), session.stream);
+  if (live !== session) { endSession(rtcSession); return; }
+  session.rtc = rtcSession;
+  session.ctx = new AudioContext();
+  const analyser = session.ctx.createAnalyser();
+  analyser.fftSize = 1024;
+  session.ctx.createMediaStreamSource(session.stream).connect(analyser);
+  const samples = new Float32Array(analyser.fftSize);
+  session.meter = setInterval(() => {
+    analyser.getFloatTimeDomainData(samples);
+    const rms = Math.sqrt(samples.reduce((sum, x) => sum + x * x, 0) / samples.length);
+    $("level-bar").style.width = `${Math.min(100, Math.round(rms * 300))}%`;
+  }, 50);
+  rtcSession.video.muted = true; // nothing comes back but video
+  rtcSession.video.play().catch((e) => console.warn("video playback blocked:", e.message));
+  rtcSession.drawing = true;
+  showCanvas();
+  setMode("live");
+  drawVideoFrames(rtcSession);
+  $("mic-stop").disabled = false;
+  if (!session.ready) $("mic-status").textContent = "Live over WebRTC: connected.";
+}
+
+async function startLiveWs(session) {
+  session.kind = state.liveTransport = "websocket";
+  session.ctx = new AudioContext();
+  await session.ctx.audioWorklet.addModule(withToken("/static/pcm-worklet.js"));
+  if (live !== session) return;
+  const source = session.ctx.createMediaStreamSource(session.stream);
+  session.node = new AudioWorkletNode(session.ctx, "pcm16-downsampler",
+    { processorOptions: { targetRate: 16000, chunkMs: 20 } });
+  const mute = session.ctx.createGain();
+  mute.gain.value = 0;
+  source.connect(session.node).connect(mute).connect(session.ctx.destination);
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${proto}//${location.host}${apiUrl("/ws/live")}`);
+  ws.binaryType = "blob";
+  session.ws = ws;
+  let drawing = Promise.resolve();
+  ws.onmessage = (msg) => {
+    if (typeof msg.data === "string") { onLiveEvent(session, JSON.parse(msg.data)); return; }
+    state.liveFrames++;
+    const blob = msg.data;
+    drawing = drawing.then(async () => {
+      if (live !== session) return;
+      const bitmap = await createImageBitmap(blob);
+      if (live === session) drawBitmap(bitmap); else bitmap.close();
+    }).catch((e) => console.warn("frame decode failed:", e.message));
+  };
+  ws.onclose = (ev) => {
+    if (live === session && !session.closing) {
+      showError(`live connection closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})`);
+      stopLive();
+    }
+  };
+  session.node.port.onmessage = (ev) => {
+    $("level-bar").style.width = `${Math.min(100, Math.round(ev.data.level * 300))}%`;
+    if (session.ready && ws.readyState === WebSocket.OPEN) ws.send(ev.data.pcm);
+  };
+  $("mic-stop").disabled = false;
+  $("mic-status").textContent = "Connecting...";
+}
+
+// Events of the live path (WebSocket messages or the mic session's data channel: the same ready / speaking /
+// idle / stopped / error).
 function onLiveEvent(session, ev) {
   state.lastEvent = ev;
+  state.liveEvents.push(Object.assign({ t: performance.now() }, ev));
+  if (state.liveEvents.length > 500) state.liveEvents.shift();
   if (ev.type === "ready") {
     state.ready = ev;
     session.ready = true;
     showCanvas();
     setMode("live");
-    $("mic-status").textContent = `Live: ${ev.avatar}, ${ev.fps} fps, latency ${ev.latency_ms} ms`;
+    const via = session.kind === "webrtc" ? "WebRTC" : "WebSocket";
+    $("mic-status").textContent = `Live over ${via}: ${ev.avatar}, ${ev.fps} fps, latency ${ev.latency_ms} ms`;
   } else if (ev.type === "speaking") {
     $("badge").textContent = "live: speaking";
   } else if (ev.type === "idle") {
     $("badge").textContent = "live";
+  } else if (ev.type === "stopped") {
     if (session.closing) finishLive(session);
   } else if (ev.type === "error") {
     showError(`${ev.detail} (${ev.error})`);
   }
 }
 
+// Stop the microphone: `stop` drops the speech not shown yet and brings the idle loop back at once; its
+// `stopped` answer (or 2.5 s) ends the session.
 function stopLive() {
   const session = live;
-  if (!session) return;
+  if (!session || session.closing) return;
   session.closing = true;
   if (session.stream) session.stream.getTracks().forEach((t) => t.stop());
   if (session.ctx) session.ctx.close().catch(() => {});
+  if (session.meter) clearInterval(session.meter);
   $("level-bar").style.width = "0";
   $("mic-stop").disabled = true;
-  if (session.ws && session.ws.readyState === WebSocket.OPEN) {
-    session.ws.send(JSON.stringify({ type: "stop" })); // let the last words play out, then close
+  const channel = session.rtc && session.rtc.channel;
+  if (channel && channel.readyState === "open") {
+    channel.send(JSON.stringify({ type: "stop" }));
+    setTimeout(() => finishLive(session), 2500);
+  } else if (session.ws && session.ws.readyState === WebSocket.OPEN) {
+    session.ws.send(JSON.stringify({ type: "stop" }));
     setTimeout(() => finishLive(session), 2500);
   } else {
     finishLive(session);
@@ -508,11 +623,13 @@ function stopLive() {
 
 function finishLive(session) {
   if (session.ws && session.ws.readyState <= WebSocket.OPEN) session.ws.close(1000);
+  if (session.rtc) endSession(session.rtc);
   if (live === session) {
     live = null;
+    state.liveTransport = null;
     $("mic-start").disabled = false;
     $("mic-status").textContent = "Stopped.";
-    showIdle();
+    if (state.mode === "live") showIdle();
   }
 }
 
@@ -557,6 +674,7 @@ async function loadHealth() {
     const resp = await fetch(apiUrl("/health"), fetchOpts());
     if (!resp.ok) throw new Error(await describeError(resp));
     const health = await resp.json();
+    state.health = health;
     const names = (health.avatars || []).map((a) => a.name);
     const current = state.avatar || (health.model && health.model.default) || names[0] || null;
     state.avatar = current;
@@ -565,11 +683,21 @@ async function loadHealth() {
     $("avatar-picker").classList.toggle("hidden", names.length < 2);
     const voices = (health.tts && health.tts.voices) || [];
     $("voice").replaceChildren(new Option("default", ""), ...voices.map((v) => new Option(v, v)));
+    showAttribution();
     if (!names.length) showError("No avatar is available on the server (train one or install the demo avatar).");
     else if (health.status !== "ok") $("stage-info").textContent = `server status: ${health.status}`;
   } catch (e) {
     showError(`Cannot reach the server: ${e.message}`);
   }
+}
+
+// The credit line of the avatar's source material, when its /health entry has an `attribution` text.
+function showAttribution() {
+  const avatars = (state.health && state.health.avatars) || [];
+  const info = Array.isArray(avatars) ? avatars.find((a) => a.name === state.avatar) : avatars[state.avatar];
+  const text = info && typeof info.attribution === "string" ? info.attribution.trim() : "";
+  $("attribution").textContent = text;
+  $("attribution").classList.toggle("hidden", !text);
 }
 
 function selectTab(name) {
@@ -583,6 +711,7 @@ function init() {
   for (const tab of ["text", "upload", "live"]) $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
   $("speak").addEventListener("click", speak);
   $("stop").addEventListener("click", stopSpeech);
+  $("upload-stop").addEventListener("click", stopSpeech);
   window.addEventListener("pagehide", closeRtc);
   $("play").addEventListener("click", playUpload);
   $("mic-start").addEventListener("click", startLive);
@@ -592,6 +721,7 @@ function init() {
     closeRtc();
     stopPlayback();
     stopLive();
+    showAttribution();
     showIdle();
   });
   $("debug").addEventListener("toggle", () => { if ($("debug").open) loadDebug(); });

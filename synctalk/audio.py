@@ -171,6 +171,27 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(audio, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
+class StreamResampler:
+    """`resample` for audio that arrives in chunks: the concatenated output equals `resample` of the
+    concatenated input sample for sample (the same soxr HQ filter, run as a stream); the filter holds a
+    few milliseconds back until the next chunk or the last one (`last=True`)."""
+
+    def __init__(self, sr_in: int, sr_out: int):
+        self.sr_in, self.sr_out = int(sr_in), int(sr_out)
+        self._stream = None
+        if self.sr_in != self.sr_out:
+            import soxr
+
+            self._stream = soxr.ResampleStream(self.sr_in, self.sr_out, 1, dtype="float32", quality="HQ")
+
+    def push(self, audio: np.ndarray, last: bool = False) -> np.ndarray:
+        """The resampled samples ready after `audio` (float32 mono); `last` ends the stream."""
+        audio = to_float32(audio)
+        if self._stream is None:
+            return audio
+        return np.asarray(self._stream.resample_chunk(audio, last=last), np.float32)
+
+
 def wav_bytes(audio: np.ndarray, sr: int = SAMPLE_RATE) -> bytes:
     """Mono (1-D) or [samples, channels] audio as a PCM16 WAV file in memory. Float input is clipped
     to [-1, 1] and rounded; int16 is written as is."""
@@ -231,9 +252,14 @@ def silence_segments(envelope: np.ndarray, fps: float = FPS, min_ms: float = 300
                      threshold_db: float = -35.0) -> list[tuple[int, int]]:
     """Runs of silent frames lasting at least `min_ms`: a list of (start, end) frame indices, end
     exclusive."""
-    quiet = silence_mask(envelope, threshold_db)
+    return long_runs(silence_mask(envelope, threshold_db), fps, min_ms)
+
+
+def long_runs(mask: np.ndarray, fps: float = FPS, min_ms: float = 300.0) -> list[tuple[int, int]]:
+    """Runs of True in a per-frame mask lasting at least `min_ms`: (start, end) frame indices, end
+    exclusive."""
     segments, start = [], None
-    for i, q in enumerate(list(quiet) + [False]):
+    for i, q in enumerate(list(np.asarray(mask, bool)) + [False]):
         if q and start is None:
             start = i
         elif not q and start is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from synctalk.audio import resample
+from synctalk.audio import StreamResampler, resample
 from synctalk.timing import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ def estimate_speech_seconds(text: str) -> float:
 
 
 CHUNK_CHARS = 200  # longest piece of text one engine call speaks (`synctalk.text.split_sentences`)
+FIRST_CHUNK_CHARS = 90  # longest first piece of a text over CHUNK_CHARS: its stream starts sooner
+
+
 def join_results(results: list[TTSResult]) -> TTSResult:
     """One result of consecutive pieces' results: audio at the first piece's rate, alignments shifted by
     the audio before them (dropped when a piece has none), engine and voice of the first piece."""
@@ -104,6 +107,31 @@ def join_results(results: list[TTSResult]) -> TTSResult:
             alignments = None
         offset += len(piece) / sr
     return TTSResult(np.concatenate(audio), sr, alignments or None, first.engine, first.voice)
+
+
+class Speech16kStream:
+    """Consecutive pieces' results -> 16 kHz audio as they arrive: the concatenated output equals
+    `join_results(pieces).to_16k()` sample for sample (pieces at another rate are first resampled to the
+    first piece's rate, as `join_results` does, then one streaming resampler runs over all of them)."""
+
+    def __init__(self) -> None:
+        self.sample_rate: int | None = None  # the first piece's rate
+        self._stream: StreamResampler | None = None
+
+    def push(self, result: TTSResult) -> np.ndarray:
+        """16 kHz samples ready after `result` (the resampler holds a few ms back until `end`)."""
+        if self._stream is None or self.sample_rate is None:
+            self.sample_rate = int(result.sample_rate)
+            self._stream = StreamResampler(self.sample_rate, SAMPLE_RATE)
+        audio = result.audio if result.sample_rate == self.sample_rate else resample(
+            result.audio, result.sample_rate, self.sample_rate)
+        return np.clip(self._stream.push(np.asarray(audio, np.float32)), -1.0, 1.0)
+
+    def end(self) -> np.ndarray:
+        """The samples held back: the end of the audio."""
+        if self._stream is None:
+            return np.zeros(0, np.float32)
+        return np.clip(self._stream.push(np.zeros(0, np.float32), last=True), -1.0, 1.0)
 
 
 class TTSService(abc.ABC):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +22,23 @@ def need_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"test media not available: {path} (../shared is not present on this machine)")
     return path
+
+
+MIC_PARTS: list = [1.5, "Hello there, how are you doing today?", 2.5, "I am fine, thank you very much.", 2.5]
+
+
+@pytest.fixture(scope="session")
+def mic_wav(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """The microphone of the live tests: TTS speech with long silences (`MIC_PARTS`), as a 16 kHz WAV file
+    and its samples."""
+    from test_live import speech_clip
+
+    from synctalk.audio import write_wav
+
+    audio = speech_clip(MIC_PARTS)
+    path = tmp_path_factory.mktemp("mic") / "speech.wav"
+    write_wav(path, audio, 16000)
+    return path, audio
 
 
 @pytest.fixture(scope="session")

@@ -197,7 +197,7 @@ async def live_session(ws_url: str, audio: np.ndarray | None, chunk_s: float = 0
                        tail_s: float = 1.5, until_idle: bool = False, config: dict | None = None,
                        messages: list = ()) -> Recording:
     """Connect, send `messages`, stream `audio` (PCM16, real-time pace from `start_at_s`: a chunk leaves when
-    its last sample is due if `mic_like`, else when its first is), send `stop`, and record everything for
+    its last sample is due if `mic_like`, else when its first is), send `end`, and record everything for
     `duration_s` seconds (default: until `tail_s` after the audio ended). With `until_idle`, keep recording
     (up to 3 minutes) until the idle loop is back after the last speech and 5 more frames came."""
     import websockets
@@ -238,7 +238,7 @@ async def live_session(ws_url: str, audio: np.ndarray | None, chunk_s: float = 0
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 await ws.send(pcm[i:i + step])
             await asyncio.sleep(max(0.0, rec.t_start + start_at_s + audio_s - time.monotonic()))
-            await ws.send(json.dumps({"type": "stop"}))
+            await ws.send(json.dumps({"type": "end"}))  # the audio so far plays out (`stop` would drop it)
         end = rec.t_start + (duration_s if duration_s is not None else start_at_s + audio_s
                              + ready["latency_ms"] / 1000 + tail_s)
         await asyncio.sleep(max(0.0, end - time.monotonic()))
@@ -326,6 +326,7 @@ def test_control_messages_are_validated():
 
     assert parse_control('{"type": "config", "sample_rate": 48000}')["sample_rate"] == 48000
     assert parse_control('{"type": "stop"}') == {"type": "stop"}
+    assert parse_control('{"type": "end"}') == {"type": "end"}
     for bad, code in [("hello", "bad_json"), ("[1, 2]", "bad_message"), ('{"type": "jump"}', "unknown_type"),
                       ('{"type": "config", "sample_rate": "fast"}', "bad_config"),
                       ('{"type": "config", "sample_rate": 100}', "bad_config"),

@@ -23,7 +23,7 @@ from services.tts import (
     build_tts,
 )
 from synctalk.text import split_sentences
-from synctalk.tts import CHUNK_CHARS
+from synctalk.tts import CHUNK_CHARS, FIRST_CHUNK_CHARS
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -168,8 +168,34 @@ def test_long_unpunctuated_text_is_spoken_in_pieces() -> None:
     assert split_sentences("First one. Second one.", 15, 15) == ["First one.", "Second one."]
     engine = Silent()
     result = FallbackTTS([engine], max_text_chars=None).synthesize(text)
-    assert all(len(t) <= CHUNK_CHARS for t in engine.texts) and len(engine.texts) == len(pieces)
-    assert len(result.audio) == 1600 * sum(len(p) for p in pieces)
+    spoken = FallbackTTS.pieces(text)  # the chain's rule: a short first piece, then up to CHUNK_CHARS
+    assert engine.texts == spoken and len(spoken[0]) <= FIRST_CHUNK_CHARS and " ".join(spoken) == text
+    assert all(len(t) <= CHUNK_CHARS for t in engine.texts)
+    assert len(result.audio) == 1600 * sum(len(p) for p in spoken)
+
+
+def test_pieces_stream_in_order_and_join_to_the_whole_text() -> None:
+    """`synthesize_pieces` yields each piece as it is made (one slot held throughout), caches the joined
+    result at the end, and a cached text comes back whole as one last piece."""
+    engine = Silent()
+    tts = FallbackTTS([engine], max_text_chars=None, slots=SynthesisSlots(concurrent=1, queued=0))
+    text = "One short sentence. " + " ".join(["A longer sentence that goes on"] * 12) + ". The end."
+    pieces = tts.synthesize_pieces(text)
+    first = next(pieces)
+    assert engine.texts == [FallbackTTS.pieces(text)[0]] and not first.last
+    with pytest.raises(TTSBusy):  # the slot is still held between pieces
+        tts.synthesize("Another text.")
+    rest = list(pieces)
+    assert rest[-1].last and not any(p.last for p in rest[:-1])
+    assert engine.texts == FallbackTTS.pieces(text) and tts.slots.admitted == 0
+    whole = tts.synthesize(text)  # cached: the pieces joined
+    assert np.array_equal(whole.audio, np.concatenate([p.result.audio for p in [first, *rest]]))
+    again = list(tts.synthesize_pieces(text))
+    assert len(again) == 1 and again[0].last and again[0].result is whole
+    abandoned = tts.synthesize_pieces("First. Second. Third.")
+    next(abandoned)
+    abandoned.close()  # a consumer that stops early gives the slot back
+    assert tts.slots.admitted == 0
 
 
 def test_synthesis_slots_refuse_past_the_queue_with_busy() -> None:
@@ -221,3 +247,17 @@ def test_all_engines_failing() -> None:
 
     with pytest.raises(TTSUnavailable, match="every TTS engine failed"):
         FallbackTTS([Broken(), Broken()]).synthesize("hello")
+
+
+def test_pieces_resampled_as_they_come_equal_the_joined_result_at_16k() -> None:
+    """`Speech16kStream` (the streamed /generate path) gives exactly `join_results(...).to_16k()` (the
+    whole-text path), so both make the same frames; a piece at another rate is handled as join does."""
+    from synctalk.tts import Speech16kStream, join_results
+
+    rng = np.random.default_rng(1)
+    pieces = [TTSResult((0.3 * rng.standard_normal(n)).astype(np.float32), sr, None, "x", "x")
+              for n, sr in ((22050, 22050), (9001, 22050), (16000, 16000), (30123, 22050))]
+    stream = Speech16kStream()
+    out = np.concatenate([stream.push(p) for p in pieces] + [stream.end()])
+    whole = join_results(pieces).to_16k()
+    assert out.shape == whole.shape and np.array_equal(out, whole)

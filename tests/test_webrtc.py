@@ -1,8 +1,9 @@
 """WebRTC sessions (`services/webrtc.py`) against a real server process (`api.py` on a free port, the fixture
 avatar) driven by a Python aiortc client: the received audio and video of an utterance (frame count, lip
-sync measured on the received media), interruption timing at the receiver, queueing and data-channel
-commands, uploads, sentence-streamed TTS, the 4xx answers and the clean-up of a client that vanishes;
-plus unit tests of the sentence splitter.
+sync measured on the received media), no A/V drift over a minute of speech, interruption timing at the
+receiver, queueing and data-channel commands, uploads, sentence-streamed TTS, the live microphone sent as
+the client's audio track (mode `mic`), the 4xx answers and the clean-up of a client that vanishes; plus
+unit tests of the sentence splitter.
 
 Received media are placed on the session's media clock by their RTP timestamps: the server starts both
 tracks at the same instant (video frame 0, audio sample 0), and the receiver's pts count from the first
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +27,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import MediaStreamTrack
 from test_api import speech_like
-from test_live import IDLE_SECONDS, ServerProcess, mouth_box
+from test_live import IDLE_SECONDS, ServerProcess, mouth_box, onsets
 
+from synctalk.audio import resample
 from synctalk.text import split_sentences
 
 FPS = 25
@@ -109,8 +112,30 @@ class Received:
         return np.sqrt((tl[: n * per].reshape(n, per).astype(np.float64) ** 2).mean(axis=1))
 
 
+class TimedTrack(MediaStreamTrack):
+    """Relays another audio track, noting when each frame leaves: (monotonic time, media time s, seconds)."""
+
+    kind = "audio"
+
+    def __init__(self, inner: MediaStreamTrack):
+        super().__init__()
+        self.inner = inner
+        self.sent: list[tuple[float, float, float]] = []
+
+    async def recv(self):
+        frame = await self.inner.recv()
+        self.sent.append((time.monotonic(), float(frame.pts * frame.time_base), frame.samples / frame.sample_rate))
+        return frame
+
+    def send_time(self, media_s: float) -> float:
+        """When the audio of media time `media_s` left (interpolated between frames)."""
+        t, m, _ = (np.array(c) for c in zip(*self.sent, strict=True))
+        return float(np.interp(media_s, m, t))
+
+
 class Peer:
-    """One session seen from an aiortc client: recvonly video and audio, a data channel `events`."""
+    """One session seen from an aiortc client: recvonly video and audio (or, with `mic`, a WAV file sent as
+    the microphone track of a mode `mic` session), a data channel `events`."""
 
     def __init__(self, url: str, box: tuple[int, int, int, int]):
         self.url = url
@@ -119,11 +144,17 @@ class Peer:
         self.got = Received()
         self.session_id = ""
         self.http = httpx.AsyncClient(base_url=url, timeout=120)
+        self.mic: TimedTrack | None = None
         self._tasks: list[asyncio.Task] = []
 
-    async def open(self, **fields) -> None:
+    async def open(self, mic: Path | None = None, **fields) -> None:
         self.pc.addTransceiver("video", direction="recvonly")
-        self.pc.addTransceiver("audio", direction="recvonly")
+        if mic is None:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        else:  # MediaPlayer paces the file in real time, like a microphone
+            self.mic = TimedTrack(MediaPlayer(str(mic)).audio)
+            self.pc.addTrack(self.mic)
+            fields["mode"] = "mic"
         self.channel = self.pc.createDataChannel("events")
         self.channel.on("message", lambda m: self.got.events.append((time.monotonic(), json.loads(m))))
         self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._pull(track))))
@@ -167,6 +198,8 @@ class Peer:
         await self.http.delete(f"/sessions/{self.session_id}")
         await self.http.aclose()
         await self.pc.close()
+        if self.mic is not None:
+            self.mic.inner.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -297,6 +330,106 @@ def test_lips_and_voice_are_in_sync_at_the_receiver(server, box, idle_refs):
     assert abs(lag) <= 1, f"mouth and voice are {lag} frames apart at the receiver"
 
 
+def minute_of_speech(wav: bytes, seconds: float = 60.0) -> tuple[np.ndarray, int]:
+    """TTS speech repeated to `seconds`, starting and ending in a loud 40 ms frame (so the first and the last
+    speech frame of the utterance are loud), and its rate."""
+    audio, sr = sf.read(io.BytesIO(wav), dtype="float32")
+    per = sr // FPS
+    n = len(audio) // per
+    loud = np.flatnonzero(np.sqrt((audio[: n * per].reshape(n, per) ** 2).mean(axis=1)) > 0.05)
+    speech = audio[loud[0] * per:(loud[-1] + 1) * per]
+    tiled = np.tile(speech, int(np.ceil((seconds + 2) * sr / len(speech))))
+    n = len(tiled) // per
+    env = np.sqrt((tiled[: n * per].reshape(n, per) ** 2).mean(axis=1))
+    end = next(i for i in range(int(seconds * FPS), n) if env[i] > 0.05) + 1
+    return tiled[: end * per], sr
+
+
+def audio_offset_ms(timeline: np.ndarray, reference: np.ndarray, at: int, search: int = OPUS_RATE // 10) -> float:
+    """Where `reference` (48 kHz) best matches the received audio `timeline` relative to sample `at`, in ms
+    (cross-correlation over +-`search` samples)."""
+    lo = max(0, at - search)
+    seg = timeline[lo: at + search + len(reference)]
+    n = len(seg) + len(reference)
+    xc = np.fft.irfft(np.fft.rfft(seg, n) * np.conj(np.fft.rfft(reference, n)), n)[: len(seg) - len(reference) + 1]
+    return 1000.0 * (lo + int(np.argmax(xc)) - at) / OPUS_RATE
+
+
+def skew_seconds(got: Received, frames: range) -> float:
+    """How much later the video of `frames` arrived than the audio of the same media time (median of
+    arrival minus media time, video minus audio)."""
+    video = [t - k / FPS for t, k, _ in got.video if k in frames]
+    per = OPUS_RATE // FPS
+    audio = [t - p / OPUS_RATE for t, p, _ in got.audio if frames.start * per <= p < frames.stop * per]
+    return float(np.median(video) - np.median(audio))
+
+
+def video_edge(mouth: dict[int, float], step: int) -> tuple[float, int]:
+    """Where the received video switches between the idle loop and generated speech near frame `step`: the
+    frames within 1 s are split at the midpoint of the two sides' median mouth distances, the switch lies
+    between the last frame of the first state and the first of the second. Returns (the middle of that
+    interval, its width in frames: 0 when no frame near the switch is missing)."""
+    frames = [k for k in range(step - FPS, step + FPS) if k in mouth]
+    before, after = [mouth[k] for k in frames if k < step], [mouth[k] for k in frames if k >= step]
+    assert before and after, f"no frame received on one side of frame {step}"
+    mid = (np.median(before) + np.median(after)) / 2
+    second = [(mouth[k] > mid) == (np.median(after) > mid) for k in frames]
+    assert second == sorted(second), f"the video switches back and forth near frame {step}"
+    last_first = max(k for k, s in zip(frames, second, strict=True) if not s)
+    first_second = min(k for k, s in zip(frames, second, strict=True) if s)
+    return (last_first + 1 + first_second) / 2, first_second - last_first - 1
+
+
+@pytest.mark.slow
+def test_lips_and_voice_do_not_drift_over_60_s_of_speech(fixture_avatar, tmp_path_factory, box, idle_refs):
+    """A minute of uploaded speech in one session; everything measured on the received media, placed by its
+    RTP timestamps (video frame k = pts / 3600, audio by its 48 kHz pts). The uploaded audio is found in the
+    received audio by cross-correlation of its first and its last 2 s; the video's switches from the idle
+    loop to generated speech and back are found from the mouth region. The lips must be within 40 ms of the
+    voice at the start and after the minute, and the arrival-time skew between the tracks (first 10 s vs
+    last 10 s) must not move by more than 40 ms. (A server of its own without the cross-fade back to
+    idle, so that the end of the speech is a clean switch in the video too.)"""
+    async def scenario(url: str) -> tuple[Received, np.ndarray, int]:
+        peer = Peer(url, box)
+        try:
+            await peer.open()
+            audio, sr = minute_of_speech((await peer.http.get("/get-tts-audio", params={"text": LONG_TEXT})).content)
+            buf = io.BytesIO()
+            sf.write(buf, audio, sr, format="WAV", subtype="PCM_16")
+            r = await peer.post("/speak", files={"audio_file": ("minute.wav", buf.getvalue())})
+            assert r.status_code == 200, r.text
+            await peer.wait_for(lambda: peer.got.of_type("speech_ended"), 200)
+            await asyncio.sleep(1.5)
+            return peer.got, audio, sr
+        finally:
+            await peer.close()
+
+    with ServerProcess(fixture_avatar, tmp_path_factory.mktemp("drift_server"), idle_blend_frames=0) as srv:
+        got, speech, sr = run(scenario(srv.url))
+    duration = len(speech) / sr
+    k0, k1 = got.of_type("speech_started")[0]["frame"], got.of_type("speech_ended")[0]["frame"]
+    assert duration >= 60.0 and abs((k1 - k0) - FPS * duration) <= 1
+    # audio: the received track holds the upload from `at` on (+ the codec's delay)
+    ref = resample(speech, sr, OPUS_RATE)
+    tl, two, per = got.audio_timeline(), 2 * OPUS_RATE, OPUS_RATE // FPS
+    at = k0 * per
+    audio_start = k0 + audio_offset_ms(tl, ref[:two], at) / 1000 * FPS
+    audio_end = k0 + len(ref) / per + audio_offset_ms(tl, ref[-two:], at + len(ref) - two) / 1000 * FPS
+    # video: where the mouth leaves the idle loop and returns to it
+    mouth = {k: idle_distance(m, idle_refs) for _, k, m in got.video}
+    (video_start, gap_start), (video_end, gap_end) = video_edge(mouth, k0), video_edge(mouth, k1)
+    lag_start_ms, lag_end_ms = 1000 * (video_start - audio_start) / FPS, 1000 * (video_end - audio_end) / FPS
+    window = 10 * FPS
+    skew_first, skew_last = skew_seconds(got, range(k0, k0 + window)), skew_seconds(got, range(k1 - window, k1))
+    print(f"drift over {duration:.1f} s: video - audio {lag_start_ms:.1f} ms at the start, {lag_end_ms:.1f} ms at "
+          f"the end (frames missing at the switches: {gap_start}, {gap_end}); arrival skew video - audio "
+          f"{1000 * skew_first:.0f} ms in the first 10 s, {1000 * skew_last:.0f} ms in the last 10 s")
+    assert gap_start <= 1 and gap_end <= 1, "frames around the switches were dropped: the lag cannot be measured"
+    assert abs(lag_start_ms) <= 40 and abs(lag_end_ms) <= 40, (lag_start_ms, lag_end_ms)
+    assert abs(lag_end_ms - lag_start_ms) <= 40
+    assert abs(skew_last - skew_first) <= 0.040, (skew_first, skew_last)
+
+
 def test_interrupt_silences_audio_and_returns_to_idle_within_200_ms(server, box, idle_refs):
     async def scenario() -> tuple[Received, float, dict]:
         peer = Peer(server.url, box)
@@ -389,6 +522,108 @@ def test_uploaded_audio_is_spoken(server, box):
     ended = got.of_type("speech_ended")[0]
     assert ended["duration"] == pytest.approx(1.6, abs=1 / FPS)
     assert bad["code"] == 415 and bad["body"]["error"] == "unsupported_format"
+
+
+def wav_state(audio: np.ndarray, at: float) -> str | None:
+    """Speech, silence or None (a boundary) at time `at` of a 16 kHz clip: silence when no 20 ms chunk within
+    0.4 s is above -45 dBFS, speech when at least half of those within 0.25 s are."""
+    per = 320
+    n = len(audio) // per
+    loud = 20 * np.log10(np.maximum(np.sqrt((audio[: n * per].reshape(n, per) ** 2).mean(axis=1)), 1e-10)) > -45
+    t = (np.arange(n) + 0.5) * per / 16000
+    near = np.abs(t - at) <= 0.4
+    if near.sum() < 20:
+        return None
+    if not loud[near].any():
+        return "silence"
+    return "speech" if loud[np.abs(t - at) <= 0.25].mean() >= 0.5 else None
+
+
+def test_microphone_track_moves_the_mouth_in_speech_and_rests_in_silence(server, box, idle_refs, mic_wav):
+    """Mode `mic`: the client sends a WAV as its audio track (aiortc MediaPlayer, paced like a microphone).
+    A received frame shows the audio sent `latency` before it arrived: frames of speech must show a generated,
+    moving mouth, frames of silence the idle loop. The latency from a speech onset leaving the client to the
+    `speaking` event is the announced one plus transport."""
+    path, audio = mic_wav
+    duration = len(audio) / 16000
+
+    async def scenario() -> tuple[Received, TimedTrack, dict]:
+        peer = Peer(server.url, box)
+        try:
+            await peer.open(mic=path)
+            speak = await peer.post("/speak", json={"text": "hello"})
+            peer.channel.send(json.dumps({"type": "interrupt"}))
+            await asyncio.sleep(duration + 1.5)
+            status = (await peer.http.get(f"/sessions/{peer.session_id}")).json()
+            assert peer.mic is not None
+            return peer.got, peer.mic, {"speak": (speak.status_code, speak.json()), "status": status}
+        finally:
+            await peer.close()
+
+    got, mic, info = run(scenario())
+    ready = got.of_type("ready")[0]
+    assert ready["mode"] == "mic" and ready["latency_ms"] > 0
+    latency = ready["latency_ms"] / 1000
+    assert info["speak"][0] == 409 and info["speak"][1]["error"] == "mic_session"
+    assert [e["error"] for e in got.of_type("error")] == ["mic_session"]
+    assert info["status"]["mode"] == "mic" and not got.audio  # no audio comes back in mic mode
+    assert info["status"]["mic"]["audio_seconds"] == pytest.approx(duration, abs=0.5)
+    # every frame judged by the audio it shows: sent `latency` before the frame arrived
+    judged: dict[str, list[tuple[float, np.ndarray]]] = {"speech": [], "silence": []}
+    send_t, media_t = np.array([t for t, _, _ in mic.sent]), np.array([m for _, m, _ in mic.sent])
+    prev = None
+    for t, _, m in got.video:
+        state = wav_state(audio, float(np.interp(t - latency, send_t, media_t, left=-9, right=-9)))
+        d = idle_distance(m, idle_refs)
+        if state is not None and prev is not None:
+            judged[state].append((d, float(np.abs(m - prev).mean())))
+        prev = m
+    speech, silence = np.array(judged["speech"]), np.array(judged["silence"])
+    print(f"mic: {len(got.video)} frames; mouth distance from idle: speech median {np.median(speech[:, 0]):.2f} "
+          f"(n={len(speech)}), silence p90 {np.percentile(silence[:, 0], 90):.2f} (n={len(silence)}); "
+          f"frame-to-frame change: speech {speech[:, 1].mean():.2f}, silence {silence[:, 1].mean():.2f}")
+    assert len(speech) >= 25 and len(silence) >= 50
+    assert np.median(speech[:, 0]) > 2 * np.percentile(silence[:, 0], 90) + 1.0  # speech: a generated mouth
+    assert speech[:, 1].mean() > 1.5 * silence[:, 1].mean()  # that moves
+    # each onset of the clip starts a speech stretch one latency (plus transport) after it left the client
+    starts = [t for t, e in got.events if e["type"] == "speaking"]
+    # (a pause within a sentence that outlasts the gate's hangover ends a stretch too; one that comes back
+    # during the cross-fade to idle is announced again without an `idle` between)
+    assert len(onsets(audio)) == 2 and len(starts) >= 2 and 2 <= len(got.of_type("idle")) <= len(starts)
+    delays = [min(s for s in starts if s > mic.send_time(on)) - mic.send_time(on) for on in onsets(audio)]
+    print(f"mic: announced latency {1000 * latency:.0f} ms; onset sent -> speaking event "
+          f"{[round(1000 * d) for d in delays]} ms")
+    assert all(latency - 0.1 < d < latency + 0.5 for d in delays), delays
+
+
+def test_microphone_stop_drops_what_is_not_shown_and_brings_the_idle_loop_back(server, box, idle_refs, mic_wav):
+    """Mode `mic`, the data channel's `stop` (as /ws/live's): the audio received but not shown yet (about one
+    latency of it) is dropped and the idle loop is back from the frame the `stopped` event names."""
+    async def scenario() -> Received:
+        peer = Peer(server.url, box)
+        try:
+            await peer.open(mic=mic_wav[0])
+            await peer.wait_for(lambda: peer.got.of_type("speaking"), 30)
+            await asyncio.sleep(0.5)
+            peer.channel.send(json.dumps({"type": "stop"}))
+            await peer.wait_for(lambda: peer.got.of_type("stopped"), 10)
+            await asyncio.sleep(0.8)
+            peer.channel.send(json.dumps({"type": "end"}))  # (the audio so far plays out; later audio is new)
+            await asyncio.sleep(0.3)
+            return peer.got
+        finally:
+            await peer.close()
+
+    got = run(scenario())
+    stopped, ready = got.of_type("stopped")[0], got.of_type("ready")[0]
+    assert stopped["position"] > 0.4 and stopped["dropped_s"] > 0.5 * ready["latency_ms"] / 1000, stopped
+    k = stopped["frame"]
+    mouth = {j: idle_distance(m, idle_refs) for _, j, m in got.video}
+    before = [mouth[j] for j in range(k - 10, k) if j in mouth]
+    after = [mouth[j] for j in range(k, k + 12) if j in mouth]  # (the speech that follows comes a latency later)
+    assert len(before) >= 5 and len(after) >= 10
+    assert np.median(before) > 2 * max(after) + 1.0, (before, after)
+    assert not got.of_type("error")  # both commands were taken
 
 
 def test_first_sentence_starts_before_the_whole_text_could_be_synthesised(server, box):
@@ -504,41 +739,3 @@ def test_a_client_that_vanishes_is_cleaned_up_within_30_s(server):
             proc.wait()
     assert elapsed < 30
     assert "closed: no report from the peer" in server.log() or "closed: connection" in server.log()
-
-
-# ----------------------------------------------------------------------------------------------
-# The web page (headless Chromium, when installed)
-
-
-def test_the_page_speaks_over_webrtc_and_stop_interrupts(server):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--autoplay-policy=no-user-gesture-required"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('idle-view').naturalWidth > 0", timeout=30000)
-            assert page.evaluate("window.synctalk.transport") == "webrtc"
-            page.fill("#text", LONG_TEXT[:400])
-            page.click("#speak")
-            page.wait_for_function("window.synctalk.mode === 'speaking'", timeout=60000)
-            page.wait_for_function("window.synctalk.streamFrames >= 15", timeout=30000)
-            assert page.evaluate("window.synctalk.transport") == "webrtc"  # no fallback to MJPEG happened
-            assert page.is_visible("#frame-view") and page.is_enabled("#stop")
-            started = time.monotonic()
-            page.click("#stop")
-            page.wait_for_function("window.synctalk.mode === 'idle'", timeout=5000)
-            assert time.monotonic() - started < 2.0
-            assert page.evaluate("window.synctalk.rtcEvent.type") == "interrupted"
-            assert page.is_enabled("#speak") and not page.is_enabled("#stop")
-            assert errors == []
-        finally:
-            browser.close()
