@@ -35,9 +35,9 @@ from syncnet_328 import load_syncnet_checkpoint
 from synctalk import face as face_crop
 from synctalk import landmarks
 from synctalk import metrics as M
-from synctalk.audio import load_audio, segments_to_mask, silence_segments, speech_envelope
+from synctalk.audio import load_audio, long_runs, segments_to_mask, silence_segments, speech_envelope
 from synctalk.avatar import AvatarError, AvatarRegistry, AvatarRoot
-from synctalk.dataset import FEATURE_FILES, DatasetError, dataset_split, describe_split
+from synctalk.dataset import FEATURE_FILES, DatasetError, aligned_silence_mask, dataset_split, describe_split
 from synctalk.engine import EngineError, LipSyncEngine
 from synctalk.fileio import write_text_atomic
 from synctalk.timing import FPS, SAMPLE_RATE
@@ -493,12 +493,16 @@ class Candidate:
 
 
 def held_out_audio(av: Avatar, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(speech envelope, silent-frame mask) at frames `idx`, silences found on the whole training audio."""
+    """(speech envelope, silent-frame mask) at frames `idx`. Silences of at least SILENCE_MS come from the
+    dataset's aligned silences (utterances.json, e.g. GRID word alignments) when it has them, else from
+    the envelope of the whole training audio."""
     env = speech_envelope(av.audio, SR, FPS)
     n = max(len(env), int(idx.max()) + 1 if len(idx) else 0)
     env = np.pad(env, (0, n - len(env)))
-    silent = segments_to_mask(silence_segments(env, FPS, SILENCE_MS), n)
-    return env[idx], silent[idx]
+    aligned = aligned_silence_mask(av.dataset_dir, n)
+    segments = (long_runs(aligned, FPS, SILENCE_MS) if aligned is not None
+                else silence_segments(env, FPS, SILENCE_MS))
+    return env[idx], segments_to_mask(segments, n)[idx]
 
 
 def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, policies: tuple[str, ...] = DEFAULT_POLICIES,
@@ -573,7 +577,7 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
     art = {"real_opening": real_opening, "audio": np.concatenate([av.audio[i * SR // FPS:(i + 1) * SR // FPS]
                                                                   for i in idx]) if n else np.zeros(0),
            "real_lips": with_breaks(real_lips, segments), "real_landmarks": dict(zip(idx.tolist(), real.landmarks)),
-           "real_strip": real.strip, "silences": silence_segments(envelope, FPS, SILENCE_MS) if n else [],
+           "real_strip": real.strip, "silences": long_runs(silent, FPS, SILENCE_MS) if n else [],
            "openings": {p: opening_of(tracks[f"{p}:model"], boxes, av.crop)[1] for p in policies},
            "strips": {name: t.strip for name, t in tracks.items()}}
     return result, art

@@ -1,45 +1,64 @@
 #!/usr/bin/env bash
-# Build the bundled demo avatar from nothing but the project's own tools, reproducibly from a seed:
-# synthetic talking head (public-domain astronaut photo + Piper voice) -> preprocessing -> SyncNet ->
-# small U-Net -> evaluation (training voice + an espeak-ng voice) -> package into demo_avatar/.
+# Build the bundled demo avatar from the 5 minutes of one real speaker in ../shared (GRID corpus s1,
+# CC BY 4.0), end to end and reproducibly from a seed:
+# clips -> dataset (10 utterances held out) -> preprocessing -> SyncNet -> small U-Net (the default
+# recipe) -> evaluation (held-out cross-reference + three foreign voices) -> package into demo_avatar/
+# -> contact sheet in docs/images/.
 #
-#   bash scripts/build_demo_avatar.sh [SEED] [SECONDS] [STEPS]
+#   bash scripts/build_demo_avatar.sh [SEED] [CPU_BUDGET_S]
 #
-# CPU only is fine (about an hour on 2 cores); a GPU is used when present.
+# CPU only is fine (the U-Net gets CPU_BUDGET_S CPU seconds of training steps, default 3600: about
+# 35 minutes of a quiet 2-core CPU); a GPU is used when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SEED=${1:-7}
-SECONDS_OF_VIDEO=${2:-150}
-STEPS=${3:-1260}  # 3 epochs of 420 steps
+SEED=${1:-0}
+BUDGET=${2:-3600}
 PY=${PYTHON:-.venv/bin/python}
-NAME=demo
+SRC=../shared/media/video/grid-s1
+NAME=grid_s1
 DS=dataset/$NAME
+OUT=result/demo_build
+ATTRIBUTION='Real person: GRID corpus speaker s1 - M. Cooke, J. Barker, S. Cunningham, X. Shao, "An audio-visual corpus for speech perception and automatic speech recognition", JASA 120(5):2421-2424, 2006; data CC BY 4.0, doi 10.5281/zenodo.3625687.'
+[ -f "$SRC/manifest.csv" ] || { echo "error: $SRC not found (the GRID s1 clips)" >&2; exit 2; }
+mkdir -p "$OUT"
 
-echo "== 1/6 synthetic talking head (seed $SEED, ${SECONDS_OF_VIDEO} s)"
-mkdir -p "$DS"
-[ -f "$DS/$NAME.mp4" ] || $PY data_utils/synth_talker.py --out "$DS/$NAME.mp4" --seconds "$SECONDS_OF_VIDEO" --seed "$SEED"
+echo "== 1/7 dataset from the GRID s1 clips (10 utterances held out)"
+[ -f "$DS/$NAME.mp4" ] || $PY scripts/grid_s1_dataset.py --source "$SRC" --out "$DS"
 
-echo "== 2/6 preprocessing"
-$PY data_utils/process.py "$DS/$NAME.mp4" --crop_sizes 328,168 --quiet
+echo "== 2/7 preprocessing"
+$PY data_utils/process.py "$DS/$NAME.mp4" --crop_sizes 168 --quiet
 
-echo "== 3/6 SyncNet"
-$PY syncnet_328.py --dataset_dir "$DS" --save_dir "syncnet_ckpt/$NAME" --size small --max_steps 300 --seed "$SEED"
+echo "== 3/7 SyncNet (held-out accuracy must beat chance clearly before it is used as a loss)"
+[ -f "syncnet_ckpt/$NAME/best.pth" ] || \
+  $PY syncnet_328.py --dataset_dir "$DS" --save_dir "syncnet_ckpt/$NAME" --size small --max_steps 1500 --seed "$SEED"
 
-echo "== 4/6 U-Net (small)"
-$PY train_328.py --dataset_dir "$DS" --save_dir "checkpoint/$NAME" --size small --epochs 40 --max_steps "$STEPS" \
-  --batchsize 8 --lr 2e-3 --ema --save_every 1 --val_every 200 --seed "$SEED"
+echo "== 4/7 U-Net (small, the default recipe of train_328.py, ${BUDGET} CPU s)"
+$PY train_328.py --dataset_dir "$DS" --save_dir "checkpoint/$NAME" --size small --epochs 1000 --ema --lr 2e-3 \
+  --cpu_budget_s "$BUDGET" --save_every 1000 --val_frames 32 --seed "$SEED" \
+  --use_syncnet --syncnet_checkpoint "syncnet_ckpt/$NAME/best.pth"
+CKPT=$($PY -c "import json,sys; print(json.loads(open('checkpoint/$NAME/metrics.jsonl').read().splitlines()[-1])['checkpoint'])")
 
-echo "== 5/6 evaluation (held-out self-reconstruction + an espeak-ng voice the model never heard)"
-mkdir -p result/demo_build
-$PY - <<'PYEOF'
+echo "== 5/7 evaluation (held-out cross-reference; a Piper voice, espeak-ng and a female speaker)"
+$PY - "$OUT" <<'PYEOF'
+import sys
 from synctalk.audio import write_wav
-from synctalk.tts import EspeakTTS
+from synctalk.tts import EspeakTTS, PiperTTS
+out = sys.argv[1]
 text = ("Hello, I am the demo avatar. Type a sentence and I will say it. "
         "Silence keeps my mouth closed, and speech opens it again.")
-res = EspeakTTS(voice="en-us+f3").synthesize(text)
-write_wav("result/demo_build/espeak_f3.wav", res.to_16k(), 16000)
+write_wav(f"{out}/piper.wav", PiperTTS().synthesize(text).to_16k(), 16000)
+write_wav(f"{out}/espeak.wav", EspeakTTS(voice="en-us+f3").synthesize(text).to_16k(), 16000)
 PYEOF
-$PY evaluate.py --name "$NAME" --audio result/demo_build/espeak_f3.wav
+FEMALE=../shared/media/audio/sadtalker_RD_Radio31_000.wav
+AUDIO=("$OUT/piper.wav" "$OUT/espeak.wav")
+[ -f "$FEMALE" ] && AUDIO+=("$FEMALE")
+$PY evaluate.py --name "$NAME" --checkpoint "$CKPT" --audio "${AUDIO[@]}" --out "$OUT/eval"
 
-echo "== 6/6 package -> demo_avatar/"
-$PY scripts/package_demo_avatar.py --name "$NAME" --checkpoint 3
+echo "== 6/7 package -> demo_avatar/ (4 training utterances for the loop + the 10 held-out ones)"
+$PY scripts/package_demo_avatar.py --source "$DS" --checkpoint "$CKPT" --name demo --idle_utterances 4 \
+  --attribution "$ATTRIBUTION" --idle rendered --eval_dir "$OUT/eval" --out demo_avatar
+
+echo "== 7/7 contact sheet -> docs/images/demo_contact_sheet.jpg"
+SYNCTALK_PATHS__DATASET_ROOT=demo_avatar/dataset SYNCTALK_PATHS__CHECKPOINT_ROOT=demo_avatar/checkpoint \
+  $PY scripts/contact_sheet.py --name demo --out docs/images/demo_contact_sheet.jpg
+du -sh demo_avatar
