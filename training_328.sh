@@ -12,6 +12,8 @@
 #   SYNCNET_ARGS  extra syncnet_328.py options, e.g. "--epochs 20"
 #   EVAL_ARGS     extra evaluate.py options, e.g. "--max_frames 200"
 #   EVALUATE      evaluation script (default evaluate.py; skipped when absent)
+#   SYNC_LOSS     1: train the U-Net with the SyncNet loss (default 0; the SyncNet is trained either way and
+#                 used by the evaluation)
 #   SYNCTALK_PATHS__DATASET_ROOT / __CHECKPOINT_ROOT / __SYNCNET_ROOT   roots (as in config.py)
 # Stops at the first failing stage with its message and exit code; prints the final checkpoint path.
 set -uo pipefail
@@ -99,8 +101,11 @@ stage 2 "SyncNet training" "$PYTHON" syncnet_328.py --dataset_dir "$DATA" --save
 # 3. U-Net (torchrun DDP over several GPUs). train_328.py prints the final checkpoint on stdout.
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
-UNET_ARGS=(train_328.py --dataset_dir "$DATA" --save_dir "$SAVE_DIR" --use_syncnet
-           --syncnet_checkpoint "$SYNC_DIR/best.pth" --device "$DEVICE" "$@")
+# The SyncNet loss is off by default (the recipe study in docs/training-guide.md: at a CPU budget it cost
+# lip-sync and sharpness); SYNC_LOSS=1 turns it on with the SyncNet just trained.
+SYNC_LOSS_ARGS=()
+[ "${SYNC_LOSS:-0}" = "1" ] && SYNC_LOSS_ARGS=(--use_syncnet --syncnet_checkpoint "$SYNC_DIR/best.pth")
+UNET_ARGS=(train_328.py --dataset_dir "$DATA" --save_dir "$SAVE_DIR" "${SYNC_LOSS_ARGS[@]}" --device "$DEVICE" "$@")
 run_unet() {
     if [ "$NPROC" -gt 1 ]; then
         "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "${UNET_ARGS[@]}" | tee "$OUT"

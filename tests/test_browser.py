@@ -20,6 +20,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from test_demo_avatar import default_server  # noqa: F401
 from test_live import IDLE_SECONDS, MouthMeter, ServerProcess, onsets
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -469,3 +470,76 @@ def test_live_mic_over_webrtc_mouth_moves_with_speech_and_rests_in_silence(page,
     for a, b in zip(starts, starts[1:], strict=False):
         assert min(abs((b - a) - g) for g in gaps) < 0.25, (starts, gaps)
     assert page.errors == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled demo avatar (a real person) as `make run` serves it
+
+
+def frame_of(page: Page, element: str) -> np.ndarray | None:
+    """The whole picture an element shows now (canvas or <img>), BGR; None while it shows nothing."""
+    url = page.page.evaluate("""(id) => { const el = document.getElementById(id);
+        const w = el.tagName === 'CANVAS' ? el.width : el.naturalWidth;
+        const h = el.tagName === 'CANVAS' ? el.height : el.naturalHeight;
+        if (!w || !h) return null;
+        const c = document.createElement('canvas'); c.width = w; c.height = h;
+        c.getContext('2d').drawImage(el, 0, 0); return c.toDataURL('image/png'); }""", element)
+    if not url:
+        return None
+    data = np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8)
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+def mouth_openings(frames: list[np.ndarray]) -> np.ndarray:
+    """Mouth opening (inner-lip gap / eye-corner distance, synctalk.metrics) of each frame by face mesh."""
+    from synctalk import metrics
+    from synctalk.landmarks import FaceMesh
+
+    mesh = FaceMesh()
+    try:
+        return metrics.mouth_opening(np.stack([mesh(f) for f in frames]))
+    finally:
+        mesh.close()
+
+
+DEMO_CLOSED = 0.03  # mouth opening (inner-lip gap / eye-corner distance) of a closed mouth, at most
+
+
+def test_demo_avatar_mouth_opens_while_speaking_and_is_closed_when_idle(browser, default_server, artifacts_dir):  # noqa: F811
+    """The page on the default server (the bundled real-person avatar): while a text is spoken the received
+    frames show an open mouth in a good share of frames; the idle loop shows it closed."""
+    from types import SimpleNamespace
+
+    page = Page(browser, SimpleNamespace(url=default_server))
+    try:
+        assert "GRID" in page.page.inner_text("#attribution")  # the real person's credit line is shown
+        idle = []
+        for _ in range(12):
+            idle.append(frame_of(page, "idle-view"))
+            page.page.wait_for_timeout(90)
+        page.shot(artifacts_dir, "demo_idle")
+        page.page.fill("#text", "Hello! I am the demo avatar. Watch my mouth open wide while I talk to you.")
+        page.page.click("#speak")
+        page.page.wait_for_function("window.synctalk.mode === 'speaking'", timeout=60000)
+        page.page.wait_for_function("window.synctalk.streamFrames >= 10", timeout=30000)
+        speech = []
+        while page.state("mode") == "speaking" and len(speech) < 60:
+            speech.append(frame_of(page, "frame-view"))
+            if len(speech) == 20:
+                page.shot(artifacts_dir, "demo_speaking")
+            page.page.wait_for_timeout(70)
+        assert page.errors == []
+    finally:
+        page.close()
+    idle_open = mouth_openings([f for f in idle if f is not None])
+    speech_open = mouth_openings([f for f in speech if f is not None])
+    print(f"demo: idle opening median {np.nanmedian(idle_open):.3f} p90 {np.nanpercentile(idle_open, 90):.3f}; "
+          f"speech median {np.nanmedian(speech_open):.3f} p75 {np.nanpercentile(speech_open, 75):.3f} over "
+          f"{len(speech_open)} frames")
+    assert np.isfinite(idle_open).mean() > 0.9 and np.isfinite(speech_open).mean() > 0.9  # a face is found
+    # the real speaker's open mouth reaches about 0.1 and his closed one stays under 0.02; the shipped model
+    # opens less (see demo_avatar/README.md), so the test asks for a closed idle and a clearly wider mouth
+    # while speaking than when idle
+    assert np.nanmedian(idle_open) <= DEMO_CLOSED, idle_open  # closed when idle
+    assert np.nanmedian(speech_open) > 1.5 * np.nanmedian(idle_open), speech_open  # opens while speaking
+    assert np.nanpercentile(speech_open, 75) > np.nanpercentile(idle_open, 90), speech_open
