@@ -146,7 +146,10 @@ class SpeechAudioTrack(MediaStreamTrack):
         await sleep_until(t0 + j * AUDIO_CHUNK / SAMPLE_RATE)
         slot = tl.commit(j // 2)
         pcm = np.zeros(AUDIO_CHUNK, np.int16)
-        if slot.audio is not None:
+        # a speech frame committed ahead (the video renders ahead) whose utterance was interrupted since:
+        # silent at once, so the audio stops within a packet of the interrupt however far ahead the video is
+        cut = slot.segment is not None and slot.segment.utterance.cancel.is_set()
+        if slot.audio is not None and not cut:
             half = slot.audio[(j % 2) * AUDIO_CHUNK:(j % 2 + 1) * AUDIO_CHUNK]
             pcm[: len(half)] = np.round(np.clip(half, -1.0, 1.0) * 32767.0).astype(np.int16)
         frame = av.AudioFrame(format="s16", layout="mono", samples=AUDIO_CHUNK)

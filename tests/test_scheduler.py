@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from synctalk.avatar import latest_checkpoint
 from synctalk.engine import LipSyncEngine
 from synctalk.scheduler import FrameScheduler
 
@@ -97,7 +98,9 @@ def test_crops_mode_and_bad_input(engine, features):
 def demo_engine():
     """The bundled demo avatar's engine (no training needed)."""
     demo = REPO / "demo_avatar"
-    return LipSyncEngine.load(demo / "dataset" / "demo", demo / "checkpoint" / "demo" / "3.pth", backend="onnx",
+    ckpt = latest_checkpoint(demo / "checkpoint" / "demo")
+    assert ckpt is not None, "demo_avatar/ has no checkpoint"
+    return LipSyncEngine.load(demo / "dataset" / "demo", ckpt[0], backend="onnx",
                               device="cpu", batch_size=8, threads=1)
 
 
