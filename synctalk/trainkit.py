@@ -103,8 +103,9 @@ def resolve_workers(arg: int, device: torch.device, world: int) -> int:
 
 class CpuBudget:
     """A training budget in CPU seconds of this process (all its threads), counted only inside the
-    training steps (validation and checkpoints are free), so arms of a study that take different time per
-    step get the same compute. `seconds` <= 0 means no budget."""
+    training steps: forward, losses, backward, optimizer and critic updates (loading the batch, validation
+    and checkpoints are free), so arms of a study that take different time per step get the same compute.
+    `seconds` <= 0 means no budget."""
 
     def __init__(self, seconds: float, used: float = 0.0):
         self.seconds, self.used = float(seconds), float(used)

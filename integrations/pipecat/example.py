@@ -33,12 +33,14 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 from synctalk_pipecat import Mp4Sink, SyncTalkAvatar, load_engine  # on the venv's path (link_venv.py)
 
+from synctalk.avatar import latest_checkpoint
 from synctalk.engine import LipSyncEngine
 from synctalk.scheduler import FrameScheduler
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DATASET = REPO / "demo_avatar" / "dataset" / "demo"
-DEMO_CHECKPOINT = REPO / "demo_avatar" / "checkpoint" / "demo" / "3.pth"
+_DEMO_LATEST = latest_checkpoint(REPO / "demo_avatar" / "checkpoint" / "demo")  # (path, epoch) or None
+DEMO_CHECKPOINT = _DEMO_LATEST[0] if _DEMO_LATEST else REPO / "demo_avatar" / "checkpoint" / "demo"
 TAIL_SECONDS = 0.5  # idle loop kept after the reply in --out files
 PAGE = """<!doctype html><meta charset="utf-8"><title>SyncTalk_2D + Pipecat</title>
 <body style="font-family:sans-serif;max-width:560px;margin:2em auto">

@@ -91,7 +91,7 @@ def test_browser_mode_plays_speech_and_sends_events():
     ended = events[1][1]
     assert ended["duration"] > 1.0 and ended["position"] == pytest.approx(ended["duration"])
     frame = video[-1][1]
-    assert (frame.width, frame.height) == (512, 512)
+    assert (frame.height, frame.width) == engine.frame_shape[:2]
 
     def rms(frames) -> float:
         pcm = np.concatenate([f.to_ndarray().reshape(-1).astype(np.float32) / 32768 for f in frames])
