@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import free_port, load_bench_inference  # bench/common.py
+from common import free_port, load_bench_inference, stop_process  # bench/common.py
 
 from synctalk import audio as audio_io
 
@@ -149,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 stats = asyncio.run(play(port, audio, args.chunk_ms))
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_process(proc, 20)
             stats["render_ms_per_frame"] = render_ms(log_path.read_text())
             result["sizes"][size] = stats
     if "small" in result["sizes"] and "328" in result["sizes"]:

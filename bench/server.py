@@ -48,7 +48,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import free_port, load_bench_inference  # bench/common.py
+from common import free_port, load_bench_inference, stop_process  # bench/common.py
 from soak import error_code, mjpeg_frame_times  # bench/soak.py: the MJPEG part parser, error bodies
 
 from synctalk import audio as audio_io
@@ -112,13 +112,8 @@ class Server:
         raise RuntimeError(f"server did not become ready:\n{tail}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 30)
         self.log.close()
 
     def health(self) -> dict:

@@ -47,7 +47,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import soundfile as sf
-from common import free_port  # bench/common.py (the benchmarks run as scripts from bench/)
+from common import free_port, stop_process  # bench/common.py (the benchmarks run as scripts from bench/)
 
 KINDS = ("text", "cached", "bomb", "long", "flood")
 REPO = Path(__file__).resolve().parents[1]
@@ -407,11 +407,7 @@ def served(avatar: str, streams: int) -> Iterator[tuple[str, int]]:
                 time.sleep(0.5)
             yield url, proc.pid
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, 15)
 
 
 def run_streams(args: argparse.Namespace) -> dict:
