@@ -20,7 +20,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from test_demo_avatar import default_server  # noqa: F401
+from test_demo_avatar import default_server, mouth_openings  # noqa: F401
 from test_live import IDLE_SECONDS, MouthMeter, ServerProcess, onsets
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -488,18 +488,6 @@ def frame_of(page: Page, element: str) -> np.ndarray | None:
         return None
     data = np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8)
     return cv2.imdecode(data, cv2.IMREAD_COLOR)
-
-
-def mouth_openings(frames: list[np.ndarray]) -> np.ndarray:
-    """Mouth opening (inner-lip gap / eye-corner distance, synctalk.metrics) of each frame by face mesh."""
-    from synctalk import metrics
-    from synctalk.landmarks import FaceMesh
-
-    mesh = FaceMesh()
-    try:
-        return metrics.mouth_opening(np.stack([mesh(f) for f in frames]))
-    finally:
-        mesh.close()
 
 
 DEMO_CLOSED = 0.03  # mouth opening (inner-lip gap / eye-corner distance) of a closed mouth, at most

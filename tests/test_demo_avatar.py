@@ -70,14 +70,13 @@ def test_hello_world_streams_lip_synced_frames_at_25_fps(default_server):
     assert (len(jpegs) - 1) / span >= 22.0, f"{(len(jpegs) - 1) / span:.1f} frames/s"
 
 
-def mouth_openings(jpegs: list[bytes]) -> np.ndarray:
-    """Mouth opening of each frame (inner-lip gap / eye-corner distance by face mesh, synctalk.metrics)."""
+def mouth_openings(frames: list[np.ndarray]) -> np.ndarray:
+    """Mouth opening of each BGR frame (inner-lip gap / eye-corner distance by face mesh, synctalk.metrics)."""
     from synctalk import metrics
     from synctalk.landmarks import FaceMesh
 
     mesh = FaceMesh()
     try:
-        frames = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
         return metrics.mouth_opening(np.stack([mesh(f) for f in frames]))
     finally:
         mesh.close()
@@ -90,7 +89,7 @@ def test_mouth_opens_with_the_speech_and_closes_in_pauses(default_server):
     with httpx.stream("GET", f"{default_server}/generate", params={"text": text}, timeout=120) as resp:
         _, jpegs, closed = read_stream(resp)
     assert closed
-    opening = np.nan_to_num(mouth_openings(jpegs))
+    opening = np.nan_to_num(mouth_openings([cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs]))
     hop = sr // 25
     env = np.array([np.sqrt(np.mean(audio[i * hop:(i + 1) * hop] ** 2)) if i * hop < len(audio) else 0.0
                     for i in range(len(jpegs))])
