@@ -65,6 +65,7 @@ class ModelsConfig(BaseModel):
     batch_size: int = Field(8, ge=1, le=256)
     ave_checkpoint: Path | None = None  # upstream AVE audio encoder (.pth), needed only in ave mode
     memory_budget_mb: int = Field(4096, ge=64)  # loaded avatars past this are evicted, least recently used first
+    color_match: bool = True  # match the generated crop's low-frequency colour to the frame's (no paste step)
 
     @field_validator("device")
     @classmethod

@@ -322,6 +322,7 @@ def measure_chunk(track: Track, av: Avatar, chunk: Chunk, crops: np.ndarray, ful
     """Landmarks, seam, colour step, teeth, mouth regions, strips, (with `pixels`) PSNR/SSIM against the
     real frames and (with `embed`, trusted SyncNet only) SyncNet face embeddings of one chunk."""
     mask = av.mask
+    crops = np.stack([av.engine.paster.shown_crop(c, r) for c, r in zip(crops, chunk.crops)])  # as pasted
     for j, (frame, crop, box, pos) in enumerate(zip(full, crops, chunk.boxes, chunk.positions)):
         lm = mesh(frame)
         track.landmarks.append(lm)
@@ -975,6 +976,7 @@ def load_avatar(name: str, checkpoint: str | None, dataset_root: Path, checkpoin
     dataset_dir, ckpt = info.dataset_dir, info.checkpoint_path
     try:
         engine = LipSyncEngine.load(dataset_dir, ckpt, backend=backend, device=device,
+                                    color_match=settings.models.color_match,
                                     ave_checkpoint=settings.models.ave_checkpoint,
                                     feature_config=settings.audio.feature_config())
     except (EngineError, CheckpointError) as exc:

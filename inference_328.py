@@ -1,7 +1,7 @@
 """Offline inference: make an avatar say an audio file, written as an H.264 + AAC mp4 at 25 fps.
 
     python inference_328.py --name NAME --audio_path speech.wav [--checkpoint N|PATH] [--output out.mp4]
-        [--backend onnx|torch] [--start_frame N] [--loop_back] [--blend feather|none] [--color_match]
+        [--backend onnx|torch] [--start_frame N] [--loop_back] [--blend feather|none] [--no-color_match]
         [--batch_size 8] [--dataset_root dataset] [--checkpoint_root checkpoint]
     python inference_328.py --name NAME --export-onnx      # write <checkpoint>.onnx and exit
 
@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loop_back", action="store_true", help="end the clip on the frame it started from")
     p.add_argument("--blend", choices=["feather", "none"], default="feather",
                    help="feathered mouth/jaw paste (default) or upstream's hard rectangle")
-    p.add_argument("--color_match", action="store_true", help="match the generated face's LAB colour")
+    p.add_argument("--color_match", action=argparse.BooleanOptionalAction, default=settings.models.color_match,
+                   help="match the generated face's low-frequency colour to the frame's outside the mouth "
+                        "(default %(default)s)")
     p.add_argument("--batch_size", type=int, default=batch_size)
     p.add_argument("--crf", type=int, default=crf, help="H.264 quality (lower is better)")
     p.add_argument("--dataset_root", type=Path, default=dataset_root)

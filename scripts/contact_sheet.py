@@ -25,7 +25,7 @@ from synctalk import metrics as M
 from synctalk.dataset import aligned_silence_mask
 from synctalk.fileio import write_bytes_atomic
 from synctalk.landmarks import FaceMesh
-from synctalk.losses import mouth_slices
+from synctalk.face import mouth_slices
 
 REPO = Path(__file__).resolve().parents[1]
 CELL = 192  # px per cell
@@ -50,7 +50,7 @@ def pick_columns(av: ev.Avatar, mesh: FaceMesh, speech: int, silence: int) -> tu
 
 
 def mouth_zoom(crop: np.ndarray) -> np.ndarray:
-    """The mouth region of a crop (synctalk.losses.MOUTH_BOX), scaled to a cell."""
+    """The mouth region of a crop (synctalk.face.MOUTH_BOX), scaled to a cell."""
     rows, cols = mouth_slices(crop.shape[0])
     return cv2.resize(crop[rows, cols], (CELL, CELL), interpolation=cv2.INTER_CUBIC)
 

@@ -255,7 +255,7 @@ class ModelService:
         models = self.settings.models
         engine = LipSyncEngine.load(
             info.dataset_dir, info.checkpoint_path, backend=models.backend, device=models.resolved_device(),
-            dtype=models.dtype, threads=models.threads, batch_size=models.batch_size,
+            dtype=models.dtype, threads=models.threads, batch_size=models.batch_size, color_match=models.color_match,
             ave_checkpoint=models.ave_checkpoint, feature_config=self.settings.audio.feature_config(),
             idle=info.idle,
         )

@@ -282,7 +282,7 @@ class LipSyncEngine:
     @classmethod
     def load(cls, dataset_dir: str | Path, checkpoint_path: str | Path, backend: str = "onnx",
              device: str = "cpu", dtype: str = "float32", batch_size: int = 8, threads: int = 1,
-             blend: str = "feather", color_match: bool = False, ave_checkpoint: str | Path | None = None,
+             blend: str = "feather", color_match: bool = True, ave_checkpoint: str | Path | None = None,
              frame_cache_bytes: int = FRAME_CACHE_BYTES, feature_config: FeatureConfig | None = None,
              idle: str = "recorded") -> LipSyncEngine:
         """Load an avatar: dataset folder (frames, crop boxes, crop cache) + U-Net checkpoint. Every

@@ -16,18 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Where the mouth sits in the model's input square (fractions of the side, x0, y0, x1, y1), measured on
-# the mediapipe crops of data_utils/process.py (the crop runs from mid-nose to below the chin). GRID s1, lip
-# landmarks of 750 frames, 1st-99th percentile: x 0.36-0.76, y 0.31-0.52; padded on every side (more
-# below, where the jaw moves with the mouth).
-MOUTH_BOX = (0.25, 0.22, 0.85, 0.66)
-
-
-def mouth_slices(side: int, box: tuple[float, float, float, float] = MOUTH_BOX) -> tuple[slice, slice]:
-    """(rows, columns) of the mouth region in a `side` x `side` image."""
-    x0, y0, x1, y1 = (int(round(v * side)) for v in box)
-    return slice(y0, y1), slice(x0, x1)
-
+from synctalk.face import MOUTH_BOX, mouth_slices
 
 def region_weights(side: int, mouth_weight: float, box: tuple[float, float, float, float] = MOUTH_BOX,
                    device: torch.device | str = "cpu") -> torch.Tensor:

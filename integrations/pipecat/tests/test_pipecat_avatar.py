@@ -36,7 +36,7 @@ from synctalk_pipecat import AvatarEventFrame, Mp4Sink, SyncTalkAvatar, load_eng
 
 from synctalk.audio import resample, speech_envelope  # noqa: E402
 from synctalk.avatar import latest_checkpoint  # noqa: E402
-from synctalk.losses import MOUTH_BOX  # noqa: E402
+from synctalk.face import MOUTH_BOX  # noqa: E402
 from synctalk.scheduler import FrameScheduler  # noqa: E402
 from synctalk.timing import FPS, SAMPLE_RATE  # noqa: E402
 from synctalk.tts import PiperTTS  # noqa: E402
@@ -103,7 +103,7 @@ def is_speech(s: Seen) -> bool:
 
 def mouth_signal(engine, images: list[Seen]) -> np.ndarray:
     """Mouth opening per output picture: darkness (255 - mean grey) of the mouth region of the source
-    frame's crop box (`synctalk.losses.MOUTH_BOX`, where the lips sit in the crop). An open mouth shows the
+    frame's crop box (`synctalk.face.MOUTH_BOX`, where the lips sit in the crop). An open mouth shows the
     dark mouth cavity."""
     bx0, by0, bx1, by1 = MOUTH_BOX
     values = []
