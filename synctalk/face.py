@@ -365,21 +365,22 @@ def match_color(pred: np.ndarray, original: np.ndarray, region: np.ndarray, sigm
     """`pred` (uint8 BGR) plus a smooth colour correction: the per-channel difference `original - pred`
     over `region` (bool `[H, W]`), spread by a normalised Gaussian convolution of `sigma` px (so it follows
     the lighting and fades in where the region is sparse) and filled in with the region's mean difference
-    where it has no pixels near (the mouth box). Low frequencies only: the lips, teeth and jaw edges of
-    `pred` are kept. An empty region returns `pred` unchanged."""
+    where it has no pixels near (the mouth box). The field is smooth, so it is built on a grid about
+    `sigma / 2` times coarser and resized up: low frequencies only, the lips, teeth and jaw edges of `pred`
+    are kept. An empty region returns `pred` unchanged."""
     if not np.any(region):
         return pred
-    n = pred.shape[0]
-    step = max(1, int(sigma // 2))  # the field is smooth: build it on a grid `step` times coarser
-    small = (max(1, n // step), max(1, pred.shape[1] // step))[::-1]
-    w = region.astype(np.float32)
-    diff = original.astype(np.float32) - pred.astype(np.float32)
-    num = cv2.GaussianBlur(cv2.resize(diff * w[..., None], small, interpolation=cv2.INTER_AREA), (0, 0), sigma / step)
-    den = cv2.GaussianBlur(cv2.resize(w, small, interpolation=cv2.INTER_AREA), (0, 0), sigma / step)[..., None]
+    step = max(1, int(sigma // 2))
+    small = (max(1, pred.shape[1] // step), max(1, pred.shape[0] // step))
+    w = cv2.resize(region.astype(np.float32), small, interpolation=cv2.INTER_AREA)[..., None]
+    diff = (cv2.resize(original, small, interpolation=cv2.INTER_AREA).astype(np.float32)
+            - cv2.resize(pred, small, interpolation=cv2.INTER_AREA).astype(np.float32))
+    num = cv2.GaussianBlur(diff * w, (0, 0), sigma / step)
+    den = cv2.GaussianBlur(w, (0, 0), sigma / step)[..., None]
+    mean = (diff * w).sum(axis=(0, 1)) / max(float(w.sum()), 1e-6)
     fill = 0.05  # below this much region weight the mean difference takes over
-    field = (num + fill * diff[region].mean(axis=0)) / (den + fill)
-    field = cv2.resize(field, pred.shape[1::-1], interpolation=cv2.INTER_LINEAR)
-    return np.clip(pred.astype(np.float32) + field + 0.5, 0, 255).astype(np.uint8)
+    field = cv2.resize((num + fill * mean) / (den + fill), pred.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+    return cv2.add(pred, field, dtype=cv2.CV_8U)  # rounded and saturated
 
 
 def paste_back(frame: np.ndarray, crop_pred: np.ndarray, box: Sequence[int], mask: np.ndarray | None = None,
