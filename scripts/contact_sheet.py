@@ -23,9 +23,9 @@ import evaluate as ev
 from config import settings
 from synctalk import metrics as M
 from synctalk.dataset import aligned_silence_mask
+from synctalk.face import mouth_slices
 from synctalk.fileio import write_bytes_atomic
 from synctalk.landmarks import FaceMesh
-from synctalk.face import mouth_slices
 
 REPO = Path(__file__).resolve().parents[1]
 CELL = 192  # px per cell

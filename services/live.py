@@ -423,9 +423,11 @@ class LiveTimeline:
         self.n_source = int(engine.n_frames)
         self.mode = engine.mode
         self.input_shape = audio_input_shape(self.mode)
-        if features_factory is None:
+        if features_factory is None:  # the avatar's shared encoder batches windows across its live streams
+            encode = scheduler.feature_encoder() if scheduler is not None else None
+
             def features_factory() -> StreamingFeatures:
-                return StreamingFeatures(device=engine.feature_device, config=engine.feature_config)
+                return StreamingFeatures(device=engine.feature_device, config=engine.feature_config, encode=encode)
         self.features = features_factory()
         delay = feature_delay_samples(self.features.hop, self.features.lookahead)
         self.delay_frames = int(math.ceil((delay + opts.margin_ms * SAMPLE_RATE / 1000) / SAMPLES_PER_FRAME))

@@ -242,7 +242,7 @@ class ModelService:
                 entry["engine"] = engine.describe()
                 entry["memory_mb"] = round(engine.memory_bytes() / 2**20, 1)
             if slot and slot.scheduler is not None:
-                entry["scheduler"] = {**slot.scheduler.stats.snapshot(), "batching": slot.scheduler.batching}
+                entry["scheduler"] = slot.scheduler.snapshot()
             out.append(entry)
         return {"default": self.default_name, "avatars": out,
                 "loaded": [e["name"] for e in out if e["loaded"]],

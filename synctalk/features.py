@@ -22,7 +22,7 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -427,13 +427,14 @@ class StreamingFeatures:
 
     Chunking never changes the numbers: each encoder call sees the same window of the zero-extended
     stream; ready windows are encoded one at a time (or in batches of `batch_size`, which may alter the
-    result by float rounding only, ~1e-6).
+    result by float rounding only, ~1e-6). `encode` replaces the encoder call (windows `[B, window]` ->
+    rows, as `encode_windows`): the server passes its cross-stream batcher (`synctalk.scheduler`) there.
     """
 
     def __init__(self, encoder: WhisperEncoder | None = None, *, window_s: float | None = None,
                  hop_s: float | None = None, lookahead_s: float | None = None,
                  device: str | torch.device | None = None, batch_size: int = 1,
-                 config: FeatureConfig | None = None):
+                 config: FeatureConfig | None = None, encode: Callable[[np.ndarray], np.ndarray] | None = None):
         cfg = config or FeatureConfig()
         window_s = cfg.window_s if window_s is None else window_s
         hop_s = cfg.hop_s if hop_s is None else hop_s
@@ -461,6 +462,7 @@ class StreamingFeatures:
         self.frames_per_call = self.hop // SAMPLES_PER_FRAME
         first = (self.window - self.lookahead - self.hop) // ENCODER_FRAME  # hop's first encoder frame
         self._rows = slice(first, first + FRAMES_PER_SAMPLES_PER_FRAME * self.frames_per_call)
+        self._encode = encode or self.encode_windows
         self.reset()
 
     # -- properties -------------------------------------------------------------------------------
@@ -547,7 +549,7 @@ class StreamingFeatures:
             self._buf = np.concatenate([self._buf, *self._pending])
             self._pending, self._pending_len = [], 0
         windows = np.stack([self._slice(*self.window_bounds(j)) for j in ready])
-        feats = self.encode_windows(windows)
+        feats = self._encode(windows)
         self._next_call = k
         keep_from = self.window_bounds(k)[0]  # the next call's window start
         if keep_from > self._buf_start:

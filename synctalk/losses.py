@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from synctalk.face import MOUTH_BOX, mouth_slices
 
+
 def region_weights(side: int, mouth_weight: float, box: tuple[float, float, float, float] = MOUTH_BOX,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Weights `[1, 1, side, side]` with mean 1: the mouth box counts `mouth_weight` times the rest

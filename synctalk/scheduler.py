@@ -12,6 +12,10 @@ behind each other and the U-Net runs N half-empty batches where one full batch w
 - Paste-back runs in a bounded pool (`paste_workers`, default the core count), so the U-Net worker
   moves on to the next batch while the previous one is pasted.
 - A cancelled future is dropped the next time the worker looks at it: its frames are never rendered.
+- Live streams' Whisper windows are batched the same way (`feature_encoder()`, a `WindowBatcher`): each
+  stream's `StreamingFeatures` hands its ready windows to one encoder worker, which waits at most
+  `max_wait_s` for other streams' windows and encodes them in one call (equal to encoding alone up to float
+  rounding, ~1e-6).
 - `batching=False` turns all of this off: each request is rendered alone on the engine in the caller's
   thread (`LipSyncEngine.render`, whose lock lets one stream's batch run at a time), which is what a
   stream does without a scheduler. The server's `server.batching` switch; `bench/server.py` measures
@@ -29,12 +33,16 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from synctalk.engine import LipSyncEngine
+from synctalk.features import StreamingFeatures
+
+FEATURE_BATCH = 16  # most Whisper windows in one batched encoder call
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,79 @@ class SchedulerStats:
                 "cancelled": self.cancelled, "mean_batch": round(self.mean_batch, 3)}
 
 
+class WindowBatcher:
+    """One worker encoding the audio windows of several streams in shared calls: `encode(windows)` blocks
+    until this stream's rows are ready. `encode_fn` maps windows `[B, ...]` to `B * k` rows (k per window,
+    in order), as `StreamingFeatures.encode_windows` does."""
+
+    def __init__(self, encode_fn: Callable[[np.ndarray], np.ndarray], max_batch: int = FEATURE_BATCH,
+                 max_wait_s: float = 0.003):
+        self.encode_fn = encode_fn
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait_s = max(0.0, float(max_wait_s))
+        self.stats = {"calls": 0, "windows": 0, "requests": 0}
+        self._queue: list[tuple[np.ndarray, Future]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="feature-batcher", daemon=True)
+        self._worker.start()
+
+    def encode(self, windows: np.ndarray) -> np.ndarray:
+        """The rows of `windows`, encoded together with whatever other streams queued meanwhile."""
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the feature batcher is closed")
+            self._queue.append((np.asarray(windows, np.float32), future))
+            self.stats["requests"] += 1
+            self._cv.notify_all()
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the worker; queued requests fail with RuntimeError."""
+        with self._cv:
+            self._closed = True
+            pending, self._queue = self._queue, []
+            self._cv.notify_all()
+        for _, future in pending:
+            future.set_exception(RuntimeError("the feature batcher is closed"))
+        self._worker.join(timeout=30)
+
+    def _next(self) -> list[tuple[np.ndarray, Future]] | None:
+        """Requests for one call (whole requests, up to `max_batch` windows unless one is larger)."""
+        with self._cv:
+            while not self._queue and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            until = time.monotonic() + self.max_wait_s
+            while sum(len(w) for w, _ in self._queue) < self.max_batch and (left := until - time.monotonic()) > 0:
+                self._cv.wait(left)
+            taken: list[tuple[np.ndarray, Future]] = []
+            count = 0
+            while self._queue and (not taken or count + len(self._queue[0][0]) <= self.max_batch):
+                taken.append(self._queue.pop(0))
+                count += len(taken[-1][0])
+            return taken
+
+    def _run(self) -> None:
+        while (taken := self._next()) is not None:
+            windows = np.concatenate([w for w, _ in taken])
+            try:
+                rows = self.encode_fn(windows)
+            except BaseException as exc:  # fail this call's streams, keep serving
+                log.exception("feature batch failed")
+                for _, future in taken:
+                    future.set_exception(exc)
+                continue
+            self.stats["calls"] += 1
+            self.stats["windows"] += len(windows)
+            per, start = len(rows) // max(1, len(windows)), 0
+            for w, future in taken:
+                future.set_result(rows[start:start + per * len(w)])
+                start += per * len(w)
+
+
 class FrameScheduler:
     """Cross-stream batching for one `LipSyncEngine` (see the module docstring)."""
 
@@ -95,6 +176,8 @@ class FrameScheduler:
         self._closed = False
         self._paste: ThreadPoolExecutor | None = None
         self._worker: threading.Thread | None = None
+        self._features: WindowBatcher | None = None
+        self._features_lock = threading.Lock()
         if self.batching:  # without batching nothing runs in the background
             self._paste = ThreadPoolExecutor(max(1, paste_workers or os.cpu_count() or 1),
                                              thread_name_prefix="paste")
@@ -134,6 +217,27 @@ class FrameScheduler:
         """Blocking `submit(...).result()`: full frames, as `LipSyncEngine.render` returns them."""
         return self.submit(windows, frame_indices, deadline).result()
 
+    def feature_encoder(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The Whisper window encoder this avatar's live streams share (`StreamingFeatures(encode=...)`),
+        made on first use; None without batching (each stream then encodes its own windows)."""
+        if not self.batching:
+            return None
+        with self._features_lock:
+            if self._features is None:
+                own = StreamingFeatures(device=self.engine.feature_device, config=self.engine.feature_config,
+                                        batch_size=FEATURE_BATCH)
+                self._features = WindowBatcher(own.encode_windows, FEATURE_BATCH, self.max_wait_s)
+            return self._features.encode
+
+    def snapshot(self) -> dict:
+        """JSON-able counters: U-Net batches and, once live streams used it, the feature batcher's."""
+        out = {**self.stats.snapshot(), "batching": self.batching}
+        if self._features is not None:
+            calls = self._features.stats["calls"]
+            out["features"] = {**self._features.stats,
+                               "mean_batch": round(self._features.stats["windows"] / calls, 3) if calls else 0.0}
+        return out
+
     def close(self) -> None:
         """Stop the worker after the batch in flight; queued requests are cancelled."""
         with self._cv:
@@ -145,6 +249,10 @@ class FrameScheduler:
         if self._worker is not None and self._paste is not None:
             self._worker.join(timeout=30)
             self._paste.shutdown(wait=True)
+        with self._features_lock:
+            features, self._features = self._features, None
+        if features is not None:
+            features.close()
 
     def _render_alone(self, windows: np.ndarray, indices: np.ndarray, paste: bool) -> Future:
         """Without batching: the frames on the engine in the caller's thread, as a stream without a

@@ -120,3 +120,61 @@ def test_without_batching_each_request_renders_alone_in_the_callers_thread(demo_
     sched.close()
     with pytest.raises(RuntimeError, match="closed"):
         sched.submit(windows, order)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whisper windows batched across live streams
+
+
+def test_live_streams_share_whisper_calls_and_get_the_features_they_would_get_alone(engine):
+    """Three streams push their speech at once through the scheduler's feature encoder: each gets the
+    rows it gets encoding alone (up to float rounding), and the encoder ran fewer calls than streams asked."""
+    from synctalk.features import StreamingFeatures
+
+    rng = np.random.default_rng(5)
+    audio = [(0.1 * rng.standard_normal(16000)).astype(np.float32) for _ in range(3)]
+    alone = [StreamingFeatures(config=engine.feature_config).process_file(a) for a in audio]
+    sched = FrameScheduler(engine, max_wait_s=0.2)
+    try:
+        encode = sched.feature_encoder()
+        streams = [StreamingFeatures(config=engine.feature_config, encode=encode) for _ in audio]
+        got: list = [None] * 3
+        start = threading.Barrier(3)
+
+        def push(k: int) -> None:
+            start.wait()
+            got[k] = np.concatenate([streams[k].push(audio[k]), streams[k].flush()])
+
+        threads = [threading.Thread(target=push, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        stats = sched.snapshot()["features"]
+    finally:
+        sched.close()
+    for mine, ref in zip(got, alone):
+        assert mine.shape == ref.shape
+        np.testing.assert_allclose(mine, ref, atol=1e-4)
+    assert stats["requests"] >= 3 and stats["calls"] < stats["requests"], stats
+    assert FrameScheduler(engine, batching=False).feature_encoder() is None  # the baseline encodes alone
+
+
+def test_a_failing_feature_call_fails_its_streams_and_the_batcher_keeps_serving():
+    from synctalk.scheduler import WindowBatcher
+
+    def encode(windows: np.ndarray) -> np.ndarray:
+        if (windows < 0).any():
+            raise ValueError("bad window")
+        return np.repeat(windows[:, :1], 2, axis=0)  # two rows per window
+
+    batcher = WindowBatcher(encode, max_batch=4, max_wait_s=0.0)
+    try:
+        with pytest.raises(ValueError, match="bad window"):
+            batcher.encode(-np.ones((1, 8), np.float32))
+        np.testing.assert_array_equal(batcher.encode(np.arange(16, dtype=np.float32).reshape(2, 8))[:, 0],
+                                      [0, 0, 8, 8])
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.encode(np.zeros((1, 8), np.float32))
