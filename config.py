@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from synctalk.audio import SpeechGate
 from synctalk.avatar import AvatarRegistry, AvatarRoot
 from synctalk.features import FeatureConfig
 
@@ -88,6 +89,7 @@ class AudioConfig(BaseModel):
     window_s: float = Field(2.0, gt=0.2, le=30.0)  # encoder context per call
     hop_s: float = Field(0.2, gt=0.0, le=2.0)  # new audio per encoder call
     lookahead_s: float = Field(0.2, ge=0.0, le=2.0)  # future audio each hop waits for
+    silence_gate: bool = True  # pauses (server.vad_*) get the model's silent mouth in every path
 
     def feature_config(self) -> FeatureConfig:
         """The library's feature settings (`synctalk.features.FeatureConfig`)."""
@@ -189,6 +191,13 @@ class Settings(BaseSettings):
     debug: DebugConfig = DebugConfig()
     webrtc: WebRTCConfig = WebRTCConfig()
     paths: PathsConfig = PathsConfig()
+
+    def speech_gate(self) -> SpeechGate | None:
+        """The engine's speech gate: `server.vad_threshold_db` / `server.vad_hangover_ms` (the live path's
+        rule), or None with `audio.silence_gate` off."""
+        if not self.audio.silence_gate:
+            return None
+        return SpeechGate(self.server.vad_threshold_db, self.server.vad_hangover_ms)
 
 
 def load_settings() -> Settings:

@@ -176,6 +176,7 @@ class Avatar:
     checkpoint: Path
     engine: LipSyncEngine
     features: np.ndarray  # [N, ...] the dataset's audio features
+    gated: np.ndarray  # the same through the engine's speech gate: what the model is driven with
     audio: np.ndarray  # 16 kHz mono float32 of the training video
     held_out: np.ndarray  # sorted frame indices never trained on
     train_frames: np.ndarray  # sorted training frame indices
@@ -523,7 +524,7 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
 
     cands = [Candidate("mean_crop", lambda s, e: with_interior(real_of(s, e), mean_crop[None], border))]
     for p in policies:
-        cands.append(Candidate(f"{p}:model", lambda s, e, p=p: render_crops(av, av.features, idx[s:e], idx[s:e],
+        cands.append(Candidate(f"{p}:model", lambda s, e, p=p: render_crops(av, av.gated, idx[s:e], idx[s:e],
                                                                             refs[p][s:e])))
         if p != "same":  # copying the target's own crop is the real video
             cands.append(Candidate(f"{p}:copy_reference", lambda s, e, p=p: with_interior(
@@ -601,6 +602,7 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
     if n < 3:
         raise EvalError(f"audio {path} is too short to evaluate ({n} frames)")
     idx = av.held_out[pingpong(0, len(av.held_out), n)]
+    gated = av.engine.gate(features, audio16k)  # what the model is driven with (the SyncNet hears `features`)
     track, source = Track(), Track()
     strip_at = set(strip_positions(n))
     bar = _progress(n, f"{av.label} {path.name}")
@@ -609,7 +611,7 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
         real_full = [av.frame(int(i)) for i in idx[s:e]]
         chunk = Chunk(idx[s:e], range(s, e), real_full, np.stack([av.crop_of(int(i)) for i in idx[s:e]]),
                       av.boxes[idx[s:e]])
-        crops = render_crops(av, features, np.arange(s, e), idx[s:e], idx[s:e])
+        crops = render_crops(av, gated, np.arange(s, e), idx[s:e], idx[s:e])
         measure_chunk(track, av, chunk, crops, paste_all(av, crops, idx[s:e]), mesh, strip_at, pixels=False)
         for i, frame in zip(idx[s:e], real_full):  # the source frames unchanged: landmarks cached per frame
             if int(i) not in real_landmarks:
@@ -976,7 +978,7 @@ def load_avatar(name: str, checkpoint: str | None, dataset_root: Path, checkpoin
     dataset_dir, ckpt = info.dataset_dir, info.checkpoint_path
     try:
         engine = LipSyncEngine.load(dataset_dir, ckpt, backend=backend, device=device,
-                                    color_match=settings.models.color_match,
+                                    color_match=settings.models.color_match, speech_gate=settings.speech_gate(),
                                     ave_checkpoint=settings.models.ave_checkpoint,
                                     feature_config=settings.audio.feature_config())
     except (EngineError, CheckpointError) as exc:
@@ -1005,7 +1007,8 @@ def load_avatar(name: str, checkpoint: str | None, dataset_root: Path, checkpoin
             log.warning("SyncNet %s: %s", sync_path, sync_status(sync)["note"])
     else:
         log.warning("no SyncNet at %s: SyncNet offset/confidence are left out", sync_path)
-    return Avatar(name, dataset_dir, ckpt, engine, features, audio, np.asarray(val), np.asarray(train), split, sync)
+    return Avatar(name, dataset_dir, ckpt, engine, features, engine.gate(features, audio), audio, np.asarray(val),
+                  np.asarray(train), split, sync)
 
 
 def evaluate_avatar(av: Avatar, audio_files: list[Path], mesh: FaceMesh, max_frames: int | None,

@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
         engine = LipSyncEngine.load(dataset_dir, checkpoint, backend=args.backend, device=device,
                                     dtype=args.dtype, batch_size=args.batch_size, threads=args.threads,
                                     blend=args.blend, color_match=args.color_match,
+                                    speech_gate=settings.speech_gate(),
                                     ave_checkpoint=settings.models.ave_checkpoint,
                                     feature_config=settings.audio.feature_config())
     except (EngineError, CheckpointError) as exc:
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
 
     start = time.perf_counter()
     try:
-        features = engine.features(audio)
+        features = engine.gate(engine.features(audio), audio)
     except ValueError as exc:  # e.g. ave mode without the AVE checkpoint
         raise InferenceError(str(exc)) from None
     n = frames_for_samples(len(audio))

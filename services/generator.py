@@ -182,6 +182,7 @@ class FeatureFeed:
         """Keep new feature rows (at most `total`, once final; the buffer grows with the audio)."""
         if self.final:
             rows = rows[: max(0, self.total - self._count)]
+        rows = self.engine.gate(rows, self.audio, first_frame=self._count)  # pauses: the silent mouth
         end = self._count + len(rows)
         if end > len(self._rows):
             grown = np.zeros((max(end, 2 * len(self._rows), 64), *self._rows.shape[1:]), np.float32)

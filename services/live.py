@@ -54,6 +54,7 @@ from config import Settings
 from services.deps import Services, ServicesDep
 from services.errors import domain_error
 from services.streaming import MJPEGResponse, encode_jpeg, mjpeg_part
+from synctalk.audio import frame_levels_db
 from synctalk.engine import LipSyncEngine, pingpong_step
 from synctalk.features import StreamingFeatures
 from synctalk.scheduler import FrameScheduler
@@ -233,24 +234,21 @@ class EnergyGate:
         buf = np.concatenate([self._tail, pcm]) if self._tail.size else pcm
         n = len(buf) // self.frame
         if n:
-            blocks = buf[: n * self.frame].reshape(n, self.frame).astype(np.float64)
-            self._add(np.sqrt(np.mean(blocks * blocks, axis=1)))
+            self._add(frame_levels_db(buf[: n * self.frame], self.frame))
         self._tail = np.array(buf[n * self.frame:], dtype=np.float32)
 
     def end(self, total_frames: int) -> None:
         """The audio ended; frames up to `total_frames` exist (a last partial frame counts if needed)."""
         if len(self.voiced) < total_frames and self._tail.size:
-            tail = self._tail.astype(np.float64)
-            self._add(np.array([math.sqrt(float(np.mean(tail * tail)))]))
+            self._add(frame_levels_db(self._tail, len(self._tail)))
         del self.voiced[total_frames:]
         del self.levels_db[total_frames:]
         while len(self.voiced) < total_frames:
-            self._add(np.zeros(1))
+            self._add(frame_levels_db(np.zeros(1), 1))
         self._tail = np.zeros(0, np.float32)
         self.ended = True
 
-    def _add(self, rms: np.ndarray) -> None:
-        db = 20.0 * np.log10(np.maximum(rms, 1e-10))
+    def _add(self, db: np.ndarray) -> None:
         self.levels_db.extend(float(x) for x in db)
         self.voiced.extend(bool(x) for x in db > self.threshold)
 

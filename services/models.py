@@ -256,6 +256,7 @@ class ModelService:
         engine = LipSyncEngine.load(
             info.dataset_dir, info.checkpoint_path, backend=models.backend, device=models.resolved_device(),
             dtype=models.dtype, threads=models.threads, batch_size=models.batch_size, color_match=models.color_match,
+            speech_gate=self.settings.speech_gate(),
             ave_checkpoint=models.ave_checkpoint, feature_config=self.settings.audio.feature_config(),
             idle=info.idle,
         )

@@ -14,6 +14,7 @@ import math
 import os
 import wave
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -275,3 +276,51 @@ def segments_to_mask(segments: Sequence[tuple[int, int]], n: int) -> np.ndarray:
     for s, e in segments:
         mask[max(s, 0):min(e, n)] = True
     return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Speech gate (the live path's, the offline CLI's, /generate's and evaluation's)
+
+
+@dataclass(frozen=True)
+class SpeechGate:
+    """Speech vs silence by energy: a 40 ms frame is voiced above `threshold_db` dBFS; speech lasts
+    `hangover_ms` past the last voiced frame (short pauses between words keep the lips going)."""
+
+    threshold_db: float = -45.0
+    hangover_ms: int = 240
+
+    @property
+    def hangover_frames(self) -> int:
+        return int(round(self.hangover_ms * FPS / 1000))
+
+    def speaking(self, audio16k: np.ndarray, n_frames: int) -> np.ndarray:
+        """`speaking_frames` of `audio16k` under this gate."""
+        return speaking_frames(audio16k, n_frames, self.threshold_db, self.hangover_frames)
+
+
+def frame_levels_db(pcm: np.ndarray, frame: int = SAMPLE_RATE // FPS) -> np.ndarray:
+    """RMS level in dBFS of each whole `frame`-sample block of `pcm` (a partial tail is left out)."""
+    n = len(pcm) // frame
+    blocks = np.asarray(pcm[: n * frame], np.float64).reshape(n, frame)
+    return 20.0 * np.log10(np.maximum(np.sqrt(np.mean(blocks * blocks, axis=1)), 1e-10))
+
+
+def speaking_frames(audio16k: np.ndarray, n_frames: int, threshold_db: float, hangover: int) -> np.ndarray:
+    """Bool `[n_frames]`: video frame a is speech when the RMS of its 40 ms of audio, or of one of the
+    `hangover` frames before it, is above `threshold_db` dBFS (the live path's `EnergyGate` rule); frames
+    past the end of the audio are silent (a last partial frame is measured on what there is)."""
+    frame = SAMPLE_RATE // FPS
+    pcm = np.asarray(audio16k, np.float32).reshape(-1)[: n_frames * frame]
+    levels = np.full(n_frames, -200.0)
+    whole = frame_levels_db(pcm, frame)
+    levels[: len(whole)] = whole
+    if len(pcm) % frame and len(whole) < n_frames:
+        tail = pcm[len(whole) * frame:]
+        levels[len(whole)] = frame_levels_db(tail, len(tail))[0]
+    voiced = levels > threshold_db
+    if hangover <= 0:
+        return voiced
+    # any voiced frame in [a - hangover, a]: a running count over a window of hangover + 1 frames
+    counts = np.convolve(voiced.astype(np.int32), np.ones(hangover + 1, np.int32))[:n_frames]
+    return counts > 0

@@ -28,10 +28,11 @@ import numpy as np
 import onnxruntime as ort
 
 from synctalk import face as face_crop
+from synctalk.audio import SpeechGate
 from synctalk.face import BLEND_MODES, Paster
 from synctalk.features import FeatureConfig, extract_features
 from synctalk.sizes import audio_input_shape, audio_window, get_size
-from synctalk.timing import SAMPLE_RATE
+from synctalk.timing import FPS, SAMPLE_RATE
 from unet_328 import export_onnx, load_unet_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class LipSyncEngine:
     def __init__(self, dataset_dir: Path, checkpoint_path: Path, runner, meta: dict, frames: FrameStore,
                  boxes: np.ndarray, crops: np.ndarray | None, batch_size: int, blend: str,
                  color_match: bool, ave_checkpoint: Path | None, feature_config: FeatureConfig,
-                 idle: str = "recorded"):
+                 idle: str = "recorded", speech_gate: SpeechGate | None = None):
         if idle not in IDLE_MODES:
             raise EngineError(f"unknown idle mode {idle!r}; choose one of {IDLE_MODES}")
         self.dataset_dir = dataset_dir
@@ -276,6 +277,7 @@ class LipSyncEngine:
         self.idle = idle
         self._idle_crops: dict[int, np.ndarray] = {}  # idle="rendered": frame -> silent-mouth crop
         self._silence: np.ndarray | None = None
+        self.speech_gate = speech_gate  # `gate`: pauses get the model's silent mouth (None: off)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -284,7 +286,7 @@ class LipSyncEngine:
              device: str = "cpu", dtype: str = "float32", batch_size: int = 8, threads: int = 1,
              blend: str = "feather", color_match: bool = True, ave_checkpoint: str | Path | None = None,
              frame_cache_bytes: int = FRAME_CACHE_BYTES, feature_config: FeatureConfig | None = None,
-             idle: str = "recorded") -> LipSyncEngine:
+             idle: str = "recorded", speech_gate: SpeechGate | None = None) -> LipSyncEngine:
         """Load an avatar: dataset folder (frames, crop boxes, crop cache) + U-Net checkpoint. Every
         option is an argument (the server and CLIs pass their settings). Raises EngineError /
         CheckpointError."""
@@ -328,7 +330,8 @@ class LipSyncEngine:
         else:
             log.info("no %s: cropping from the frames on the fly", cache.name)
         engine = cls(dataset_dir, checkpoint_path, runner, meta, frames, boxes, crops, batch_size, blend,
-                     color_match, Path(ave_checkpoint) if ave_checkpoint else None, feature_config, idle)
+                     color_match, Path(ave_checkpoint) if ave_checkpoint else None, feature_config, idle,
+                     speech_gate)
         log.info("loaded avatar %s: %d frames %dx%d, %s mode, size %s, backend %s on %s, batch %d",
                  dataset_dir.name, len(frames), frames.shape[1], frames.shape[0], engine.mode,
                  size.name, backend, runner.device, batch_size)
@@ -352,7 +355,8 @@ class LipSyncEngine:
                 "frame_size": [self.frames.shape[1], self.frames.shape[0]],
                 "backend": "onnx" if isinstance(self.runner, _OrtRunner) else "torch",
                 "device": self.runner.device, "dtype": self.runner.dtype, "batch_size": self.batch_size,
-                "blend": self.blend, "color_match": self.color_match}
+                "blend": self.blend, "color_match": self.color_match,
+                "speech_gate": None if self.speech_gate is None else vars(self.speech_gate)}
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -436,13 +440,34 @@ class LipSyncEngine:
                 out[s:s + b] = slot.crops[:b]
         return out
 
-    def silence_window(self) -> np.ndarray:
-        """The network audio input `[1, C, H, W]` of silence (digital silence through this checkpoint's
-        feature routine; computed once)."""
+    def _silence_features(self) -> np.ndarray:
+        """Features of 2 s of digital silence through this checkpoint's feature routine (computed once)."""
         if self._silence is None:
-            feats = self.features(np.zeros(2 * SAMPLE_RATE, np.float32))
-            self._silence = self.audio_windows(feats, [len(feats) // 2])
+            self._silence = self.features(np.zeros(2 * SAMPLE_RATE, np.float32))
         return self._silence
+
+    def silence_window(self) -> np.ndarray:
+        """The network audio input `[1, C, H, W]` of silence (the middle of 2 s of digital silence)."""
+        feats = self._silence_features()
+        return self.audio_windows(feats, [len(feats) // 2])
+
+    def gate(self, features: np.ndarray, audio16k: np.ndarray, first_frame: int = 0) -> np.ndarray:
+        """Per-frame `features` of `audio16k` (their rows are frames `first_frame`, `first_frame + 1`, ...)
+        with the rows of frames that are not speech under the engine's `speech_gate` replaced by the row
+        of digital silence, so the model renders its silent mouth in pauses whatever they sound like (a
+        copy; unchanged without a gate, outside whisper mode, or when every frame is speech)."""
+        if self.speech_gate is None or self.mode != "whisper" or not len(features):
+            return features
+        frame = SAMPLE_RATE // FPS
+        start = max(0, first_frame - self.speech_gate.hangover_frames)  # the hangover looks back this far
+        audio = np.asarray(audio16k, np.float32).reshape(-1)[start * frame:]
+        speaking = self.speech_gate.speaking(audio, first_frame - start + len(features))[first_frame - start:]
+        if speaking.all():
+            return features
+        feats = self._silence_features()
+        out = np.array(features, copy=True)
+        out[~speaking] = feats[len(feats) // 2]
+        return out
 
     def idle_frame(self, index: int) -> np.ndarray:
         """Source frame `index` as the idle loop shows it: as recorded (`idle="recorded"`, read-only), or

@@ -14,6 +14,7 @@ from conftest import REPO
 
 from synctalk import face as face_crop
 from synctalk.engine import LipSyncEngine, ensure_onnx, onnx_model_path, pingpong_order
+from synctalk.audio import SpeechGate, speaking_frames
 from synctalk.metrics import colour_step_excess, paste_composite
 
 FIXTURE_VIDEO = REPO / "tests" / "fixtures" / "synth_fixture.mp4"
@@ -200,6 +201,44 @@ def test_run_streams_through_a_fixed_pool_and_equals_render(engine):
     expected = engine.render(engine.audio_windows(feats, range(11)), order)
     for got, want in zip(frames, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_speaking_frames_follow_the_energy_with_hangover_and_measure_a_partial_tail():
+    t = np.arange(640, dtype=np.float32) / 16000
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t).astype(np.float32)  # about -13.5 dBFS
+    audio = np.zeros(20 * 640 + 100, np.float32)  # 20 whole frames and a partial one
+    audio[5 * 640:10 * 640] = np.tile(tone, 5)  # frames 5-9 voiced
+    audio[-100:] = 0.3  # the partial frame 20 is loud
+    got = speaking_frames(audio, 22, threshold_db=-45.0, hangover=3)
+    want = np.zeros(22, bool)
+    want[5:13] = True  # 5-9 voiced, 10-12 by the hangover
+    want[20:] = True  # the partial tail measured on its own samples; frame 21 (past the end) by the hangover
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(speaking_frames(audio, 22, -45.0, 0)[:13], (np.arange(13) >= 5) & (np.arange(13) < 10))
+
+
+def test_speech_gate_gives_pauses_the_silent_row_and_streams_equal_the_offline_path(avatar, engine):
+    """The engine's gate replaces the feature rows of pause frames (and only those) by the row of digital
+    silence; /generate's streaming feed produces exactly the rows the offline CLI renders from."""
+    from services.generator import FeatureFeed
+
+    _, _, _, ckpt, ds = avatar
+    gated_engine = LipSyncEngine.load(ds, ckpt, backend="onnx", device="cpu", batch_size=4,
+                                      speech_gate=SpeechGate(-45.0, 120))
+    rng = np.random.default_rng(4)
+    audio = np.zeros(16000 * 3, np.float32)
+    audio[:16000] = 0.2 * rng.standard_normal(16000)  # 1 s of noise "speech", then 2 s of pause
+    feats = gated_engine.features(audio)
+    gated = gated_engine.gate(feats, audio)
+    assert engine.gate(feats, audio) is feats  # no gate: unchanged
+    speaking = speaking_frames(audio, len(feats), -45.0, 3)
+    assert speaking[:25].all() and speaking[25:28].all() and not speaking[28:].any()
+    np.testing.assert_array_equal(gated[speaking], feats[speaking])
+    silent_row = gated_engine.features(np.zeros(32000, np.float32))[25]
+    np.testing.assert_allclose(gated[~speaking], np.broadcast_to(silent_row, gated[~speaking].shape), atol=0)
+    assert np.abs(feats[~speaking] - silent_row).max() > 1e-3  # the pause's own rows did differ
+    feed = FeatureFeed(gated_engine, audio)
+    np.testing.assert_allclose(feed.ensure(len(feats)), gated, atol=1e-5)
 
 
 def test_onnx_model_is_cached_and_reexported_when_the_checkpoint_changes(avatar, tmp_path):
