@@ -89,7 +89,8 @@ class AudioConfig(BaseModel):
     window_s: float = Field(2.0, gt=0.2, le=30.0)  # encoder context per call
     hop_s: float = Field(0.2, gt=0.0, le=2.0)  # new audio per encoder call
     lookahead_s: float = Field(0.2, ge=0.0, le=2.0)  # future audio each hop waits for
-    silence_gate: bool = True  # pauses (server.vad_*) get the model's silent mouth in every path
+    silence_gate: bool = True  # pauses (server.vad_threshold_db) get the model's silent mouth in every path
+    gate_hangover_ms: int = Field(80, ge=0, le=2000)  # a pause frame is speech this long after the last voiced one
 
     def feature_config(self) -> FeatureConfig:
         """The library's feature settings (`synctalk.features.FeatureConfig`)."""
@@ -193,11 +194,12 @@ class Settings(BaseSettings):
     paths: PathsConfig = PathsConfig()
 
     def speech_gate(self) -> SpeechGate | None:
-        """The engine's speech gate: `server.vad_threshold_db` / `server.vad_hangover_ms` (the live path's
-        rule), or None with `audio.silence_gate` off."""
+        """The engine's speech gate: the live path's level rule (`server.vad_threshold_db`) with its own
+        hangover (`audio.gate_hangover_ms`: the live path holds speech longer before it cross-fades to the
+        idle loop), or None with `audio.silence_gate` off."""
         if not self.audio.silence_gate:
             return None
-        return SpeechGate(self.server.vad_threshold_db, self.server.vad_hangover_ms)
+        return SpeechGate(self.server.vad_threshold_db, self.audio.gate_hangover_ms)
 
 
 def load_settings() -> Settings:
