@@ -177,6 +177,7 @@ class Avatar:
     engine: LipSyncEngine
     features: np.ndarray  # [N, ...] the dataset's audio features
     gated: np.ndarray  # the same through the engine's speech gate: what the model is driven with
+    speaking: np.ndarray | None  # the gate's per-frame speech mask (None without a gate)
     audio: np.ndarray  # 16 kHz mono float32 of the training video
     held_out: np.ndarray  # sorted frame indices never trained on
     train_frames: np.ndarray  # sorted training frame indices
@@ -474,11 +475,12 @@ def paste_all(av: Avatar, crops: np.ndarray, frames: np.ndarray) -> list[np.ndar
 
 
 def render_crops(av: Avatar, features: np.ndarray, rows: np.ndarray, targets: np.ndarray,
-                 refs: np.ndarray) -> np.ndarray:
-    """The model's crops: audio at feature rows `rows` on source frames `targets` with reference
-    frames `refs` (the one place the U-Net runs during evaluation; tests replace it)."""
+                 refs: np.ndarray, speaking: np.ndarray | None = None) -> np.ndarray:
+    """The model's crops: audio at feature rows `rows` (pause frames per `speaking` get the window of
+    silence) on source frames `targets` with reference frames `refs` (the one place the U-Net runs during
+    evaluation; tests replace it)."""
     eng = av.engine
-    return render_with_reference(eng, eng.audio_windows(features, rows), targets, refs)
+    return render_with_reference(eng, eng.audio_windows(features, rows, speaking=speaking), targets, refs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +527,7 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
     cands = [Candidate("mean_crop", lambda s, e: with_interior(real_of(s, e), mean_crop[None], border))]
     for p in policies:
         cands.append(Candidate(f"{p}:model", lambda s, e, p=p: render_crops(av, av.gated, idx[s:e], idx[s:e],
-                                                                            refs[p][s:e])))
+                                                                            refs[p][s:e], av.speaking)))
         if p != "same":  # copying the target's own crop is the real video
             cands.append(Candidate(f"{p}:copy_reference", lambda s, e, p=p: with_interior(
                 real_of(s, e), np.stack([av.crop_of(int(r)) for r in refs[p][s:e]]), border)))
@@ -602,7 +604,8 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
     if n < 3:
         raise EvalError(f"audio {path} is too short to evaluate ({n} frames)")
     idx = av.held_out[pingpong(0, len(av.held_out), n)]
-    gated = av.engine.gate(features, audio16k)  # what the model is driven with (the SyncNet hears `features`)
+    speaking = av.engine.speaking(audio16k, len(features))
+    gated = av.engine.gate(features, speaking)  # what the model is driven with (the SyncNet hears `features`)
     track, source = Track(), Track()
     strip_at = set(strip_positions(n))
     bar = _progress(n, f"{av.label} {path.name}")
@@ -611,7 +614,7 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
         real_full = [av.frame(int(i)) for i in idx[s:e]]
         chunk = Chunk(idx[s:e], range(s, e), real_full, np.stack([av.crop_of(int(i)) for i in idx[s:e]]),
                       av.boxes[idx[s:e]])
-        crops = render_crops(av, gated, np.arange(s, e), idx[s:e], idx[s:e])
+        crops = render_crops(av, gated, np.arange(s, e), idx[s:e], idx[s:e], speaking)
         measure_chunk(track, av, chunk, crops, paste_all(av, crops, idx[s:e]), mesh, strip_at, pixels=False)
         for i, frame in zip(idx[s:e], real_full):  # the source frames unchanged: landmarks cached per frame
             if int(i) not in real_landmarks:
@@ -1007,8 +1010,9 @@ def load_avatar(name: str, checkpoint: str | None, dataset_root: Path, checkpoin
             log.warning("SyncNet %s: %s", sync_path, sync_status(sync)["note"])
     else:
         log.warning("no SyncNet at %s: SyncNet offset/confidence are left out", sync_path)
-    return Avatar(name, dataset_dir, ckpt, engine, features, engine.gate(features, audio), audio, np.asarray(val),
-                  np.asarray(train), split, sync)
+    speaking = engine.speaking(audio, len(features))
+    return Avatar(name, dataset_dir, ckpt, engine, features, engine.gate(features, speaking), speaking, audio,
+                  np.asarray(val), np.asarray(train), split, sync)
 
 
 def evaluate_avatar(av: Avatar, audio_files: list[Path], mesh: FaceMesh, max_frames: int | None,

@@ -236,11 +236,13 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
 
     start = time.perf_counter()
     try:
-        features = engine.gate(engine.features(audio), audio)
+        features = engine.features(audio)
     except ValueError as exc:  # e.g. ave mode without the AVE checkpoint
         raise InferenceError(str(exc)) from None
     n = frames_for_samples(len(audio))
     order = engine.frame_order(n, args.start_frame, args.loop_back)
+    speaking = engine.speaking(audio, len(features))  # pauses: the model's silent mouth (docs/inference.md)
+    features = engine.gate(features, speaking)
 
     out = Path(args.output) if args.output else (
         args.result_dir / f"{args.name}_{Path(args.audio_path).stem}_{checkpoint.stem}.mp4")
@@ -250,7 +252,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
     try:
         write_audio_first(writer, args.audio_path)
         with tqdm(total=n, unit="frame", desc=args.name, disable=None) as bar:
-            engine.run(features, order, writer.write_frame, progress=bar.update)
+            engine.run(features, order, writer.write_frame, progress=bar.update, speaking=speaking)
         writer.commit()
     except EngineError as exc:  # e.g. a source frame that no longer decodes
         writer.abort()

@@ -58,7 +58,7 @@ def mouth_zoom(crop: np.ndarray) -> np.ndarray:
 def sheet(av: ev.Avatar, frames: list[int], labels: list[str], closed: int) -> np.ndarray:
     """The sheet image (BGR): one column per frame, four rows."""
     targets = np.asarray(frames, dtype=np.int64)
-    windows = av.engine.audio_windows(av.features, targets)
+    windows = av.engine.audio_windows(av.gated, targets, speaking=av.speaking)
     gen = ev.render_with_reference(av.engine, windows, targets, np.full(len(targets), closed))
     real = np.stack([av.crop_of(int(i)) for i in targets])
     cell = lambda c: cv2.resize(c, (CELL, CELL), interpolation=cv2.INTER_CUBIC)  # noqa: E731

@@ -105,12 +105,15 @@ class FeatureFeed:
         self.error: BaseException | None = None
         self._cv = threading.Condition()
         self._stream: StreamingFeatures | None = None
+        self._speaking: np.ndarray | None = None
         self.features: np.ndarray | None = None
         if engine.mode == "whisper":
             cfg = engine.feature_config
             encoder = load_whisper_encoder(cfg.whisper_path, device=engine.feature_device)
             self._stream = StreamingFeatures(encoder, config=cfg)
             self._rows = np.zeros((self.total, *self._stream.empty().shape[1:]), np.float32)
+            if engine.speech_gate is not None:  # per-row speech mask of the gate
+                self._speaking = np.ones(len(self._rows), bool)
             self._count = self._pushed = 0
             self._flushed = False
         elif self.final:
@@ -182,14 +185,24 @@ class FeatureFeed:
         """Keep new feature rows (at most `total`, once final; the buffer grows with the audio)."""
         if self.final:
             rows = rows[: max(0, self.total - self._count)]
-        rows = self.engine.gate(rows, self.audio, first_frame=self._count)  # pauses: the silent mouth
+        speaking = self.engine.speaking(self.audio, len(rows), first_frame=self._count)
+        rows = self.engine.gate(rows, speaking)  # pauses: the model's silent mouth (docs/inference.md)
         end = self._count + len(rows)
         if end > len(self._rows):
             grown = np.zeros((max(end, 2 * len(self._rows), 64), *self._rows.shape[1:]), np.float32)
             grown[: self._count] = self._rows[: self._count]
             self._rows = grown
+        if self._speaking is not None and speaking is not None:
+            if end > len(self._speaking):
+                self._speaking = np.concatenate([self._speaking, np.ones(len(self._rows) - len(self._speaking), bool)])
+            self._speaking[self._count: end] = speaking
         self._rows[self._count: end] = rows
         self._count = end
+
+    @property
+    def speaking(self) -> np.ndarray | None:
+        """Per-frame speech mask of the rows made so far (None without a speech gate)."""
+        return None if self._speaking is None else self._speaking[: self._count]
 
     def _whole(self, cancel: threading.Event | None) -> np.ndarray:
         """Features of a non-streaming mode, computed once the whole audio is there."""
@@ -280,7 +293,7 @@ class FrameJob:
             return None
         if self.t0 is None:
             self.t0 = time.monotonic()
-        windows = svc.engine.audio_windows(features, range(start, end))
+        windows = svc.engine.audio_windows(features, range(start, end), speaking=feed.speaking)
         frames = svc.render(windows, self.order[start:end], self.t0 + start / FPS)
         jpegs = [svc.encode(f) for f in frames]
         if svc.stats is not None:

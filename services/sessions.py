@@ -484,7 +484,7 @@ class SpeechTimeline:
         features = seg.feed.ensure(hi + FUTURE_ROWS, seg.utterance.cancel)
         if seg.utterance.cancel.is_set():
             return
-        windows = self.engine.audio_windows(features, range(lo, hi))
+        windows = self.engine.audio_windows(features, range(lo, hi), speaking=seg.feed.speaking)
         if self.scheduler is not None and seg.anchor is not None and self.clock.t0 is not None:
             frames = self.scheduler.render(windows, seg.order[lo:hi], self.clock.deadline(seg.anchor + lo))
         else:

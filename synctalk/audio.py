@@ -311,6 +311,8 @@ def speaking_frames(audio16k: np.ndarray, n_frames: int, threshold_db: float, ha
     `hangover` frames before it, is above `threshold_db` dBFS (the live path's `EnergyGate` rule); frames
     past the end of the audio are silent (a last partial frame is measured on what there is)."""
     frame = SAMPLE_RATE // FPS
+    if n_frames <= 0:
+        return np.zeros(0, bool)
     pcm = np.asarray(audio16k, np.float32).reshape(-1)[: n_frames * frame]
     levels = np.full(n_frames, -200.0)
     whole = frame_levels_db(pcm, frame)

@@ -277,6 +277,7 @@ class LipSyncEngine:
         self.idle = idle
         self._idle_crops: dict[int, np.ndarray] = {}  # idle="rendered": frame -> silent-mouth crop
         self._silence: np.ndarray | None = None
+        self._silence_window: np.ndarray | None = None
         self.speech_gate = speech_gate  # `gate`: pauses get the model's silent mouth (None: off)
 
     # -- construction ---------------------------------------------------------------------------
@@ -384,12 +385,16 @@ class LipSyncEngine:
         """Where this engine's audio features run: CUDA when the U-Net runs there, else the CPU."""
         return "cuda" if self.runner.device.startswith("cuda") else "cpu"
 
-    def audio_windows(self, features: np.ndarray, indices: Sequence[int],
-                      out: np.ndarray | None = None) -> np.ndarray:
-        """Network audio inputs [len(indices), C, H, W] for output frames `indices`."""
+    def audio_windows(self, features: np.ndarray, indices: Sequence[int], out: np.ndarray | None = None,
+                      speaking: np.ndarray | None = None) -> np.ndarray:
+        """Network audio inputs [len(indices), C, H, W] for output frames `indices`; a frame that
+        `speaking` (per frame, see `speaking`) marks as a pause gets the window of silence."""
         out = np.empty((len(indices), *audio_input_shape(self.mode)), np.float32) if out is None else out
         for k, i in enumerate(indices):
-            out[k] = audio_window(features, int(i), self.mode)
+            if speaking is not None and int(i) < len(speaking) and not speaking[int(i)]:
+                out[k] = self.silence_window()[0]
+            else:
+                out[k] = audio_window(features, int(i), self.mode)
         return out
 
     def crop(self, index: int) -> np.ndarray:
@@ -448,25 +453,31 @@ class LipSyncEngine:
 
     def silence_window(self) -> np.ndarray:
         """The network audio input `[1, C, H, W]` of silence (the middle of 2 s of digital silence)."""
-        feats = self._silence_features()
-        return self.audio_windows(feats, [len(feats) // 2])
+        if self._silence_window is None:
+            feats = self._silence_features()
+            self._silence_window = self.audio_windows(feats, [len(feats) // 2])
+        return self._silence_window
 
-    def gate(self, features: np.ndarray, audio16k: np.ndarray, first_frame: int = 0) -> np.ndarray:
-        """Per-frame `features` of `audio16k` (their rows are frames `first_frame`, `first_frame + 1`, ...)
-        with the rows of frames that are not speech under the engine's `speech_gate` replaced by the row
-        of digital silence, so the model renders its silent mouth in pauses whatever they sound like (a
-        copy; unchanged without a gate, outside whisper mode, or when every frame is speech)."""
-        if self.speech_gate is None or self.mode != "whisper" or not len(features):
-            return features
+    def speaking(self, audio16k: np.ndarray, n_frames: int, first_frame: int = 0) -> np.ndarray | None:
+        """Bool `[n_frames]`: whether frames `first_frame`, `first_frame + 1`, ... of `audio16k` are speech
+        under the engine's `speech_gate` (None without a gate or outside whisper mode: all speech)."""
+        if self.speech_gate is None or self.mode != "whisper":
+            return None
         frame = SAMPLE_RATE // FPS
         start = max(0, first_frame - self.speech_gate.hangover_frames)  # the hangover looks back this far
         audio = np.asarray(audio16k, np.float32).reshape(-1)[start * frame:]
-        speaking = self.speech_gate.speaking(audio, first_frame - start + len(features))[first_frame - start:]
-        if speaking.all():
+        return self.speech_gate.speaking(audio, first_frame - start + int(n_frames))[first_frame - start:]
+
+    def gate(self, features: np.ndarray, speaking: np.ndarray | None) -> np.ndarray:
+        """`features` with the rows of pause frames (`speaking` False, from `speaking`) replaced by the row
+        of digital silence (a copy; unchanged when `speaking` is None or all True). With `audio_windows`'
+        `speaking`, pause frames then render the model's silent mouth and the speech frames beside a pause
+        see silence, not the pause's own sound, in their windows."""
+        if speaking is None or speaking.all():
             return features
         feats = self._silence_features()
         out = np.array(features, copy=True)
-        out[~speaking] = feats[len(feats) // 2]
+        out[:len(speaking)][~np.asarray(speaking, bool)[:len(out)]] = feats[len(feats) // 2]
         return out
 
     def idle_frame(self, index: int) -> np.ndarray:
@@ -504,11 +515,13 @@ class LipSyncEngine:
         return list(out)
 
     def run(self, features: np.ndarray, frame_indices: Sequence[int], sink: Callable[[np.ndarray], None],
-            first_frame: int = 0, progress: Callable[[int], None] | None = None) -> int:
+            first_frame: int = 0, progress: Callable[[int], None] | None = None,
+            speaking: np.ndarray | None = None) -> int:
         """Generate output frames first_frame, first_frame+1, ... on source frames `frame_indices`
         (audio windows taken from per-frame `features`) and call `sink(frame)` for each, in order, from
         one worker thread; `frame` is a pooled buffer, valid only during the call. The U-Net runs on
-        the calling thread while the worker pastes and sinks the previous batch. Returns the count."""
+        the calling thread while the worker pastes and sinks the previous batch; `speaking` marks pause
+        frames (`audio_windows`). Returns the count."""
         indices = np.asarray(frame_indices, dtype=np.int64)
         n = len(indices)
         pool = [np.empty(self.frame_shape, np.uint8) for _ in range(2)]
@@ -528,7 +541,8 @@ class LipSyncEngine:
                     slot = self._slots[k % 2]  # its previous batch (k-2) finished: see the wait below
                     idx = indices[s:s + self.batch_size]
                     b = self._prepare(slot, idx)
-                    self.audio_windows(features, range(first_frame + s, first_frame + s + b), slot.audio[:b])
+                    self.audio_windows(features, range(first_frame + s, first_frame + s + b), slot.audio[:b],
+                                       speaking)
                     self._infer(slot, b)
                     if pending is not None:
                         pending.result()

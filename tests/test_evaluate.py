@@ -597,7 +597,7 @@ def test_oracle_and_reference_copier_on_the_fixture(fixture_avatar, tmp_path, mo
     copy-reference baseline under cross-reference, is flagged UNUSABLE, and --strict exits non-zero."""
     import evaluate
 
-    def oracle(av, features, rows, targets, refs):
+    def oracle(av, features, rows, targets, refs, speaking=None):
         return np.stack([av.crop_of(int(i)) for i in targets])
 
     monkeypatch.setattr(evaluate, "render_crops", oracle)
@@ -619,7 +619,7 @@ def test_oracle_and_reference_copier_on_the_fixture(fixture_avatar, tmp_path, mo
     page = (out_dir / "report.html").read_text()
     assert report["verdict"]["line"] in page and "copy-reference" in page
 
-    def copier(av, features, rows, targets, refs):
+    def copier(av, features, rows, targets, refs, speaking=None):
         crops = np.stack([av.crop_of(int(i)) for i in targets])
         return evaluate.with_interior(crops, np.stack([av.crop_of(int(r)) for r in refs]), av.engine.size.border)
 

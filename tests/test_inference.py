@@ -13,8 +13,8 @@ import pytest
 from conftest import REPO
 
 from synctalk import face as face_crop
-from synctalk.engine import LipSyncEngine, ensure_onnx, onnx_model_path, pingpong_order
 from synctalk.audio import SpeechGate, speaking_frames
+from synctalk.engine import LipSyncEngine, ensure_onnx, onnx_model_path, pingpong_order
 from synctalk.metrics import colour_step_excess, paste_composite
 
 FIXTURE_VIDEO = REPO / "tests" / "fixtures" / "synth_fixture.mp4"
@@ -217,9 +217,10 @@ def test_speaking_frames_follow_the_energy_with_hangover_and_measure_a_partial_t
     np.testing.assert_array_equal(speaking_frames(audio, 22, -45.0, 0)[:13], (np.arange(13) >= 5) & (np.arange(13) < 10))
 
 
-def test_speech_gate_gives_pauses_the_silent_row_and_streams_equal_the_offline_path(avatar, engine):
-    """The engine's gate replaces the feature rows of pause frames (and only those) by the row of digital
-    silence; /generate's streaming feed produces exactly the rows the offline CLI renders from."""
+def test_speech_gate_gives_pauses_the_silent_mouth_and_streams_equal_the_offline_path(avatar, engine):
+    """With a gate, pause frames get the window of silence (the idle loop's silent mouth) and their feature
+    rows the row of silence; speech frames keep theirs; /generate's streaming feed produces exactly the rows
+    and windows the offline CLI renders from; without a gate nothing changes."""
     from services.generator import FeatureFeed
 
     _, _, _, ckpt, ds = avatar
@@ -229,16 +230,21 @@ def test_speech_gate_gives_pauses_the_silent_row_and_streams_equal_the_offline_p
     audio = np.zeros(16000 * 3, np.float32)
     audio[:16000] = 0.2 * rng.standard_normal(16000)  # 1 s of noise "speech", then 2 s of pause
     feats = gated_engine.features(audio)
-    gated = gated_engine.gate(feats, audio)
-    assert engine.gate(feats, audio) is feats  # no gate: unchanged
-    speaking = speaking_frames(audio, len(feats), -45.0, 3)
-    assert speaking[:25].all() and speaking[25:28].all() and not speaking[28:].any()
+    speaking = gated_engine.speaking(audio, len(feats))
+    assert engine.speaking(audio, len(feats)) is None and engine.gate(feats, None) is feats  # no gate
+    np.testing.assert_array_equal(speaking, speaking_frames(audio, len(feats), -45.0, 3))
+    assert speaking[:28].all() and not speaking[28:].any()
+    gated = gated_engine.gate(feats, speaking)
     np.testing.assert_array_equal(gated[speaking], feats[speaking])
     silent_row = gated_engine.features(np.zeros(32000, np.float32))[25]
-    np.testing.assert_allclose(gated[~speaking], np.broadcast_to(silent_row, gated[~speaking].shape), atol=0)
+    np.testing.assert_array_equal(gated[~speaking], np.broadcast_to(silent_row, gated[~speaking].shape))
     assert np.abs(feats[~speaking] - silent_row).max() > 1e-3  # the pause's own rows did differ
+    windows = gated_engine.audio_windows(gated, range(len(feats)), speaking=speaking)
+    np.testing.assert_array_equal(windows[40], gated_engine.silence_window()[0])
+    np.testing.assert_array_equal(windows[10], gated_engine.audio_windows(feats, [10])[0])  # deep in speech
     feed = FeatureFeed(gated_engine, audio)
     np.testing.assert_allclose(feed.ensure(len(feats)), gated, atol=1e-5)
+    np.testing.assert_array_equal(feed.speaking, speaking)
 
 
 def test_onnx_model_is_cached_and_reexported_when_the_checkpoint_changes(avatar, tmp_path):
