@@ -67,7 +67,7 @@ MAX_SECOND_FACE = 0.20       # refuse when a second face is seen in more than th
 JPEG_QUALITY = 95            # as upstream (cv2's default)
 MESH_SIZE = 640              # face mesh runs on a copy whose longest side is at most this (0 = full size)
 WORKERS = 2                  # JPEG writer threads
-FEATURE_BATCH = 16           # audio-feature encoder windows per call
+FEATURE_BATCH = speech_features.FILE_BATCH  # audio-feature encoder windows per call
 MAX_FACES = 2                # face mesh max_num_faces: 2 notices a second face
 CLIP_LEVEL = 0.999           # |sample| at or above this (of full scale) counts as clipped
 SILENCE_MIN_S = 1.0          # report/advice: silence wanted at start and end of the recording

@@ -89,7 +89,8 @@ class EnhancedFrameGenerationService(FrameGenerationService):
 class FeatureFeed:
     """Per-frame features of a clip. Whisper mode runs `synctalk.features.StreamingFeatures` one hop at a
     time, only as far as asked, so rows for the first frames exist long before the last ones (the windows
-    are the ones `extract_features` uses, so the frames equal the offline CLI's). Other modes (ave) are
+    are the ones `extract_features` uses, so the frames equal the offline CLI's up to the float rounding of its
+    batched encoder calls). Other modes (ave) are
     computed in one call once the whole clip is there.
 
     A feed made with `final=False` takes more audio as it arrives (`append`, from another thread) until

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from synctalk import face as face_crop
 from synctalk.audio import SpeechGate
 from synctalk.face import BLEND_MODES, Paster
-from synctalk.features import FeatureConfig, extract_features
+from synctalk.features import FILE_BATCH, FeatureConfig, extract_features
 from synctalk.sizes import audio_input_shape, audio_window, get_size
 from synctalk.timing import FPS, SAMPLE_RATE
 from unet_328 import export_onnx, load_unet_checkpoint, read_checkpoint
@@ -376,8 +376,9 @@ class LipSyncEngine:
         return pingpong_order(self.n_frames, n, start_frame, loop_back)
 
     def features(self, audio16k: np.ndarray) -> np.ndarray:
-        """Per-video-frame audio features of 16 kHz mono audio in this checkpoint's mode."""
-        return extract_features(audio16k, self.mode, device=self.feature_device,
+        """Per-video-frame audio features of 16 kHz mono audio in this checkpoint's mode (a whole file:
+        `FILE_BATCH` windows per encoder call, as the dataset's features were made)."""
+        return extract_features(audio16k, self.mode, device=self.feature_device, batch_size=FILE_BATCH,
                                 ave_checkpoint=self.ave_checkpoint, config=self.feature_config)
 
     @property

@@ -417,6 +417,9 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
+FILE_BATCH = 16  # encoder windows per call where many are ready at once: whole files, several live streams
+
+
 class StreamingFeatures:
     """Incremental Whisper features for a PCM stream (16 kHz mono float32, any chunk sizes).
 

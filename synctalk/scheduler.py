@@ -40,9 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from synctalk.engine import LipSyncEngine
+from synctalk.features import FILE_BATCH as FEATURE_BATCH  # most Whisper windows in one batched encoder call
 from synctalk.features import StreamingFeatures
-
-FEATURE_BATCH = 16  # most Whisper windows in one batched encoder call
 
 log = logging.getLogger(__name__)
 

@@ -243,7 +243,7 @@ def test_speech_gate_gives_pauses_the_silent_mouth_and_streams_equal_the_offline
     np.testing.assert_array_equal(windows[40], gated_engine.silence_window()[0])
     np.testing.assert_array_equal(windows[10], gated_engine.audio_windows(feats, [10])[0])  # deep in speech
     feed = FeatureFeed(gated_engine, audio)
-    np.testing.assert_allclose(feed.ensure(len(feats)), gated, atol=1e-5)
+    np.testing.assert_allclose(feed.ensure(len(feats)), gated, atol=1e-4)  # batched vs single encoder calls
     np.testing.assert_array_equal(feed.speaking, speaking)
 
 
