@@ -193,9 +193,9 @@ class FeatureFeed:
             grown = np.zeros((max(end, 2 * len(self._rows), 64), *self._rows.shape[1:]), np.float32)
             grown[: self._count] = self._rows[: self._count]
             self._rows = grown
+            if self._speaking is not None:  # the speech mask grows with the rows it describes
+                self._speaking = np.concatenate([self._speaking, np.ones(len(grown) - len(self._speaking), bool)])
         if self._speaking is not None and speaking is not None:
-            if end > len(self._speaking):
-                self._speaking = np.concatenate([self._speaking, np.ones(len(self._rows) - len(self._speaking), bool)])
             self._speaking[self._count: end] = speaking
         self._rows[self._count: end] = rows
         self._count = end
