@@ -927,7 +927,9 @@ class LiveConnection:
         finally:
             for task in (receiver, sender):
                 task.cancel()
-            await asyncio.gather(receiver, sender, return_exceptions=True)
+            for outcome in await asyncio.gather(receiver, sender, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    forget_frames(outcome)
             self.timeline.close()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.timeline.join)
@@ -1048,6 +1050,21 @@ class LiveConnection:
             last_at = send_at
             self.frames_sent += 1
             self.timeline.sent(item.k)
+
+
+def forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of `exc` and the exceptions it chains to. The event loop may keep the last
+    exception a socket raised (uvloop does); its traceback would otherwise keep this connection's frames,
+    and so the connection, its timeline and their buffers, alive after the client is gone."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        item.__traceback__ = None
+        todo += [item.__cause__, item.__context__]
 
 
 class SlowClient(Exception):
