@@ -12,7 +12,7 @@ import numpy as np
 
 from services.streaming import StreamStats, encode_jpeg
 from synctalk.engine import LipSyncEngine
-from synctalk.features import StreamingFeatures, load_whisper_encoder
+from synctalk.features import FILE_BATCH, StreamingFeatures, load_whisper_encoder
 from synctalk.scheduler import FrameScheduler
 from synctalk.timing import FPS, FUTURE_ROWS, SAMPLES_PER_FRAME
 
@@ -87,11 +87,11 @@ class EnhancedFrameGenerationService(FrameGenerationService):
 
 
 class FeatureFeed:
-    """Per-frame features of a clip. Whisper mode runs `synctalk.features.StreamingFeatures` one hop at a
-    time, only as far as asked, so rows for the first frames exist long before the last ones (the windows
-    are the ones `extract_features` uses, so the frames equal the offline CLI's up to the float rounding of its
-    batched encoder calls). Other modes (ave) are
-    computed in one call once the whole clip is there.
+    """Per-frame features of a clip. Whisper mode runs `synctalk.features.StreamingFeatures` only as far as
+    asked, the hops a request needs in one encoder call (through `encode`, the avatar's cross-stream window
+    batcher, when given), so rows for the first frames exist long before the last ones (the windows are the
+    ones `extract_features` uses, so the frames equal the offline CLI's up to the float rounding of batched
+    encoder calls). Other modes (ave) are computed in one call once the whole clip is there.
 
     A feed made with `final=False` takes more audio as it arrives (`append`, from another thread) until
     `finish()` (or `fail(exc)`); `ensure` then waits for the audio it needs. `total` counts the frames of
@@ -99,7 +99,8 @@ class FeatureFeed:
 
     WAIT_S = 0.05  # longest wait for audio between checks of the cancel flag
 
-    def __init__(self, engine: LipSyncEngine, audio16k: np.ndarray, final: bool = True):
+    def __init__(self, engine: LipSyncEngine, audio16k: np.ndarray, final: bool = True,
+                 encode: Callable[[np.ndarray], np.ndarray] | None = None):
         self.engine = engine
         self.audio = np.ascontiguousarray(np.asarray(audio16k, dtype=np.float32).reshape(-1))
         self.final = bool(final)
@@ -111,7 +112,7 @@ class FeatureFeed:
         if engine.mode == "whisper":
             cfg = engine.feature_config
             encoder = load_whisper_encoder(cfg.whisper_path, device=engine.feature_device)
-            self._stream = StreamingFeatures(encoder, config=cfg)
+            self._stream = StreamingFeatures(encoder, config=cfg, encode=encode)
             self._rows = np.zeros((self.total, *self._stream.empty().shape[1:]), np.float32)
             if engine.speech_gate is not None:  # per-row speech mask of the gate
                 self._speaking = np.ones(len(self._rows), bool)
@@ -168,7 +169,7 @@ class FeatureFeed:
             if self.error is not None or self._count >= (min(k, self.total) if final else k):
                 break
             if self._pushed < len(self.audio):
-                chunk = self.audio[self._pushed: self._pushed + self._stream.hop]
+                chunk = self.audio[self._pushed: self._pushed + self._chunk(k)]
                 self._pushed += len(chunk)
                 self._add(self._stream.push(chunk))
             elif final and not self._flushed:
@@ -181,6 +182,14 @@ class FeatureFeed:
         if self.error is not None:
             raise RuntimeError(f"the speech audio failed: {self.error}") from self.error
         return self._rows[: self._count]
+
+    def _chunk(self, k: int) -> int:
+        """Samples to push next on the way to `k` rows: every hop those rows need (with the look-ahead), so
+        their windows are encoded in one call, at most `FILE_BATCH` hops and at least one."""
+        stream = self._stream
+        assert stream is not None
+        hops = -(-(k - self._count) // stream.frames_per_call) + -(-stream.lookahead // stream.hop)
+        return stream.hop * max(1, min(hops, FILE_BATCH))
 
     def _add(self, rows: np.ndarray) -> None:
         """Keep new feature rows (at most `total`, once final; the buffer grows with the audio)."""
@@ -235,7 +244,8 @@ class FrameJob:
     def __init__(self, service: FrameGenerationService, audio16k: np.ndarray,
                  on_frame: Callable[[int, bytes], None] | None = None, final: bool = True):
         self.service = service
-        self.feed: FeatureFeed | None = FeatureFeed(service.engine, audio16k, final=final)
+        encode = service.scheduler.feature_encoder() if service.scheduler is not None else None
+        self.feed: FeatureFeed | None = FeatureFeed(service.engine, audio16k, final=final, encode=encode)
         self.order = np.zeros(0, np.int64)
         self._order_key: tuple[int, bool] | None = None  # (frames, final) the order was computed for
         self._closed_total: int | None = None
