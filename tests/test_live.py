@@ -346,6 +346,30 @@ def test_feature_delay_covers_the_unet_window():
     assert feature_delay_samples(3200, 3200) == 17 * 640
     assert feature_delay_samples(640, 0) == 8 * 640  # hop of one frame, no look-ahead: just the window
 
+def test_forget_frames_drops_every_traceback_of_a_chain():
+    """A closed connection's task exceptions lose their tracebacks (the event loop may keep the last
+    one a socket raised: its frames would keep the connection alive), causes and contexts included."""
+    from services.live import forget_frames
+
+    def fail() -> None:
+        try:
+            raise OSError("socket gone")
+        except OSError as inner:
+            raise ConnectionError("client gone") from inner
+
+    try:
+        try:
+            fail()
+        except ConnectionError:
+            raise RuntimeError("while sending")  # noqa: B904 (an implicit __context__ on purpose)
+    except RuntimeError as caught:
+        exc = caught
+    chain = [exc, exc.__context__, exc.__context__.__cause__]
+    assert all(e is not None and e.__traceback__ is not None for e in chain)
+    forget_frames(exc)
+    assert [e.__traceback__ for e in chain] == [None, None, None]
+    forget_frames(exc)  # idempotent
+
 
 # ----------------------------------------------------------------------------------------------
 # GET /idle
