@@ -88,10 +88,12 @@ class EnhancedFrameGenerationService(FrameGenerationService):
 
 class FeatureFeed:
     """Per-frame features of a clip. Whisper mode runs `synctalk.features.StreamingFeatures` only as far as
-    asked, the hops a request needs in one encoder call (through `encode`, the avatar's cross-stream window
-    batcher, when given), so rows for the first frames exist long before the last ones (the windows are the
-    ones `extract_features` uses, so the frames equal the offline CLI's up to the float rounding of batched
-    encoder calls). Other modes (ave) are computed in one call once the whole clip is there.
+    asked, the hops a request needs in one encoder call, so rows for the first frames exist long before the
+    last ones (the windows are the ones `extract_features` uses, so the frames equal the offline CLI's up to
+    the float rounding of batched encoder calls). The calls depend only on the clip and the batches asked
+    for, never on other streams, so a stream's frames are the same bytes whatever else the server runs
+    (the live streams' shared window batcher trades that for latency). Other modes (ave) are computed in one
+    call once the whole clip is there.
 
     A feed made with `final=False` takes more audio as it arrives (`append`, from another thread) until
     `finish()` (or `fail(exc)`); `ensure` then waits for the audio it needs. `total` counts the frames of
@@ -99,8 +101,7 @@ class FeatureFeed:
 
     WAIT_S = 0.05  # longest wait for audio between checks of the cancel flag
 
-    def __init__(self, engine: LipSyncEngine, audio16k: np.ndarray, final: bool = True,
-                 encode: Callable[[np.ndarray], np.ndarray] | None = None):
+    def __init__(self, engine: LipSyncEngine, audio16k: np.ndarray, final: bool = True):
         self.engine = engine
         self.audio = np.ascontiguousarray(np.asarray(audio16k, dtype=np.float32).reshape(-1))
         self.final = bool(final)
@@ -112,7 +113,7 @@ class FeatureFeed:
         if engine.mode == "whisper":
             cfg = engine.feature_config
             encoder = load_whisper_encoder(cfg.whisper_path, device=engine.feature_device)
-            self._stream = StreamingFeatures(encoder, config=cfg, encode=encode)
+            self._stream = StreamingFeatures(encoder, config=cfg)
             self._rows = np.zeros((self.total, *self._stream.empty().shape[1:]), np.float32)
             if engine.speech_gate is not None:  # per-row speech mask of the gate
                 self._speaking = np.ones(len(self._rows), bool)
@@ -244,8 +245,7 @@ class FrameJob:
     def __init__(self, service: FrameGenerationService, audio16k: np.ndarray,
                  on_frame: Callable[[int, bytes], None] | None = None, final: bool = True):
         self.service = service
-        encode = service.scheduler.feature_encoder() if service.scheduler is not None else None
-        self.feed: FeatureFeed | None = FeatureFeed(service.engine, audio16k, final=final, encode=encode)
+        self.feed: FeatureFeed | None = FeatureFeed(service.engine, audio16k, final=final)
         self.order = np.zeros(0, np.int64)
         self._order_key: tuple[int, bool] | None = None  # (frames, final) the order was computed for
         self._closed_total: int | None = None

@@ -12,8 +12,8 @@ behind each other and the U-Net runs N half-empty batches where one full batch w
 - Paste-back runs in a bounded pool (`paste_workers`, default the core count), so the U-Net worker
   moves on to the next batch while the previous one is pasted.
 - A cancelled future is dropped the next time the worker looks at it: its frames are never rendered.
-- The streams' Whisper windows are batched the same way (`feature_encoder()`, a `WindowBatcher`): each
-  stream's `StreamingFeatures` (live, text and upload) hands its ready windows to one encoder worker, which waits at most
+- Live streams' Whisper windows are batched the same way (`feature_encoder()`, a `WindowBatcher`): each
+  stream's `StreamingFeatures` hands its ready windows to one encoder worker, which waits at most
   `max_wait_s` for other streams' windows and encodes them in one call (equal to encoding alone up to float
   rounding, ~1e-6).
 - `batching=False` turns all of this off: each request is rendered alone on the engine in the caller's
@@ -217,7 +217,7 @@ class FrameScheduler:
         return self.submit(windows, frame_indices, deadline).result()
 
     def feature_encoder(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        """The Whisper window encoder this avatar's streams share (`StreamingFeatures(encode=...)`),
+        """The Whisper window encoder this avatar's live streams share (`StreamingFeatures(encode=...)`),
         made on first use; None without batching (each stream then encodes its own windows)."""
         if not self.batching:
             return None
@@ -229,7 +229,7 @@ class FrameScheduler:
             return self._features.encode
 
     def snapshot(self) -> dict:
-        """JSON-able counters: U-Net batches and, once streams used it, the feature batcher's."""
+        """JSON-able counters: U-Net batches and, once live streams used it, the feature batcher's."""
         out = {**self.stats.snapshot(), "batching": self.batching}
         if self._features is not None:
             calls = self._features.stats["calls"]
