@@ -67,7 +67,6 @@ MAX_SECOND_FACE = 0.20       # refuse when a second face is seen in more than th
 JPEG_QUALITY = 95            # as upstream (cv2's default)
 MESH_SIZE = 640              # face mesh runs on a copy whose longest side is at most this (0 = full size)
 WORKERS = 2                  # JPEG writer threads
-FEATURE_BATCH = speech_features.FILE_BATCH  # audio-feature encoder windows per call
 MAX_FACES = 2                # face mesh max_num_faces: 2 notices a second face
 CLIP_LEVEL = 0.999           # |sample| at or above this (of full scale) counts as clipped
 SILENCE_MIN_S = 1.0          # report/advice: silence wanted at start and end of the recording
@@ -977,7 +976,7 @@ def write_features(out: Path, n_frames: int, mode: str, progress: bool = False) 
     try:
         # offline, so the encoder runs on batches of windows (5x less CPU than one window per call)
         feats = np.asarray(speech_features.extract_features(
-            audio, mode, batch_size=FEATURE_BATCH, progress=progress, config=settings.audio.feature_config(),
+            audio, mode, batch_size=speech_features.FILE_BATCH, progress=progress, config=settings.audio.feature_config(),
             ave_checkpoint=settings.models.ave_checkpoint), dtype=np.float32)
     except (ValueError, FileNotFoundError) as exc:
         raise ProcessError(f"audio features ({mode}): {_short(exc)}") from None

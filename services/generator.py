@@ -185,12 +185,14 @@ class FeatureFeed:
         return self._rows[: self._count]
 
     def _chunk(self, k: int) -> int:
-        """Samples to push next on the way to `k` rows: every hop those rows need (with the look-ahead), so
-        their windows are encoded in one call, at most `FILE_BATCH` hops and at least one."""
+        """Samples to push next on the way to `k` rows: up to the end of the window of the call that emits
+        row k - 1 (`StreamingFeatures.window_bounds`), so those windows are encoded in one call; at least
+        one hop, at most `FILE_BATCH` hops."""
         stream = self._stream
         assert stream is not None
-        hops = -(-(k - self._count) // stream.frames_per_call) + -(-stream.lookahead // stream.hop)
-        return stream.hop * max(1, min(hops, FILE_BATCH))
+        last_call = -(-k // stream.frames_per_call) - 1
+        need = stream.window_bounds(last_call)[1] - self._pushed
+        return min(max(need, stream.hop), FILE_BATCH * stream.hop)
 
     def _add(self, rows: np.ndarray) -> None:
         """Keep new feature rows (at most `total`, once final; the buffer grows with the audio)."""

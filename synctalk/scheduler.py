@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from synctalk.engine import LipSyncEngine
-from synctalk.features import FILE_BATCH as FEATURE_BATCH  # most Whisper windows in one batched encoder call
-from synctalk.features import StreamingFeatures
+from synctalk.features import FILE_BATCH, StreamingFeatures
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class WindowBatcher:
     until this stream's rows are ready. `encode_fn` maps windows `[B, ...]` to `B * k` rows (k per window,
     in order), as `StreamingFeatures.encode_windows` does."""
 
-    def __init__(self, encode_fn: Callable[[np.ndarray], np.ndarray], max_batch: int = FEATURE_BATCH,
+    def __init__(self, encode_fn: Callable[[np.ndarray], np.ndarray], max_batch: int = FILE_BATCH,
                  max_wait_s: float = 0.003):
         self.encode_fn = encode_fn
         self.max_batch = max(1, int(max_batch))
@@ -224,8 +223,8 @@ class FrameScheduler:
         with self._features_lock:
             if self._features is None:
                 own = StreamingFeatures(device=self.engine.feature_device, config=self.engine.feature_config,
-                                        batch_size=FEATURE_BATCH)
-                self._features = WindowBatcher(own.encode_windows, FEATURE_BATCH, self.max_wait_s)
+                                        batch_size=FILE_BATCH)
+                self._features = WindowBatcher(own.encode_windows, FILE_BATCH, self.max_wait_s)
             return self._features.encode
 
     def snapshot(self) -> dict:

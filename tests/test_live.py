@@ -346,6 +346,7 @@ def test_feature_delay_covers_the_unet_window():
     assert feature_delay_samples(3200, 3200) == 17 * 640
     assert feature_delay_samples(640, 0) == 8 * 640  # hop of one frame, no look-ahead: just the window
 
+
 def test_forget_frames_drops_every_traceback_of_a_chain():
     """A closed connection's task exceptions lose their tracebacks (the event loop may keep the last
     one a socket raised: its frames would keep the connection alive), causes and contexts included."""
