@@ -57,11 +57,12 @@ class FrameGenerationService:
         """JPEG bytes of a BGR frame at this service's quality."""
         return encode_jpeg(frame, self.jpeg_quality)
 
-    def render(self, windows: np.ndarray, order: np.ndarray, deadline: float) -> list[np.ndarray]:
-        """Full frames for audio `windows` on source frames `order`, through the scheduler when there is one."""
+    def render_jpegs(self, windows: np.ndarray, order: np.ndarray, deadline: float) -> list[bytes]:
+        """JPEG frames for audio `windows` on source frames `order`: through the scheduler when there is
+        one (paste and encoding then run in its bounded paste pool), else rendered alone on the engine."""
         if self.scheduler is None:
-            return self.engine.render(windows, order)
-        return self.scheduler.render(windows, order, deadline)
+            return [self.encode(f) for f in self.engine.render(windows, order)]
+        return self.scheduler.render(windows, order, deadline, finish=self.encode)
 
     def job(self, audio16k: np.ndarray, on_frame: Callable[[int, bytes], None] | None = None,
             final: bool = True) -> FrameJob:
@@ -307,8 +308,7 @@ class FrameJob:
         if self.t0 is None:
             self.t0 = time.monotonic()
         windows = svc.engine.audio_windows(features, range(start, end), speaking=feed.speaking)
-        frames = svc.render(windows, self.order[start:end], self.t0 + start / FPS)
-        jpegs = [svc.encode(f) for f in frames]
+        jpegs = svc.render_jpegs(windows, self.order[start:end], self.t0 + start / FPS)
         if svc.stats is not None:
             svc.stats.add(frames_generated=len(jpegs))
         on_frame = self.on_frame

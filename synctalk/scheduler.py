@@ -9,8 +9,9 @@ behind each other and the U-Net runs N half-empty batches where one full batch w
 - The worker waits for a first request, then at most `max_wait_s` for company (or until a full batch
   is queued), takes frames earliest-deadline-first across requests (a request may be split over
   batches), runs the U-Net once per batch and hands each request its crops.
-- Paste-back runs in a bounded pool (`paste_workers`, default the core count), so the U-Net worker
-  moves on to the next batch while the previous one is pasted.
+- Paste-back (and a request's `finish`, e.g. the MJPEG streams' JPEG encoding) runs in a bounded pool
+  (`paste_workers`, default the core count), so the U-Net worker moves on to the next batch while the
+  previous one is pasted, and N streams never encode more than `paste_workers` frames at once.
 - A cancelled future is dropped the next time the worker looks at it: its frames are never rendered.
 - Live streams' Whisper windows are batched the same way (`feature_encoder()`, a `WindowBatcher`): each
   stream's `StreamingFeatures` hands its ready windows to one encoder worker, which waits at most
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +58,7 @@ class _Request:
     paste: bool
     future: Future
     crops: np.ndarray  # [n, crop, crop, 3] uint8, filled batch by batch
+    finish: Callable[[np.ndarray], Any] | None = None  # applied to each full frame in the paste pool
     taken: int = 0  # frames handed to a batch
     done: int = 0  # frames rendered
     started: bool = False
@@ -185,20 +188,23 @@ class FrameScheduler:
     # -- client side ----------------------------------------------------------------------------
 
     def submit(self, windows: np.ndarray, frame_indices: np.ndarray | list[int], deadline: float | None = None,
-               paste: bool = True) -> Future:
+               paste: bool = True, finish: Callable[[np.ndarray], Any] | None = None) -> Future:
         """Queue frames: audio `windows` [n, C, H, W] on source frames `frame_indices`. The future's
-        result is a list of n full frames (uint8 BGR) or, with `paste=False`, the n generated crops."""
+        result is a list of n full frames (uint8 BGR) or, with `paste=False`, the n generated crops;
+        with `finish` (e.g. a JPEG encoder) it is `finish(frame)` of each, computed in the paste pool."""
         indices = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
         windows = np.asarray(windows, dtype=np.float32)
         if len(windows) != len(indices):
             raise ValueError(f"{len(windows)} audio windows for {len(indices)} frames")
+        if finish is not None and not paste:
+            raise ValueError("finish applies to pasted frames (paste=True)")
         if not self.batching:
-            return self._render_alone(windows, indices, paste)
+            return self._render_alone(windows, indices, paste, finish)
         size = self.engine.size
         future: Future = Future()
         req = _Request(windows, indices, time.monotonic() if deadline is None else float(deadline),
                        next(self._seq), paste, future,
-                       np.empty((len(indices), size.crop, size.crop, 3), np.uint8))
+                       np.empty((len(indices), size.crop, size.crop, 3), np.uint8), finish)
         if not len(indices):
             future.set_result([])
             return future
@@ -211,9 +217,10 @@ class FrameScheduler:
         return future
 
     def render(self, windows: np.ndarray, frame_indices: np.ndarray | list[int],
-               deadline: float | None = None) -> list[np.ndarray]:
-        """Blocking `submit(...).result()`: full frames, as `LipSyncEngine.render` returns them."""
-        return self.submit(windows, frame_indices, deadline).result()
+               deadline: float | None = None, finish: Callable[[np.ndarray], Any] | None = None) -> list:
+        """Blocking `submit(...).result()`: full frames, as `LipSyncEngine.render` returns them (or
+        `finish` of each)."""
+        return self.submit(windows, frame_indices, deadline, finish=finish).result()
 
     def feature_encoder(self) -> Callable[[np.ndarray], np.ndarray] | None:
         """The Whisper window encoder this avatar's live streams share (`StreamingFeatures(encode=...)`),
@@ -252,7 +259,8 @@ class FrameScheduler:
         if features is not None:
             features.close()
 
-    def _render_alone(self, windows: np.ndarray, indices: np.ndarray, paste: bool) -> Future:
+    def _render_alone(self, windows: np.ndarray, indices: np.ndarray, paste: bool,
+                      finish: Callable[[np.ndarray], Any] | None) -> Future:
         """Without batching: the frames on the engine in the caller's thread, as a stream without a
         scheduler renders them (the engine's lock: one stream's batch at a time); a finished future."""
         with self._cv:
@@ -261,8 +269,11 @@ class FrameScheduler:
             self.stats.requests += 1
         future: Future = Future()
         try:
-            future.set_result(self.engine.render(windows, indices) if paste
-                              else list(self.engine.render_crops(windows, indices)))
+            if paste:
+                frames = self.engine.render(windows, indices)
+                future.set_result([finish(f) for f in frames] if finish is not None else frames)
+            else:
+                future.set_result(list(self.engine.render_crops(windows, indices)))
         except Exception as exc:  # handed over as the worker path hands it: through the future
             future.set_exception(exc)
             return future
@@ -345,11 +356,14 @@ class FrameScheduler:
                 self._paste.submit(self._finish, req)
 
     def _finish(self, req: _Request) -> None:
-        """Paste a finished request's crops into full frames (or hand over the crops) and resolve it."""
+        """Paste a finished request's crops into full frames (then its `finish` of each, or hand over the
+        crops) and resolve it."""
         try:
             if req.paste:
                 result = [self.engine.paste(crop, int(i), np.empty(self.engine.frame_shape, np.uint8))
                           for crop, i in zip(req.crops, req.indices)]
+                if req.finish is not None:
+                    result = [req.finish(frame) for frame in result]
             else:
                 result = list(req.crops)
             req.future.set_result(result)

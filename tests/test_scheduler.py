@@ -94,6 +94,32 @@ def test_crops_mode_and_bad_input(engine, features):
         sched.submit(w, o)
 
 
+def test_finish_runs_on_each_frame_in_the_bounded_paste_pool(engine, features):
+    """`finish` (the MJPEG streams' JPEG encoder) sees every pasted frame, in order, on a paste-pool
+    thread, never in the caller's; with batching off it runs in the caller's thread."""
+    w, o = stream_inputs(engine, features, 3, 5, 1)
+    want = engine.render(w, o)
+    seen: list[str] = []
+
+    def finish(frame: np.ndarray) -> int:
+        seen.append(threading.current_thread().name)
+        return int(frame.astype(np.int64).sum())
+
+    for batching, pool in ((True, True), (False, False)):
+        seen.clear()
+        sched = FrameScheduler(engine, paste_workers=2, batching=batching)
+        try:
+            got = sched.render(w, o, finish=finish)
+        finally:
+            sched.close()
+        assert got == [int(f.astype(np.int64).sum()) for f in want]
+        assert len(seen) == len(o)
+        assert all(name.startswith("paste") for name in seen) == pool
+        assert all(name == threading.current_thread().name for name in seen) == (not pool)
+    with pytest.raises(ValueError, match="paste=True"):
+        FrameScheduler(engine, batching=False).submit(w, o, paste=False, finish=finish)
+
+
 @pytest.fixture(scope="module")
 def demo_engine():
     """The bundled demo avatar's engine (no training needed)."""
