@@ -735,7 +735,7 @@ def create_app(services: Services | None = None, settings: Settings | None = Non
             app.state.services = build_services(settings)
         svc: Services = app.state.services
         install_log_redaction()
-        limit_torch_threads(svc.settings.models.threads)
+        limit_torch_threads(svc.settings.models.feature_threads)
         await anyio.to_thread.run_sync(clean_stale_temporaries, svc.settings)
         name = await anyio.to_thread.run_sync(svc.models.warm_up)
         if name is not None and svc.admission.capacity is None:

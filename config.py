@@ -63,6 +63,9 @@ class ModelsConfig(BaseModel):
     backend: Literal["torch", "onnx"] = "onnx"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # torch backend on CUDA
     threads: int = Field(1, ge=1, le=64)  # intra-op threads; 1 is often faster on 2 shared cores
+    # torch intra-op threads in the server (the streams' Whisper features): streams encode in parallel, so
+    # one thread each keeps N streams from oversubscribing the cores (bench: first frames at 4 streams)
+    feature_threads: int = Field(1, ge=1, le=64)
     batch_size: int = Field(8, ge=1, le=256)
     ave_checkpoint: Path | None = None  # upstream AVE audio encoder (.pth), needed only in ave mode
     memory_budget_mb: int = Field(4096, ge=64)  # loaded avatars past this are evicted, least recently used first

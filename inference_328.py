@@ -115,7 +115,9 @@ class Mp4Writer:
     """H.264 (yuv420p, 25 fps) + AAC mp4 written to a temp file; `commit()` renames it into place.
     Both streams are declared up front (the mp4 header is written at the first packet)."""
 
-    def __init__(self, path: Path, width: int, height: int, audio_path: str, crf: int = 20):
+    def __init__(self, path: Path, width: int, height: int, audio_path: str, crf: int = 20,
+                 threads: int = 0):
+        """`threads`: x264's threads (0 = x264's own choice, about 1.5 per core)."""
         self.path = path
         self.tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.mp4")
         self.audio_path = audio_path
@@ -130,7 +132,7 @@ class Mp4Writer:
         self.video = self.container.add_stream("libx264", rate=FPS)
         self.video.width, self.video.height, self.video.pix_fmt = self.width, self.height, "yuv420p"
         self.video.codec_context.time_base = Fraction(1, FPS)
-        self.video.options = {"crf": str(crf), "preset": "veryfast"}
+        self.video.options = {"crf": str(crf), "preset": "veryfast", "threads": str(max(0, int(threads)))}
         self.audio = self.container.add_stream("aac", rate=self.audio_rate)
         self.audio.layout = self.audio_layout
         self.frames = 0
@@ -208,6 +210,15 @@ def write_audio_first(writer: Mp4Writer, audio_path: str) -> float:
         raise InferenceError(f"cannot encode the audio of {audio_path} to AAC: {exc}") from None
 
 
+def encoder_threads(device: str, unet_threads: int) -> int:
+    """x264 threads beside the U-Net: on the CPU the cores its `unet_threads` leave free (at least one), so
+    encoder and U-Net don't preempt each other's threads; 0 (x264's own choice) when the U-Net runs on
+    an accelerator."""
+    if device != "cpu":
+        return 0
+    return max(1, (os.cpu_count() or 1) - max(1, unet_threads))
+
+
 def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
     """Do the work; returns (output path or None for export-only, frames, seconds)."""
     # cheap checks first: a bad name, checkpoint or audio file is reported before torch is imported
@@ -248,7 +259,7 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
         args.result_dir / f"{args.name}_{Path(args.audio_path).stem}_{checkpoint.stem}.mp4")
     out.parent.mkdir(parents=True, exist_ok=True)
     h, w = engine.frame_shape[:2]
-    writer = Mp4Writer(out, w, h, args.audio_path, args.crf)
+    writer = Mp4Writer(out, w, h, args.audio_path, args.crf, encoder_threads(engine.device, args.threads))
     try:
         write_audio_first(writer, args.audio_path)
         with tqdm(total=n, unit="frame", desc=args.name, disable=None) as bar:

@@ -33,7 +33,7 @@ class FrameGenerationService:
     """
 
     def __init__(self, engine: LipSyncEngine, jpeg_quality: int, batch_size: int | None = None,
-                 stats: StreamStats | None = None, template: int = 0, first_batch: int = 2,
+                 stats: StreamStats | None = None, template: int = 0, first_batch: int = 1,
                  scheduler: FrameScheduler | None = None):
         self.engine = engine
         self.scheduler = scheduler

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def limit_torch_threads(threads: int) -> None:
-    """Apply `models.threads` to torch (server start-up): intra-op threads always; inter-op threads only
+    """Apply `models.feature_threads` to torch (server start-up): intra-op threads always; inter-op threads only
     while torch allows it (once per process, before any parallel work), otherwise logged and left."""
     torch.set_num_threads(threads)
     if torch.get_num_interop_threads() != threads:

@@ -382,6 +382,11 @@ class LipSyncEngine:
                                 ave_checkpoint=self.ave_checkpoint, config=self.feature_config)
 
     @property
+    def device(self) -> str:
+        """Where the U-Net runs: "cpu", "cuda" (or "cuda:N"), "mps"."""
+        return self.runner.device
+
+    @property
     def feature_device(self) -> str:
         """Where this engine's audio features run: CUDA when the U-Net runs there, else the CPU."""
         return "cuda" if self.runner.device.startswith("cuda") else "cpu"

@@ -429,3 +429,33 @@ def test_run_encodes_the_audio_before_rendering(avatar, tmp_path, monkeypatch):
         inference_328.run(args)
     assert rendered == []
     assert not any((tmp_path / "o").iterdir())  # the temp mp4 is gone too
+
+
+def test_encoder_threads_leave_the_unet_its_cores(monkeypatch):
+    """On the CPU x264 gets the cores the U-Net's threads leave free (at least one), so the two don't
+    preempt each other's threads; beside an accelerator x264 chooses (0)."""
+    import inference_328
+
+    monkeypatch.setattr(inference_328.os, "cpu_count", lambda: 8)
+    assert inference_328.encoder_threads("cpu", 2) == 6
+    assert inference_328.encoder_threads("cpu", 8) == 1
+    assert inference_328.encoder_threads("cpu", 16) == 1
+    assert inference_328.encoder_threads("cuda", 2) == 0
+    assert inference_328.encoder_threads("cuda:1", 8) == 0
+
+
+def test_mp4_writer_encodes_with_the_threads_it_is_given(tmp_path):
+    """The writer hands its `threads` to x264, and a one-thread encode still writes every frame."""
+    from inference_328 import Mp4Writer
+
+    src = tmp_path / "tone.wav"
+    encode_tone(src, "pcm_s16le", 16000, "mono", 1.0, "wav")
+    out = tmp_path / "one_thread.mp4"
+    writer = Mp4Writer(out, 64, 48, str(src), threads=1)
+    assert writer.video.codec_context.options["threads"] == "1"
+    writer.write_audio()
+    for i in range(25):
+        writer.write_frame(np.full((48, 64, 3), 10 * i % 255, np.uint8))
+    writer.commit()
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 25

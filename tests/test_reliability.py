@@ -226,7 +226,7 @@ def test_health_and_debug_status_show_no_absolute_paths(server, client):
 # 6. torch threads, 10. stale temporaries (both at start-up)
 
 
-def test_models_threads_is_applied_to_torch(client):
+def test_models_feature_threads_is_applied_to_torch(client):
     assert client.get("/health").json()["threads"] == {"torch": 1, "torch_interop": 1}
 
 
