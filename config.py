@@ -63,8 +63,8 @@ class ModelsConfig(BaseModel):
     backend: Literal["torch", "onnx"] = "onnx"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # torch backend on CUDA
     threads: int = Field(1, ge=1, le=64)  # intra-op threads; 1 is often faster on 2 shared cores
-    # torch intra-op threads in the server (the streams' Whisper features): streams encode in parallel, so
-    # one thread each keeps N streams from oversubscribing the cores (bench: first frames at 4 streams)
+    # torch's intra- and inter-op threads in the server (the streams' Whisper features): streams encode in
+    # parallel, so one thread each keeps N streams from oversubscribing the cores (docs/deployment.md)
     feature_threads: int = Field(1, ge=1, le=64)
     batch_size: int = Field(8, ge=1, le=256)
     ave_checkpoint: Path | None = None  # upstream AVE audio encoder (.pth), needed only in ave mode
