@@ -1,0 +1,94 @@
+"""First-batch latency of N MJPEG jobs started at once, in-process (no HTTP): the server's code path from
+`FrameJob` on (streamed Whisper features, the avatar's `FrameScheduler`, paste, JPEG).
+
+    python bench/first_frames.py [--streams 1 4] [--threads 2] [--feature_threads 1] [--first_batch 1]
+                                 [--reps 8] [--avatar demo]
+
+Each repetition starts N threads together; each makes a job for the same 4 s of speech and times its
+first `next_batch()` (job creation included). Prints one JSON object: per N the p50 / p95 / max over all
+repetitions, and the ratio of the p95 at the largest N to the p95 at the smallest (the same run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import settings
+from services.admission import calibration_audio
+from services.generator import EnhancedFrameGenerationService
+from synctalk import audio as audio_io
+from synctalk.engine import LipSyncEngine
+from synctalk.scheduler import FrameScheduler
+
+REPO = Path(__file__).resolve().parents[1]
+SPEECH = REPO.parent / "shared" / "media" / "audio" / "musetalk_eng.wav"
+
+
+def speech() -> np.ndarray:
+    """4 s of speech (the shared clip when there, else the calibration buzz)."""
+    if SPEECH.is_file():
+        return audio_io.load_audio(str(SPEECH), sr=16000)[: 4 * 16000]
+    return np.tile(calibration_audio(), 2)
+
+
+def first_batches(svc: EnhancedFrameGenerationService, audio: np.ndarray, n: int) -> list[float]:
+    """Seconds to each of n simultaneous jobs' first batch."""
+    out, go = [0.0] * n, threading.Event()
+
+    def one(i: int) -> None:
+        go.wait()
+        start = time.perf_counter()
+        job = svc.job(audio)
+        job.next_batch()
+        out[i] = time.perf_counter() - start
+        job.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    go.set()
+    for t in threads:
+        t.join()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--threads", type=int, default=2, help="U-Net (ORT) intra-op threads")
+    p.add_argument("--feature_threads", type=int, default=settings.models.feature_threads, help="torch threads")
+    p.add_argument("--first_batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--avatar", default="demo")
+    args = p.parse_args()
+    torch.set_num_threads(args.feature_threads)
+    av = settings.paths.avatar_registry().find(args.avatar, None)
+    engine = LipSyncEngine.load(av.dataset_dir, av.checkpoint_path, threads=args.threads, batch_size=8,
+                                feature_config=settings.audio.feature_config(), speech_gate=settings.speech_gate())
+    scheduler = FrameScheduler(engine)
+    svc = EnhancedFrameGenerationService(engine, settings.server.jpeg_quality, scheduler=scheduler,
+                                         first_batch=args.first_batch)
+    audio = speech()
+    first_batches(svc, audio, 1)  # warm-up (one-time costs)
+    levels = {}
+    for n in args.streams:
+        lat = sorted(x for _ in range(args.reps) for x in first_batches(svc, audio, n))
+        levels[n] = {"p50_s": round(statistics.median(lat), 3), "p95_s": round(float(np.percentile(lat, 95)), 3),
+                     "max_s": round(lat[-1], 3)}
+    scheduler.close()
+    lo, hi = min(args.streams), max(args.streams)
+    print(json.dumps({"avatar": args.avatar, "threads": args.threads, "feature_threads": args.feature_threads,
+                      "first_batch": args.first_batch, "reps": args.reps, "levels": levels,
+                      "p95_ratio": round(levels[hi]["p95_s"] / levels[lo]["p95_s"], 2)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
