@@ -15,10 +15,10 @@ import json
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import load_bench_inference  # bench/common.py
 
 from config import settings
 from services.admission import calibration_audio
@@ -27,14 +27,12 @@ from synctalk import audio as audio_io
 from synctalk.engine import LipSyncEngine
 from synctalk.scheduler import FrameScheduler
 
-REPO = Path(__file__).resolve().parents[1]
-SPEECH = REPO.parent / "shared" / "media" / "audio" / "musetalk_eng.wav"
-
 
 def speech() -> np.ndarray:
-    """4 s of speech (the shared clip when there, else the calibration buzz)."""
-    if SPEECH.is_file():
-        return audio_io.load_audio(str(SPEECH), sr=16000)[: 4 * 16000]
+    """4 s of speech (bench/inference.py's default clip when ../shared has it, else the calibration buzz)."""
+    path = load_bench_inference().default_audio()
+    if path is not None:
+        return audio_io.load_audio(str(path), sr=16000)[: 4 * 16000]
     return np.tile(calibration_audio(), 2)
 
 
