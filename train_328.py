@@ -87,6 +87,7 @@ DEFAULTS = dict(
     gan_weight=0.0,        # patch critic on the mouth region, hinge loss
     gan_start=0.25,        # the critic's term starts after this share of the run and ramps up over 10 %
     reference="random",    # reference frame of a training sample: random, nearest (head pose), closed
+    voice_aug=0.0,         # share of samples heard in a voice variant of the track (aud_whisper_voice*.npy)
     cpu_budget_s=0.0,      # stop after this many CPU seconds of training steps (0 = no budget)
     ema=False,             # keep an exponential moving average of the weights (saved checkpoints use it)
     ema_decay=0.999,
@@ -389,7 +390,7 @@ def train(args: argparse.Namespace) -> Path:
             raise TrainError(str(exc)) from None
     dist.barrier()
     train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
-                             reference=args.reference, pairs=args.temporal_weight > 0)
+                             reference=args.reference, pairs=args.temporal_weight > 0, voice_aug=args.voice_aug)
     val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
     mode, size = train_ds.mode, train_ds.size
 
@@ -661,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the run before the critic's term starts")
     p.add_argument("--reference", default=d["reference"], choices=list(REFERENCE_POLICIES),
                    help="reference frame of a training sample: random, nearest head pose, closed mouth")
+    p.add_argument("--voice_aug", type=float, default=d["voice_aug"],
+                   help="share of samples heard in one of the dataset's voice variants (aud_whisper_voice*.npy)")
     p.add_argument("--cpu_budget_s", type=float, default=d["cpu_budget_s"],
                    help="stop after this many CPU seconds spent in training steps (0 = no budget)")
     p.add_argument("--ema", action="store_true", default=d["ema"])
@@ -692,6 +695,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--gan_start must be in [0, 1), got {args.gan_start}")
     if not 0.0 < args.ema_decay < 1.0:
         raise TrainError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    if not 0.0 <= args.voice_aug <= 1.0:
+        raise TrainError(f"--voice_aug must be in [0, 1], got {args.voice_aug}")
 
 
 def main(argv: list[str] | None = None) -> int:

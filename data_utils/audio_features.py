@@ -1,10 +1,13 @@
 """Per-video-frame audio features of any audio (or video) file PyAV decodes.
 
-    python data_utils/audio_features.py AUDIO OUT.npy [--mode whisper|ave] [--device cpu]
+    python data_utils/audio_features.py AUDIO OUT.npy [--mode whisper|ave] [--device cpu] [--semitones 0]
 
 whisper (default): float32 [N, 2, 384], N = round(25 x duration), row i = audio [40i, 40i+40) ms, from
 the same streaming routine the server uses. ave: upstream's [L + 2, 512] (needs --ave-checkpoint or
-SYNCTALK_MODELS__AVE_CHECKPOINT). The output is written atomically; bad input exits with code 2.
+SYNCTALK_MODELS__AVE_CHECKPOINT). `--semitones S` first moves the voice's pitch and formants by S
+(`synctalk.audio.shift_voice`): the training's voice variants, `aud_whisper_voice+3.npy` and the like
+beside `aud_whisper.npy` (docs/training-guide.md). The output is written atomically; bad input exits
+with code 2.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ave-checkpoint", default=DEFAULTS["ave_checkpoint"],
                    help="AVE encoder checkpoint for --mode ave (default: SYNCTALK_MODELS__AVE_CHECKPOINT)")
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch intra-op threads")
+    p.add_argument("--semitones", type=float, default=0.0,
+                   help="move the voice's pitch and formants by this many semitones first (voice variants)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     return p.parse_args(argv)
 
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {args.device} requested but CUDA is not available")
         audio = audio_io.load_audio(args.audio, sr=SAMPLE_RATE)
+        if args.semitones:
+            audio = audio_io.shift_voice(audio, args.semitones)
         feats = speech_features.extract_features(
             audio, args.mode, device=args.device, ave_checkpoint=args.ave_checkpoint,
             config=settings.audio.feature_config(), progress=not args.quiet,

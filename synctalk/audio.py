@@ -172,6 +172,19 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(audio, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
+def shift_voice(audio: np.ndarray, semitones: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """`audio` (float32 mono) with pitch and formants moved together by `semitones`, same length and
+    timing (librosa's time-stretch + resample): another, higher or lower, voice saying the same words
+    (the training's voice augmentation, docs/training-guide.md)."""
+    audio = to_float32(audio)
+    if semitones == 0 or audio.size == 0:
+        return audio.copy()
+    import librosa
+
+    shifted = librosa.effects.pitch_shift(audio, sr=sr, n_steps=float(semitones), res_type="soxr_hq")
+    return np.asarray(shifted[: audio.size], np.float32)
+
+
 class StreamResampler:
     """`resample` for audio that arrives in chunks: the concatenated output equals `resample` of the
     concatenated input sample for sample (the same soxr HQ filter, run as a stream); the filter holds a

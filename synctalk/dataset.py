@@ -46,6 +46,7 @@ GUARD = WINDOW // 2  # frames between the splits: a training audio window never 
 MIN_SHIFT = 5  # SyncNet negatives: audio at least this many frames away from the face's own
 UTTERANCES_FILE = "utterances.json"  # optional: utterance frame ranges and the held-out ones
 NEAR_SHIFT = 15  # "shifted" negatives lie MIN_SHIFT..NEAR_SHIFT frames away; "far" ones anywhere else
+VOICE_VARIANTS = "aud_whisper_voice*.npy"  # features of the track with the voice moved (voice augmentation)
 
 
 class DatasetError(ValueError):
@@ -55,6 +56,12 @@ class DatasetError(ValueError):
 def preprocess_hint(dataset_dir: Path) -> str:
     """The command that (re)builds a dataset folder."""
     return f"python data_utils/process.py {dataset_dir}/{dataset_dir.name}.mp4"
+
+
+def voice_variant_paths(dataset_dir: str | Path) -> list[Path]:
+    """The dataset's voice-variant feature files (`aud_whisper_voice+3.npy`, ...: the audio track with
+    the voice's pitch and formants moved, made by `data_utils/audio_features.py --semitones`), sorted."""
+    return sorted(Path(dataset_dir).glob(VOICE_VARIANTS))
 
 
 def detect_mode(dataset_dir: str | Path) -> str:
@@ -315,13 +322,20 @@ class AvatarDataset(Dataset):
     (reference = crop of a random other training frame), label = the target's interior (S = inner side).
     In the `val` split the reference of frame i is fixed (seeded by i), so metrics are comparable
     between epochs.
+
+    `voice_aug` p (whisper mode): a sample's audio window comes, with probability p, from one of the
+    dataset's voice variants (`voice_variant_paths`, drawn uniformly) instead of the recorded voice, so
+    the mouth learns to follow the words rather than this one voice.
     """
 
     def __init__(self, dataset_dir: str | Path, size: str | ModelSize = "328", mode: str | None = None,
                  split: str = "train", seed: int = 0, val_fraction: float = VAL_FRACTION,
-                 build_cache: bool = True, reference: str = "random", pairs: bool = False):
+                 build_cache: bool = True, reference: str = "random", pairs: bool = False,
+                 voice_aug: float = 0.0):
         if reference not in REFERENCE_POLICIES:
             raise DatasetError(f"unknown reference policy {reference!r}; choose from {REFERENCE_POLICIES}")
+        if not 0.0 <= voice_aug <= 1.0:
+            raise DatasetError(f"voice_aug is a probability in [0, 1], got {voice_aug}")
         self.dataset_dir = check_dataset(dataset_dir)
         self.name = self.dataset_dir.name
         self.size = size if isinstance(size, ModelSize) else get_size(size)
@@ -351,6 +365,24 @@ class AvatarDataset(Dataset):
         self._closed_pool = (closed_mouth_frames(self.dataset_dir, self.train_frames)
                              if reference == "closed" else None)
         self._poses = frame_poses(self.dataset_dir, self.n_frames) if reference == "nearest" else None
+        self.voice_aug = float(voice_aug)
+        self.voices = self._load_voices() if self.voice_aug > 0 else []
+
+    def _load_voices(self) -> list[np.ndarray]:
+        """The voice variants' features (rows checked against the recorded voice's)."""
+        paths = voice_variant_paths(self.dataset_dir)
+        if self.mode != "whisper" or not paths:
+            raise DatasetError(
+                f"voice augmentation needs whisper voice variants in {self.dataset_dir} ({VOICE_VARIANTS}); "
+                f"run: python data_utils/audio_features.py {self.dataset_dir}/aud.wav "
+                f"{self.dataset_dir}/aud_whisper_voice+3.npy --semitones 3")
+        voices = [np.load(p).astype(np.float32, copy=False) for p in paths]
+        for path, feats in zip(paths, voices):
+            if feats.shape[1:] != self.features.shape[1:] or len(feats) < self.n_frames:
+                raise DatasetError(f"{path} has shape {feats.shape}; expected at least "
+                                   f"[{self.n_frames}, {', '.join(map(str, self.features.shape[1:]))}]")
+        log.info("%s: voice augmentation p=%g over %s", self.name, self.voice_aug, ", ".join(p.name for p in paths))
+        return voices
 
     # the memmap is reopened in each worker process instead of being pickled (that would copy it)
     def __getstate__(self) -> dict:
@@ -414,16 +446,24 @@ class AvatarDataset(Dataset):
         b, s = self.size.border, self.size.inner
         return np.asarray(self.crops[frame, b:b + s, b:b + s])
 
-    def audio(self, frame: int) -> np.ndarray:
-        return audio_window(self.features, frame, self.mode)
+    def audio(self, frame: int, voice: int | None = None) -> np.ndarray:
+        """The network audio window of `frame`: the recorded voice, or voice variant `voice`."""
+        return audio_window(self.features if voice is None else self.voices[voice], frame, self.mode)
 
-    def unet_sample(self, frame: int, ref: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def voice_for(self, rng: np.random.Generator) -> int | None:
+        """A sample's voice under `voice_aug`: None (recorded) or a variant's index (no draw when off)."""
+        if not self.voices or rng.random() >= self.voice_aug:
+            return None
+        return int(rng.integers(len(self.voices)))
 
+    def unet_sample(self, frame: int, ref: int, voice: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, audio window, label) of `frame` with reference `ref`, heard in `voice`."""
         target = np.asarray(self.crops[frame])
         image = face_crop.make_unet_input(target, np.asarray(self.crops[ref]), self.size.name)
         label = self.interior(frame).transpose(2, 0, 1).astype(np.float32) / 255.0
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                torch.from_numpy(self.audio(frame)), torch.from_numpy(np.ascontiguousarray(label)))
+                torch.from_numpy(self.audio(frame, voice)), torch.from_numpy(np.ascontiguousarray(label)))
 
     def neighbour(self, frame: int) -> int:
         """The next frame when it is in this split, else the previous one (for temporal pairs)."""
@@ -441,12 +481,14 @@ class AvatarDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """One sample; with `pairs`, frames t and its neighbour stacked on a new first axis (same
-        reference), for the temporal loss."""
+        reference and voice), for the temporal loss."""
         epoch, frame = self._key(key)
-        ref = self.reference_for(frame, self.rng(frame, epoch))
+        rng = self.rng(frame, epoch)
+        ref = self.reference_for(frame, rng)
+        voice = self.voice_for(rng)
         if not self.pairs:
-            return self.unet_sample(frame, ref)
-        first, second = self.unet_sample(frame, ref), self.unet_sample(self.neighbour(frame), ref)
+            return self.unet_sample(frame, ref, voice)
+        first, second = self.unet_sample(frame, ref, voice), self.unet_sample(self.neighbour(frame), ref, voice)
         return tuple(torch.stack(t) for t in zip(first, second))
 
 

@@ -330,6 +330,12 @@ def test_cli_writes_features_and_rejects_bad_input(tmp_path, speech):
     feats = np.load(out)
     assert feats.shape == (round(25 * 1.3), 2, 384) and feats.dtype == np.float32
     np.testing.assert_array_equal(feats, sf.extract_features(audio_io.load_audio(wav)))
+    voice = tmp_path / "out" / "feats_voice+4.npy"  # a voice variant: the voice moved 4 semitones up
+    assert run_cli(str(wav), str(voice), "--semitones", "4").returncode == 0
+    np.testing.assert_array_equal(np.load(voice),
+                                  sf.extract_features(audio_io.shift_voice(audio_io.load_audio(wav), 4)))
+    assert not np.allclose(np.load(voice), feats, atol=0.1)
+    voice.unlink()
     junk = tmp_path / "junk.mp3"
     junk.write_bytes(b"definitely not audio" * 20)
     bad_out = tmp_path / "bad.npy"

@@ -169,3 +169,20 @@ def test_to_float32_and_resample():
         to_float32(np.array(["a"]))
     y = audio_io.resample(tone(500, 1.0, 48000), 48000, 16000)
     assert len(y) == 16000 and abs(dominant_hz(y, 16000) - 500) < 2
+
+
+def test_shift_voice_moves_the_pitch_and_keeps_the_timing():
+    burst = np.concatenate([np.zeros(4000, np.float32), tone(200, 0.5, 16000), np.zeros(4000, np.float32)])
+    up = audio_io.shift_voice(burst, 12)  # an octave up
+    down = audio_io.shift_voice(burst, -12)
+    assert len(up) == len(down) == len(burst) and up.dtype == np.float32
+    assert abs(dominant_hz(up[5000:11000], 16000) - 400) < 10
+    assert abs(dominant_hz(down[5000:11000], 16000) - 100) < 10
+    # the words stay where they were: the burst's loud stretch starts and ends within the phase
+    # vocoder's smear (its 2048-sample window, under two video frames) of the original's
+    for shifted in (up, down):
+        loud = np.flatnonzero(np.abs(shifted) > 0.1)
+        assert abs(loud[0] - 4000) < 1100 and abs(loud[-1] - 12000) < 1100
+    same = audio_io.shift_voice(burst, 0)
+    np.testing.assert_array_equal(same, burst)
+    assert same is not burst

@@ -146,6 +146,46 @@ def test_pairs_are_consecutive_frames_with_one_reference(tracked_dataset):
     assert torch.equal(label[1], ds.unet_sample(second, 0)[2])
 
 
+def test_voice_aug_draws_variant_windows_and_keeps_the_reference(tmp_path):
+    d = fabricate_dataset(tmp_path, n=60)
+    recorded = np.load(d / "aud_whisper.npy")
+    for k, semitones in enumerate(("+3", "-3")):  # variants told apart by their value
+        np.save(d / f"aud_whisper_voice{semitones}.npy", np.full_like(recorded, 10.0 + k))
+    plain = AvatarDataset(d, "small", split="train")
+    half = AvatarDataset(d, "small", split="train", voice_aug=0.5)
+    assert len(half.voices) == 2
+    seen = set()
+    for i in range(len(half)):
+        image, audio, label = half[(0, i)]
+        ref_image, ref_audio, ref_label = plain[(0, i)]
+        assert torch.equal(image, ref_image) and torch.equal(label, ref_label), "voice draw moved the reference"
+        if torch.equal(audio, ref_audio):
+            seen.add("recorded")
+        else:
+            values = torch.unique(audio[audio != 0])  # the window's padding rows are zeros
+            assert len(values) == 1 and float(values[0]) in (10.0, 11.0)
+            seen.add(float(values[0]))
+    assert seen == {"recorded", 10.0, 11.0}
+    pairs = AvatarDataset(d, "small", split="train", pairs=True, voice_aug=1.0)
+    _, audio, _ = pairs[(0, 7)]
+    assert torch.unique(audio[audio != 0]).numel() == 1, "both frames of a pair in one voice"
+    val = AvatarDataset(d, "small", split="val")
+    assert val.voices == [] and val.voice_for(np.random.default_rng(0)) is None
+
+
+def test_voice_aug_needs_matching_variants(tmp_path):
+    d = fabricate_dataset(tmp_path, n=30)
+    with pytest.raises(DatasetError, match="--semitones"):
+        AvatarDataset(d, "small", voice_aug=0.5)
+    with pytest.raises(DatasetError, match="probability"):
+        AvatarDataset(d, "small", voice_aug=1.5)
+    np.save(d / "aud_whisper_voice+3.npy", np.zeros((10, 2, 384), np.float32))
+    with pytest.raises(DatasetError, match="aud_whisper_voice"):
+        AvatarDataset(d, "small", voice_aug=0.5)
+    failed = run_py(["train_328.py", "--dataset_dir", str(d), "--save_dir", str(tmp_path / "ck"), "--voice_aug", "2"])
+    assert failed.returncode == 2 and "--voice_aug must be in [0, 1]" in failed.stderr
+
+
 def test_budget_schedule_warms_up_and_ends_low():
     budget = CpuBudget(100.0)
     f = budget_schedule(10**6, 500, 0.05, budget)
