@@ -53,6 +53,7 @@ STRIP_FRAMES = 6  # frames per strip in the report
 CLOSED_SAMPLE = 60  # training frames searched for the closed-mouth reference (and the closed range)
 MEAN_CROP_FRAMES = 200  # training crops averaged for the mean-crop baseline
 SILENCE_MS = 300.0  # silences at least this long must show a closed mouth
+SILENCE_EDGE_MS = 120.0  # "interior" closure leaves out this much at each end of a silence (lips move ahead of speech)
 EXIT_UNUSABLE = 3  # exit code of --strict when the verdict is UNUSABLE
 
 POLICIES = {
@@ -409,8 +410,9 @@ def opening_of(track: Track, boxes: np.ndarray, crop: int) -> tuple[np.ndarray, 
 
 
 def mouth_values(track: Track, real: Track, boxes: np.ndarray, crop: int, segments: list[tuple[int, int]],
-                 envelope: np.ndarray, silent: np.ndarray, closed_max: float) -> dict:
-    """Every image and mouth number of a candidate against the real track (same frames)."""
+                 envelope: np.ndarray, silent: np.ndarray, closed_max: float, interior: np.ndarray) -> dict:
+    """Every image and mouth number of a candidate against the real track (same frames); `interior`:
+    the silent frames away from the silences' ends (`silence_masks`)."""
     lips, opening = opening_of(track, boxes, crop)
     real_lips, real_opening = opening_of(real, boxes, crop)
     teeth, real_teeth = np.asarray(track.teeth, np.float64), np.asarray(real.teeth, np.float64)
@@ -421,6 +423,7 @@ def mouth_values(track: Track, real: Track, boxes: np.ndarray, crop: int, segmen
         "lmd": M.landmark_distance(lips, real_lips),
         "opening_corr": M.opening_correlation(opening, real_opening),
         "closure_in_silence": M.closure_share(opening, silent, closed_max),
+        "closure_in_silence_interior": M.closure_share(opening, interior, closed_max),
         "envelope_corr": M.envelope_correlation(opening, envelope),
         "sharpness_ratio": M.sharpness_ratio(track.sharp, real.sharp) if track.sharp else float("nan"),
         "teeth_share": t_gen,
@@ -441,13 +444,14 @@ def mouth_values(track: Track, real: Track, boxes: np.ndarray, crop: int, segmen
 
 
 def real_values(real: Track, boxes: np.ndarray, crop: int, segments: list[tuple[int, int]],
-                envelope: np.ndarray, silent: np.ndarray, closed_max: float) -> dict:
+                envelope: np.ndarray, silent: np.ndarray, closed_max: float, interior: np.ndarray) -> dict:
     """The real video's own numbers (the ceiling); pairwise ones are perfect by definition."""
     lips, opening = opening_of(real, boxes, crop)
     teeth = np.asarray(real.teeth, np.float64)
     open_ = np.nan_to_num(np.asarray(real.mouth_area, np.float64)) >= M.MIN_MOUTH_AREA
     return {"lmd": 0.0, "opening_corr": 1.0, "sharpness_ratio": 1.0, "jitter_ratio": 1.0, "mouth_detail_ratio": 1.0,
             "closure_in_silence": M.closure_share(opening, silent, closed_max),
+            "closure_in_silence_interior": M.closure_share(opening, interior, closed_max),
             "envelope_corr": M.envelope_correlation(opening, envelope),
             "teeth_share": _nanmean(teeth[open_]),
             "jitter": M.temporal_jitter(with_breaks(lips, segments)),
@@ -496,17 +500,23 @@ class Candidate:
     pixels: bool = True
 
 
-def held_out_audio(av: Avatar, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(speech envelope, silent-frame mask) at frames `idx`. Silences of at least SILENCE_MS come from the
-    dataset's aligned silences (utterances.json, e.g. GRID word alignments) when it has them, else from
-    the envelope of the whole training audio."""
+def silence_masks(segments: list[tuple[int, int]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(every frame of the silences, their interior: SILENCE_EDGE_MS left out at each end) over n frames."""
+    return segments_to_mask(segments, n), segments_to_mask(segments, n, round(SILENCE_EDGE_MS * FPS / 1000))
+
+
+def held_out_audio(av: Avatar, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(speech envelope, silent-frame mask, its interior) at frames `idx`. Silences of at least SILENCE_MS
+    come from the dataset's aligned silences (utterances.json, e.g. GRID word alignments) when it has them,
+    else from the envelope of the whole training audio."""
     env = speech_envelope(av.audio, SR, FPS)
     n = max(len(env), int(idx.max()) + 1 if len(idx) else 0)
     env = np.pad(env, (0, n - len(env)))
     aligned = aligned_silence_mask(av.dataset_dir, n)
     segments = (long_runs(aligned, FPS, SILENCE_MS) if aligned is not None
                 else silence_segments(env, FPS, SILENCE_MS))
-    return env[idx], segments_to_mask(segments, n)[idx]
+    silent, interior = silence_masks(segments, n)
+    return env[idx], silent[idx], interior[idx]
 
 
 def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, policies: tuple[str, ...] = DEFAULT_POLICIES,
@@ -550,12 +560,12 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
         bar.update(e - s)
     bar.close()
     boxes = av.boxes[idx]
-    envelope, silent = held_out_audio(av, idx)
+    envelope, silent, interior = held_out_audio(av, idx)
     _, real_opening = opening_of(real, boxes, av.crop)
     closed_max = M.closed_mouth_threshold(np.concatenate([real_opening, train_open]))
 
     def values(track: Track, sync_too: bool) -> dict:
-        out = mouth_values(track, real, boxes, av.crop, segments, envelope, silent, closed_max)
+        out = mouth_values(track, real, boxes, av.crop, segments, envelope, silent, closed_max, interior)
         if sync_too:
             out.update(sync_values(np.concatenate(track.face_emb) if track.face_emb else None, av, av.features,
                                    idx, segments))
@@ -571,7 +581,7 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
         if p != "same":
             run["copy_reference"] = values(tracks[f"{p}:copy_reference"], False)
         runs.append(run)
-    real_vals = real_values(real, boxes, av.crop, segments, envelope, silent, closed_max)
+    real_vals = real_values(real, boxes, av.crop, segments, envelope, silent, closed_max, interior)
     real_vals.update(sync_values(np.concatenate(real.face_emb) if real.face_emb else None, av, av.features, idx,
                                  segments))
     result = {"frames": n, "segments": [[int(idx[a]), int(idx[b - 1]) + 1] for a, b in segments],
@@ -629,10 +639,11 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
     env = speech_envelope(audio16k, SR, FPS)[:n]
     env = np.pad(env, (0, n - len(env)))
     silences = silence_segments(env, FPS, SILENCE_MS)
-    silent = segments_to_mask(silences, n)
+    silent, interior = silence_masks(silences, n)
     model = {"envelope_corr": M.envelope_correlation(opening, env),
              "closure_in_silence": M.closure_share(opening, silent, closed_max),
-             "silent_frames": int(silent.sum()),
+             "closure_in_silence_interior": M.closure_share(opening, interior, closed_max),
+             "silent_frames": int(silent.sum()), "interior_silent_frames": int(interior.sum()),
              "jitter": M.temporal_jitter(lips), "jitter_ratio": M.jitter_ratio(lips, real_lips),
              "seam": _nanmean(track.seam), "colour_step_excess": _nanmean(track.colour),
              "face_found": float(np.mean(np.isfinite(opening)))}
@@ -640,7 +651,8 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
     model.update(sync_values(np.concatenate(track.face_emb) if track.face_emb else None, av, features,
                              np.arange(n), [(0, n)]))
     baseline = {"envelope_corr": M.envelope_correlation(source_opening, env),
-                "closure_in_silence": M.closure_share(source_opening, silent, closed_max)}
+                "closure_in_silence": M.closure_share(source_opening, silent, closed_max),
+                "closure_in_silence_interior": M.closure_share(source_opening, interior, closed_max)}
     result = {"audio": str(path), "frames": n, "model": model, "source_unchanged": baseline}
     art = {"openings": {"model": opening}, "real_opening": source_opening, "audio": audio16k,
            "gen_strip": track.strip, "silences": silences}
@@ -690,6 +702,7 @@ HELD_OUT_ROWS = [
     ("lmd", "mouth LMD (px @ crop)", "down"),
     ("opening_corr", "mouth-opening corr. with real", "up"),
     ("closure_in_silence", "mouth closed in silences >= 300 ms", "real"),
+    ("closure_in_silence_interior", f"... their interior (less {SILENCE_EDGE_MS:g} ms at each end)", "real"),
     ("envelope_corr", "opening vs speech envelope", "real"),
     ("sharpness_ratio", "mouth sharpness / real (Laplacian var.)", "one"),
     ("teeth_share", "teeth-bright share of the open mouth", "real"),
@@ -709,6 +722,7 @@ CROSS_COLUMNS = [
     ("envelope_corr", "env. corr"),
     ("source:envelope_corr", "env. corr (source unchanged)"),
     ("closure_in_silence", "closed in silence"),
+    ("closure_in_silence_interior", "closed (interior)"),
     ("source:closure_in_silence", "closed (source unchanged)"),
     ("jitter_ratio", "jitter / real"),
     ("colour_step_excess", "colour step dE"),
@@ -1111,7 +1125,7 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     report.update(created=_dt.datetime.now().isoformat(timespec="seconds"), notes=list(NOTES),
                   settings={"max_frames": args.max_frames, "backend": args.backend, "device": args.device,
                             "vshift": VSHIFT, "fps": FPS, "silence_min_ms": SILENCE_MS,
-                            "syncnet_min_accuracy": M.SYNCNET_MIN_ACCURACY, "colour_step_max": M.COLOUR_STEP_MAX})
+                            "silence_edge_ms": SILENCE_EDGE_MS, "syncnet_min_accuracy": M.SYNCNET_MIN_ACCURACY, "colour_step_max": M.COLOUR_STEP_MAX})
     report = _clean(report)
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_dir / "report.html", build_html(report, build_page(report, arts, list(args.audio))))

@@ -283,11 +283,12 @@ def long_runs(mask: np.ndarray, fps: float = FPS, min_ms: float = 300.0) -> list
     return segments
 
 
-def segments_to_mask(segments: Sequence[tuple[int, int]], n: int) -> np.ndarray:
-    """Boolean `[n]` mask of the frames inside the (start, end) segments."""
+def segments_to_mask(segments: Sequence[tuple[int, int]], n: int, trim: int = 0) -> np.ndarray:
+    """Boolean `[n]` mask of the frames inside the (start, end) segments, each less `trim` frames at
+    both ends (a segment of at most 2 x `trim` frames then marks none)."""
     mask = np.zeros(n, bool)
     for s, e in segments:
-        mask[max(s, 0):min(e, n)] = True
+        mask[max(s + trim, 0):min(e - trim, n)] = True
     return mask
 
 

@@ -227,6 +227,20 @@ def test_envelope_silences_and_closure():
     assert M.closure_share(open_always, silent, closed) == 0.0
     assert M.envelope_correlation(opening, env) > 0.8  # mouth closed where the sound stops
     assert math.isnan(M.closure_share(opening, np.zeros(len(env), bool), closed))
+    # the interior leaves out SILENCE_EDGE_MS (3 frames) at each end: a mouth that opens ahead of the
+    # next word still counts as closed there, one open in the middle of the pause does not
+    import evaluate
+
+    whole, interior = evaluate.silence_masks(segments, len(env))
+    assert np.array_equal(whole, silent) and np.flatnonzero(interior).tolist() == list(range(28, 34))
+    anticipating = opening.copy()
+    anticipating[34:37] = 0.2
+    assert M.closure_share(anticipating, whole, closed) == pytest.approx(9 / 12)
+    assert M.closure_share(anticipating, interior, closed) == 1.0
+    midway = opening.copy()
+    midway[30] = 0.2
+    assert M.closure_share(midway, interior, closed) == pytest.approx(5 / 6)
+    assert not segments_to_mask([(10, 16)], 20, trim=3).any()
 
 
 # ----------------------------------------------------------------------------------------------
