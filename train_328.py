@@ -368,249 +368,311 @@ def load_frozen_syncnet(path: str | None, mode: str, size: str, device: torch.de
     return net, (float(meta.get("logit_scale", 1.0)), float(meta.get("logit_bias", 0.0)))
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Run the training described by `args`; returns the final `<epoch>.pth`."""
-    dist = init_distributed(args.device)
-    setup_logging(dist.is_main)
-    device = resolve_device(args.device, dist)
-    amp = resolve_amp(args.amp, device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    save_dir = Path(args.save_dir)
-    seed_everything(args.seed + dist.rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+class Run:
+    """One training run of `args`: datasets, networks, optimiser state and logs (`__init__`, resuming
+    from `latest.pth` with `--resume`), then `fit()`: the epochs, validation and checkpoints."""
 
-    if dist.is_main:  # one process builds the crop cache, the others wait for it
-        try:
-            ensure_crop_cache(args.dataset_dir, args.size)
-        except DatasetError as exc:
-            raise TrainError(str(exc)) from None
-    dist.barrier()
-    train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
-                             reference=args.reference, pairs=args.temporal_weight > 0, voice_aug=args.voice_aug)
-    val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
-    mode, size = train_ds.mode, train_ds.size
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.dist = dist = init_distributed(args.device)
+        setup_logging(dist.is_main)
+        self.device = device = resolve_device(args.device, dist)
+        self.amp = resolve_amp(args.amp, device)
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        self.save_dir = Path(args.save_dir)
+        seed_everything(args.seed + dist.rank)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.train_ds, self.val_ds = self._datasets()
+        self.model, self.loss_fn, self.adversarial = self._networks()
+        workers = resolve_workers(args.workers, device, dist.world)
+        self.loader, self.indices = make_loader(self.train_ds, args.batchsize, dist, args.seed, workers, device)
+        self.steps_per_epoch = len(self.loader)
+        self.total = args.epochs * self.steps_per_epoch
+        if args.max_steps > 0:
+            self.total = min(self.total, args.max_steps)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.budget = CpuBudget(args.cpu_budget_s)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, budget_schedule(self.total, args.warmup_steps, args.min_lr_ratio, self.budget))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.ema = EMA(self.model, args.ema_decay) if args.ema else None
+        self.epoch, self.skip, self.step = 0, 0, 0
+        self.history: list[dict] = []
+        self.latest = self.save_dir / LATEST
+        if args.resume:
+            self._resume()
+        start = self.step if args.resume else None
+        self.train_log = JsonlLog(self.save_dir / "train_log.jsonl", dist.is_main, start)
+        self.metrics_log = JsonlLog(self.save_dir / "metrics.jsonl", dist.is_main, start)
+        self.writer = tensorboard_writer(self.save_dir / "runs", dist.is_main, start)
+        self.validator = (Validator(self.val_ds, args.val_frames, args.lmd_frames, device, self.loss_fn, self.amp)
+                          if dist.is_main else None)
+        self.net: nn.Module = self.model
+        if dist.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net.train()
+        self.loss_fn.train()
+        self.last_ckpt: Path | None = None
+        self.t_start, self.samples = time.perf_counter(), 0
+        self.progress: ProgressLine | None = None  # made when the loop starts (fit)
 
-    model = build_unet(mode, size.name).to(device)
-    if args.init_checkpoint and not args.resume:
-        start_from(model, args.init_checkpoint, mode, size.name)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    syncnet, head = (load_frozen_syncnet(args.syncnet_checkpoint, mode, size.name, device, args.require_syncnet)
-                     if args.use_syncnet or args.require_syncnet else (None, None))
-    vgg_file = vgg19_weights_file() if args.perceptual_weight > 0 else None
-    vgg = VGGFeatures(vgg_file).to(device) if vgg_file else None
-    adversarial = losses.AdversarialTerm(device, args.gan_start) if args.gan_weight > 0 else None
-    loss_fn = GeneratorLoss(size.inner, args.l1_weight, args.ssim_weight, args.ssim, args.sync_weight,
-                            args.perceptual_weight, syncnet, head, vgg, mouth_weight=args.mouth_weight,
-                            grad_weight=args.grad_weight, temporal_weight=args.temporal_weight,
-                            gan_weight=args.gan_weight, adversarial=adversarial).to(device)
-    if dist.is_main:
-        log.info("dataset %s: mode %s, size %s, %d training / %d held-out frames", train_ds.name, mode,
-                 size.name, len(train_ds), len(val_ds))
-        log.info("reference policy %s; mouth region x%g; loss terms: %s%s", args.reference, args.mouth_weight,
-                 ", ".join(f"{k} x{v:g}" for k, v in loss_fn.active().items()),
-                 "" if vgg else " (VGG19 perceptual term off: no torchvision VGG19 weights in "
-                 f"{torch.hub.get_dir()}/checkpoints)")
+    # -- construction ---------------------------------------------------------------------------
 
-    workers = resolve_workers(args.workers, device, dist.world)
-    loader, indices = make_loader(train_ds, args.batchsize, dist, args.seed, workers, device)
-    steps_per_epoch = len(loader)
-    total = args.epochs * steps_per_epoch
-    if args.max_steps > 0:
-        total = min(total, args.max_steps)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    budget = CpuBudget(args.cpu_budget_s)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, budget_schedule(total, args.warmup_steps, args.min_lr_ratio, budget))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    ema = EMA(model, args.ema_decay) if args.ema else None
+    def _datasets(self) -> tuple[AvatarDataset, AvatarDataset]:
+        """The training and held-out splits (the main process builds the crop cache first)."""
+        args, dist = self.args, self.dist
+        if dist.is_main:  # one process builds the crop cache, the others wait for it
+            try:
+                ensure_crop_cache(args.dataset_dir, args.size)
+            except DatasetError as exc:
+                raise TrainError(str(exc)) from None
+        dist.barrier()
+        train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
+                                 reference=args.reference, pairs=args.temporal_weight > 0, voice_aug=args.voice_aug)
+        val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
+        return train_ds, val_ds
 
-    epoch, skip, step, history = 0, 0, 0, []
-    latest = save_dir / LATEST
-    if args.resume:
-        if not latest.is_file():
-            raise TrainError(f"--resume: {latest} not found (nothing to resume; drop --resume to start over)")
-        blob = torch.load(latest, map_location=device, weights_only=True)
-        model.load_state_dict(blob["state_dict"])
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        scaler.load_state_dict(blob["scaler"])
-        if ema is not None:
+    def _networks(self) -> tuple[nn.Module, GeneratorLoss, losses.AdversarialTerm | None]:
+        """The U-Net (from `--init_checkpoint` when given) and the loss with its frozen helpers."""
+        args, device = self.args, self.device
+        mode, size = self.train_ds.mode, self.train_ds.size
+        model = build_unet(mode, size.name).to(device)
+        if args.init_checkpoint and not args.resume:
+            start_from(model, args.init_checkpoint, mode, size.name)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        syncnet, head = (load_frozen_syncnet(args.syncnet_checkpoint, mode, size.name, device, args.require_syncnet)
+                         if args.use_syncnet or args.require_syncnet else (None, None))
+        vgg_file = vgg19_weights_file() if args.perceptual_weight > 0 else None
+        vgg = VGGFeatures(vgg_file).to(device) if vgg_file else None
+        adversarial = losses.AdversarialTerm(device, args.gan_start) if args.gan_weight > 0 else None
+        loss_fn = GeneratorLoss(size.inner, args.l1_weight, args.ssim_weight, args.ssim, args.sync_weight,
+                                args.perceptual_weight, syncnet, head, vgg, mouth_weight=args.mouth_weight,
+                                grad_weight=args.grad_weight, temporal_weight=args.temporal_weight,
+                                gan_weight=args.gan_weight, adversarial=adversarial).to(device)
+        if self.dist.is_main:
+            log.info("dataset %s: mode %s, size %s, %d training / %d held-out frames", self.train_ds.name, mode,
+                     size.name, len(self.train_ds), len(self.val_ds))
+            log.info("reference policy %s; mouth region x%g; loss terms: %s%s", args.reference, args.mouth_weight,
+                     ", ".join(f"{k} x{v:g}" for k, v in loss_fn.active().items()),
+                     "" if vgg else " (VGG19 perceptual term off: no torchvision VGG19 weights in "
+                     f"{torch.hub.get_dir()}/checkpoints)")
+        return model, loss_fn, adversarial
+
+    def _resume(self) -> None:
+        """Continue from `latest.pth`: weights, optimiser, schedule, EMA, position, budget, RNG."""
+        args = self.args
+        if not self.latest.is_file():
+            raise TrainError(f"--resume: {self.latest} not found (nothing to resume; drop --resume to start over)")
+        blob = torch.load(self.latest, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(blob["state_dict"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        self.scaler.load_state_dict(blob["scaler"])
+        if self.ema is not None:
             if blob.get("ema") is not None:
-                ema.load_state_dict(blob["ema"])
+                self.ema.load_state_dict(blob["ema"])
             else:
-                ema = EMA(model, args.ema_decay)
-        epoch, skip, step = blob["epoch"], blob["batch_in_epoch"], blob["step"]
-        budget.used = float(blob.get("cpu_used", 0.0))
-        if adversarial is not None and blob.get("adversarial") is not None:
-            adversarial.load_state_dict(blob["adversarial"])
-        history = list(blob.get("history", []))
-        set_rng_state(blob["rng"][min(dist.rank, len(blob["rng"]) - 1)])
+                self.ema = EMA(self.model, args.ema_decay)
+        self.epoch, self.skip, self.step = blob["epoch"], blob["batch_in_epoch"], blob["step"]
+        self.budget.used = float(blob.get("cpu_used", 0.0))
+        if self.adversarial is not None and blob.get("adversarial") is not None:
+            self.adversarial.load_state_dict(blob["adversarial"])
+        self.history = list(blob.get("history", []))
+        set_rng_state(blob["rng"][min(self.dist.rank, len(blob["rng"]) - 1)])
         old = blob.get("args", {})
         for key in ("batchsize", "lr", "epochs", "max_steps", "warmup_steps", "seed", "size"):
             if key in old and str(old[key]) != str(getattr(args, key)):
                 log.warning("--resume with %s=%s, the saved run used %s: the continuation will differ",
                             key, getattr(args, key), old[key])
-        if dist.is_main:
-            log.info("resuming from %s at epoch %d, step %d", latest, epoch, step)
-    train_log = JsonlLog(save_dir / "train_log.jsonl", dist.is_main, step if args.resume else None)
-    metrics_log = JsonlLog(save_dir / "metrics.jsonl", dist.is_main, step if args.resume else None)
-    writer = tensorboard_writer(save_dir / "runs", dist.is_main, step if args.resume else None)
-    validator = Validator(val_ds, args.val_frames, args.lmd_frames, device, loss_fn, amp) if dist.is_main else None
+        if self.dist.is_main:
+            log.info("resuming from %s at epoch %d, step %d", self.latest, self.epoch, self.step)
 
-    net = model
-    if dist.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    net.train()
-    loss_fn.train()
-    last_ckpt: Path | None = None
+    # -- checkpoints and validation -------------------------------------------------------------
 
-    def save_latest(epoch_: int, skip_: int) -> None:
+    def save_latest(self, epoch: int, skip: int) -> None:
+        """Everything `--resume` needs, atomically, in `latest.pth` (every process's RNG state)."""
         states = [rng_state()]
-        if dist.world > 1:
-            gathered: list = [None] * dist.world
+        if self.dist.world > 1:
+            gathered: list = [None] * self.dist.world
             torch.distributed.all_gather_object(gathered, states[0])
             states = gathered
-        if not dist.is_main:
+        if not self.dist.is_main:
             return
+        ema, adversarial = self.ema, self.adversarial
         atomic_torch_save({
-            "state_dict": model.state_dict(),
-            "meta": unet_meta(train_ds, epoch_, step, ema is not None),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
-            "epoch": epoch_, "batch_in_epoch": skip_, "step": step, "rng": states, "history": history,
-            "cpu_used": budget.used, "adversarial": adversarial.state_dict() if adversarial else None,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }, latest)
+            "state_dict": self.model.state_dict(),
+            "meta": unet_meta(self.train_ds, epoch, self.step, ema is not None),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+            "epoch": epoch, "batch_in_epoch": skip, "step": self.step, "rng": states, "history": self.history,
+            "cpu_used": self.budget.used, "adversarial": adversarial.state_dict() if adversarial else None,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
+        }, self.latest)
 
-    def validate(epoch_label: float, save_numbered: bool) -> Path | None:
+    def validate(self, epoch_label: float, save_numbered: bool) -> Path | None:
         """Held-out metrics -> metrics.jsonl / TensorBoard; with `save_numbered`, also <epoch>.pth."""
-        eval_model = ema.model if ema is not None else model
-        metrics, grid = validator(eval_model)
-        elapsed = time.perf_counter() - t_start
-        entry = {"step": step, "epoch": epoch_label, **metrics,
-                 "samples_per_s": samples / elapsed if elapsed > 0 else 0.0, "train_cpu_s": budget.used}
+        assert self.validator is not None
+        eval_model = self.ema.model if self.ema is not None else self.model
+        metrics, grid = self.validator(eval_model)
+        elapsed = time.perf_counter() - self.t_start
+        entry = {"step": self.step, "epoch": epoch_label, **metrics,
+                 "samples_per_s": self.samples / elapsed if elapsed > 0 else 0.0, "train_cpu_s": self.budget.used}
         path = None
         if save_numbered:
-            path = save_dir / f"{int(epoch_label)}.pth"
-            meta = unet_meta(train_ds, int(epoch_label), step, ema is not None)
+            path = self.save_dir / f"{int(epoch_label)}.pth"
+            meta = unet_meta(self.train_ds, int(epoch_label), self.step, self.ema is not None)
             meta["val"] = {k: v for k, v in metrics.items() if k != "val_seconds"}
             save_checkpoint(path, eval_model.state_dict(), meta)
             entry["checkpoint"] = str(path)
-        metrics_log.write(entry)
-        history.append(entry)
-        if writer is not None:
+        self.metrics_log.write(entry)
+        self.history.append(entry)
+        if self.writer is not None:
             for k, v in metrics.items():
-                writer.add_scalar(f"val/{k}", v, step)
-            writer.add_image("val/reference_masked_generated_real", grid, step)
-            writer.flush()
-        log.info("epoch %s (step %d): %s", f"{epoch_label:g}", step,
+                self.writer.add_scalar(f"val/{k}", v, self.step)
+            self.writer.add_image("val/reference_masked_generated_real", grid, self.step)
+            self.writer.flush()
+        log.info("epoch %s (step %d): %s", f"{epoch_label:g}", self.step,
                  ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return path
 
-    done = step >= total or budget.spent
-    if done and dist.is_main:
-        log.info("nothing to do: step %d already reached the limit %d", step, total)
-    t_start, samples = time.perf_counter(), 0
-    progress = ProgressLine(total, "train_328", start_step=step, enabled=None if dist.is_main else False)
-    while not done and epoch < args.epochs:
-        indices.set(epoch, skip * args.batchsize)
-        it = iter(loader)
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train_step(self, image: torch.Tensor, audio: torch.Tensor, label: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """One optimiser step on a batch (its CPU time counted by the budget); (loss, terms, samples)."""
+        device, args, adversarial = self.device, self.args, self.adversarial
+        self.budget.start()
+        pairs = image.dim() == 5  # temporal pairs [B, 2, ...] -> consecutive rows [2B, ...]
+        if pairs:
+            image, audio, label = (t.flatten(0, 1) for t in (image, audio, label))
+        image = image.to(device, non_blocking=True)
+        audio = audio.to(device, non_blocking=True)
+        label = label.to(device, non_blocking=True)
+        if device.type == "cuda":
+            image = image.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)  # upstream's SyncNet forgot this; we never do
+        gan_scale = adversarial.scale(max(self.step / self.total, self.budget.fraction)) if adversarial else 0.0
+        with autocast(device, self.amp):
+            pred = self.net(image, audio)
+            loss, terms = self.loss_fn(pred, label, audio, gan_scale=gan_scale, pairs=pairs)
+        self.scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if adversarial is not None and gan_scale > 0:
+            terms["critic"] = torch.tensor(adversarial.critic_step(pred, label))
+        self.budget.stop()
+        self.step += 1
+        return loss, terms, len(image)
+
+    def log_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], pbar) -> None:
+        """Loss terms and learning rate -> train_log.jsonl / TensorBoard (averaged over processes)."""
+        values_t = torch.stack([loss.detach().float()] + [terms[k].float() for k in sorted(terms)])
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(values_t)
+            values_t /= self.dist.world
+        values = values_t.tolist()
+        entry = {"step": self.step, "epoch": self.epoch + 1, "loss": values[0],
+                 **dict(zip(sorted(terms), values[1:])), "lr": self.scheduler.get_last_lr()[0]}
+        self.train_log.write(entry)
+        if self.writer is not None:
+            for k, v in entry.items():
+                if k not in ("step", "epoch"):
+                    self.writer.add_scalar(f"train/{k}", v, self.step)
+        if pbar is not None:
+            pbar.set_postfix(loss=f"{values[0]:.4f}")
+
+    def run_epoch(self) -> bool:
+        """The rest of the current epoch (or up to the step limit / budget), then validation, the epoch
+        checkpoint and `latest.pth`; True when the run is over."""
+        args, dist = self.args, self.dist
+        self.indices.set(self.epoch, self.skip * args.batchsize)
         pbar = None
         if dist.is_main:
             from tqdm import tqdm
 
-            pbar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
+            pbar = tqdm(total=self.steps_per_epoch, initial=self.skip, desc=f"epoch {self.epoch + 1}/{args.epochs}",
                         disable=None, leave=False)
-        batch_i = skip
-        for image, audio, label in it:
-            budget.start()
-            pairs = image.dim() == 5  # temporal pairs [B, 2, ...] -> consecutive rows [2B, ...]
-            if pairs:
-                image, audio, label = (t.flatten(0, 1) for t in (image, audio, label))
-            image = image.to(device, non_blocking=True)
-            audio = audio.to(device, non_blocking=True)
-            label = label.to(device, non_blocking=True)
-            if device.type == "cuda":
-                image = image.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)  # upstream's SyncNet forgot this; we never do
-            gan_scale = adversarial.scale(max(step / total, budget.fraction)) if adversarial else 0.0
-            with autocast(device, amp):
-                pred = net(image, audio)
-                loss, terms = loss_fn(pred, label, audio, gan_scale=gan_scale, pairs=pairs)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            if adversarial is not None and gan_scale > 0:
-                terms["critic"] = torch.tensor(adversarial.critic_step(pred, label))
-            budget.stop()
-            step += 1
+        batch_i, done = self.skip, False
+        for image, audio, label in self.loader:
+            loss, terms, n = self.train_step(image, audio, label)
             batch_i += 1
-            samples += len(image) * dist.world
+            self.samples += n * dist.world
             if pbar is not None:
                 pbar.update(1)
-            if progress.due(step):
-                progress.emit(step, samples, loss.item())
-            if step % args.log_every == 0 or step == total:
-                values = torch.stack([loss.detach().float()] + [terms[k].float() for k in sorted(terms)])
-                if dist.world > 1:
-                    torch.distributed.all_reduce(values)
-                    values /= dist.world
-                values = values.tolist()
-                entry = {"step": step, "epoch": epoch + 1, "loss": values[0],
-                         **dict(zip(sorted(terms), values[1:])), "lr": scheduler.get_last_lr()[0]}
-                train_log.write(entry)
-                if writer is not None:
-                    for k, v in entry.items():
-                        if k not in ("step", "epoch"):
-                            writer.add_scalar(f"train/{k}", v, step)
-                if pbar is not None:
-                    pbar.set_postfix(loss=f"{values[0]:.4f}")
-            done = step >= total or budget.spent
+            if self.progress is not None and self.progress.due(self.step):
+                self.progress.emit(self.step, self.samples, loss.item())
+            if self.step % args.log_every == 0 or self.step == self.total:
+                self.log_step(loss, terms, pbar)
+            done = self.step >= self.total or self.budget.spent
             if done:
                 break
-            if args.val_every > 0 and step % args.val_every == 0 and batch_i < steps_per_epoch:
-                if dist.is_main:
-                    validate(round(epoch + batch_i / steps_per_epoch, 3), False)
-                    net.train()
-                dist.barrier()
-            if args.latest_every > 0 and step % args.latest_every == 0 and batch_i < steps_per_epoch:
-                save_latest(epoch, batch_i)
+            self._within_epoch(batch_i)
         if pbar is not None:
             pbar.close()
-        epoch_done = batch_i >= steps_per_epoch
+        return self._end_epoch(batch_i, done)
+
+    def _within_epoch(self, batch_i: int) -> None:
+        """Validation (`--val_every`) and `latest.pth` (`--latest_every`) inside an epoch."""
+        args, step = self.args, self.step
+        if args.val_every > 0 and step % args.val_every == 0 and batch_i < self.steps_per_epoch:
+            if self.dist.is_main:
+                self.validate(round(self.epoch + batch_i / self.steps_per_epoch, 3), False)
+                self.net.train()
+            self.dist.barrier()
+        if args.latest_every > 0 and step % args.latest_every == 0 and batch_i < self.steps_per_epoch:
+            self.save_latest(self.epoch, batch_i)
+
+    def _end_epoch(self, batch_i: int, done: bool) -> bool:
+        """Advance the position, validate, save the epoch checkpoint and `latest.pth`; True when over."""
+        epoch_done = batch_i >= self.steps_per_epoch
         if epoch_done:
-            epoch, skip = epoch + 1, 0
+            self.epoch, self.skip = self.epoch + 1, 0
         else:
-            skip = batch_i
-        label_epoch = epoch if epoch_done else epoch + 1  # number of (possibly partial) epochs trained
-        final = done or epoch >= args.epochs or budget.spent
-        if dist.is_main:
-            saved = validate(label_epoch, label_epoch % args.save_every == 0 or final)
-            last_ckpt = saved or last_ckpt
-        save_latest(epoch, skip)
-        dist.barrier()
-        if final:
-            break
-    if writer is not None:
-        writer.close()
-    if last_ckpt is None:  # resumed a finished run: the newest epoch checkpoint is the result
-        existing = sorted((int(p.stem), p) for p in save_dir.glob("*.pth") if p.stem.isdigit())
-        last_ckpt = existing[-1][1] if existing else latest
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
-    return last_ckpt
+            self.skip = batch_i
+        label_epoch = self.epoch if epoch_done else self.epoch + 1  # number of (possibly partial) epochs trained
+        final = done or self.epoch >= self.args.epochs or self.budget.spent
+        if self.dist.is_main:
+            saved = self.validate(label_epoch, label_epoch % self.args.save_every == 0 or final)
+            self.last_ckpt = saved or self.last_ckpt
+        self.save_latest(self.epoch, self.skip)
+        self.dist.barrier()
+        return final
+
+    def fit(self) -> Path:
+        """Train to the end (epochs, `--max_steps` or the CPU budget); returns the final `<epoch>.pth`."""
+        done = self.step >= self.total or self.budget.spent
+        if done and self.dist.is_main:
+            log.info("nothing to do: step %d already reached the limit %d", self.step, self.total)
+        self.t_start, self.samples = time.perf_counter(), 0
+        self.progress = ProgressLine(self.total, "train_328", start_step=self.step,
+                                     enabled=None if self.dist.is_main else False)
+        while not done and self.epoch < self.args.epochs:
+            done = self.run_epoch()
+        if self.writer is not None:
+            self.writer.close()
+        if self.last_ckpt is None:  # resumed a finished run: the newest epoch checkpoint is the result
+            existing = sorted((int(p.stem), p) for p in self.save_dir.glob("*.pth") if p.stem.isdigit())
+            self.last_ckpt = existing[-1][1] if existing else self.latest
+        if self.dist.world > 1:
+            torch.distributed.destroy_process_group()
+        return self.last_ckpt
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run the training described by `args`; returns the final `<epoch>.pth`."""
+    return Run(args).fit()
 
 
 def start_from(model: nn.Module, path: str, mode: str, size: str) -> None:
