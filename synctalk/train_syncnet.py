@@ -130,125 +130,155 @@ def evaluate_pairs(net: SyncNet_color, head: SyncHead, loader, device: torch.dev
             "p_negative": float(neg_t.mean()) if len(neg_t) else float("nan")}
 
 
-def train_syncnet(args: argparse.Namespace) -> Path:
-    """Train with balanced positive / off-sync pairs; keep the best held-out accuracy as best.pth."""
+class SyncNetRun:
+    """One SyncNet training of `args`: data (training pairs, held-out pairs, the BatchNorm calibration
+    set), networks and logs (`__init__`), then `fit()`; the best held-out accuracy is kept as best.pth."""
 
-    setup_logging(True)
-    log = logging.getLogger("syncnet_328")
-    device = resolve_device(args.device)
-    amp = resolve_amp(args.amp, device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    for key in ("epochs", "batchsize", "log_every"):
-        if getattr(args, key) < 1:
-            raise TrainError(f"--{key} must be >= 1, got {getattr(args, key)}")
-    try:
-        ensure_crop_cache(args.dataset_dir, args.size)
-    except DatasetError as exc:
-        raise TrainError(str(exc)) from None
-    train_ds = SyncNetDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
-                              triplets=args.in_batch)
-    val_ds = SyncNetDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
-    dist = Dist()
-    workers = resolve_workers(args.workers, device, 1)
-    loader, indices = make_loader(train_ds, args.batchsize, dist, args.seed, workers, device)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=64, shuffle=False, num_workers=min(workers, 2))
-    net = build_syncnet(train_ds.mode, train_ds.size.name).to(device)
-    head = SyncHead().to(device)
-    params = list(net.parameters()) + list(head.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.lr)
-    total = args.epochs * len(loader)
-    if args.max_steps > 0:
-        total = min(total, args.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total, args.warmup_steps, args.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    save_dir = Path(args.save_dir)
-    best_path = save_dir / "best.pth"
-    train_log = JsonlLog(save_dir / "train_log.jsonl", True)
-    metrics_log = JsonlLog(save_dir / "metrics.jsonl", True)
-    writer = tensorboard_writer(save_dir / "runs", True, None)
-    log.info("SyncNet on %s: mode %s, size %s, %d training / %d held-out pairs, %d steps", train_ds.name,
-             train_ds.mode, train_ds.size.name, len(train_ds), len(val_ds), total)
+    def __init__(self, args: argparse.Namespace):
+        setup_logging(True)
+        self.args = args
+        self.log = logging.getLogger("syncnet_328")
+        self.device = device = resolve_device(args.device)
+        self.amp = resolve_amp(args.amp, device)
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        seed_everything(args.seed)
+        for key in ("epochs", "batchsize", "log_every"):
+            if getattr(args, key) < 1:
+                raise TrainError(f"--{key} must be >= 1, got {getattr(args, key)}")
+        try:
+            ensure_crop_cache(args.dataset_dir, args.size)
+        except DatasetError as exc:
+            raise TrainError(str(exc)) from None
+        self.train_ds = SyncNetDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed,
+                                       build_cache=False, triplets=args.in_batch)
+        val_ds = SyncNetDataset(args.dataset_dir, args.size, self.train_ds.mode, "val", seed=args.seed,
+                                build_cache=False)
+        workers = resolve_workers(args.workers, device, 1)
+        self.loader, self.indices = make_loader(self.train_ds, args.batchsize, Dist(), args.seed, workers, device)
+        self.val_loader = torch.utils.data.DataLoader(val_ds, batch_size=64, shuffle=False,
+                                                      num_workers=min(workers, 2))
+        self.net = build_syncnet(self.train_ds.mode, self.train_ds.size.name).to(device)
+        self.head = SyncHead().to(device)
+        self.optimizer = torch.optim.Adam(list(self.net.parameters()) + list(self.head.parameters()), lr=args.lr)
+        self.total = args.epochs * len(self.loader)
+        if args.max_steps > 0:
+            self.total = min(self.total, args.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(self.total, args.warmup_steps, args.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        save_dir = Path(args.save_dir)
+        self.best_path = save_dir / "best.pth"
+        self.train_log = JsonlLog(save_dir / "train_log.jsonl", True)
+        self.metrics_log = JsonlLog(save_dir / "metrics.jsonl", True)
+        self.writer = tensorboard_writer(save_dir / "runs", True, None)
+        self.log.info("SyncNet on %s: mode %s, size %s, %d training / %d held-out pairs, %d steps",
+                      self.train_ds.name, self.train_ds.mode, self.train_ds.size.name, len(self.train_ds),
+                      len(val_ds), self.total)
+        self.best: tuple[float, float] | None = None  # (accuracy, -loss)
+        self.step, self.t0 = 0, time.perf_counter()
+        self.progress = ProgressLine(self.total, "syncnet")
+        self.calib_loader = self._calibration_loader(workers)
 
-    best: tuple[float, float] | None = None  # (accuracy, -loss)
-    step, t0 = 0, time.perf_counter()
-    progress = ProgressLine(total, "syncnet")
+    def _calibration_loader(self, workers: int) -> torch.utils.data.DataLoader:
+        """`--bn_samples` fixed training triplets for the BatchNorm statistics before each evaluation."""
+        args = self.args
+        calib_ds = SyncNetDataset(args.dataset_dir, args.size, self.train_ds.mode, "train", seed=args.seed,
+                                  build_cache=False, triplets=True)
+        calib_idx = np.random.default_rng(args.seed).permutation(len(calib_ds))[: args.bn_samples].tolist()
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(calib_ds, calib_idx),
+                                           batch_size=args.batchsize, num_workers=min(workers, 2))
 
-    calib_ds = SyncNetDataset(args.dataset_dir, args.size, train_ds.mode, "train", seed=args.seed,
-                              build_cache=False, triplets=True)
-    calib_idx = np.random.default_rng(args.seed).permutation(len(calib_ds))[: args.bn_samples].tolist()
-    calib_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(calib_ds, calib_idx),
-                                               batch_size=args.batchsize, num_workers=min(workers, 2))
-
-    def evaluate(epoch_label: float) -> None:
-        nonlocal best
-        if args.bn_samples > 0:
-            precise_bn(net, calib_loader, device, amp)
-        res = evaluate_pairs(net, head, val_loader, device, amp)
+    def evaluate(self, epoch_label: float) -> None:
+        """Held-out accuracy / AUC / loss -> metrics.jsonl and TensorBoard; best.pth when it is the best."""
+        net, head, step = self.net, self.head, self.step
+        if self.args.bn_samples > 0:
+            precise_bn(net, self.calib_loader, self.device, self.amp)
+        res = evaluate_pairs(net, head, self.val_loader, self.device, self.amp)
         res.update(step=step, epoch=epoch_label, logit_scale=head.scale.item(), logit_bias=head.bias.item())
         key = (res["accuracy"], -res["loss"])
-        if best is None or key > best:
-            best = key
-            meta = {"kind": "syncnet", "mode": train_ds.mode, "size": train_ds.size.name,
+        if self.best is None or key > self.best:
+            self.best = key
+            ds = self.train_ds
+            meta = {"kind": "syncnet", "mode": ds.mode, "size": ds.size.name,
                     "accuracy": res["accuracy"], "val_loss": res["loss"], "epoch": epoch_label, "step": step,
-                    "dataset": train_ds.name, "logit_scale": head.scale.item(), "logit_bias": head.bias.item()}
-            save_checkpoint(best_path, net.state_dict(), meta)
-            res["saved"] = str(best_path)
-        metrics_log.write(res)
-        if writer is not None:
+                    "dataset": ds.name, "logit_scale": head.scale.item(), "logit_bias": head.bias.item()}
+            save_checkpoint(self.best_path, net.state_dict(), meta)
+            res["saved"] = str(self.best_path)
+        self.metrics_log.write(res)
+        if self.writer is not None:
             for k in ("accuracy", "auc", "loss", "p_positive", "p_negative"):
-                writer.add_scalar(f"val/{k}", res[k], step)
-        log.info("held-out after %d steps: accuracy %.3f, AUC %.3f, loss %.4f, p(pos) %.3f, p(neg) %.3f%s",
-                 step, res["accuracy"], res["auc"], res["loss"], res["p_positive"], res["p_negative"],
-                 " (best so far, saved)" if "saved" in res else "")
+                self.writer.add_scalar(f"val/{k}", res[k], step)
+        self.log.info("held-out after %d steps: accuracy %.3f, AUC %.3f, loss %.4f, p(pos) %.3f, p(neg) %.3f%s",
+                      step, res["accuracy"], res["auc"], res["loss"], res["p_positive"], res["p_negative"],
+                      " (best so far, saved)" if "saved" in res else "")
 
-    done = False
-    for epoch in range(args.epochs):
-        indices.set(epoch)
-        net.train()
-        for batch_i, batch in enumerate(loader, 1):
-            batch = [t.to(device, non_blocking=True) for t in batch]
-            optimizer.zero_grad(set_to_none=True)  # upstream never cleared gradients
-            with autocast(device, amp):
-                if args.in_batch:
-                    loss, acc = triplet_loss(net, head, *batch)
-                else:
-                    face, audio, label = batch
-                    a, v = net(face, audio)
-                    logits = head(a, v)
-                    loss = F.binary_cross_entropy_with_logits(logits, label)
-                    acc = float(((logits.detach() > 0).float() == label).float().mean())
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            if progress.due(step):
-                progress.emit(step, step * args.batchsize, loss.item())
-            if step % args.log_every == 0 or step == total:
-                entry = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "accuracy": acc,
-                         "lr": scheduler.get_last_lr()[0]}
-                train_log.write(entry)
-                if writer is not None:
-                    writer.add_scalar("train/loss", entry["loss"], step)
-                    writer.add_scalar("train/accuracy", acc, step)
-            done = step >= total
-            if done or (args.eval_every > 0 and step % args.eval_every == 0 and batch_i < len(loader)):
-                evaluate(epoch + batch_i / len(loader))
+    def train_step(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """One optimiser step on a batch (triplets with `--in_batch`, else labelled pairs); (loss, accuracy)."""
+        net, head = self.net, self.head
+        batch = [t.to(self.device, non_blocking=True) for t in batch]
+        self.optimizer.zero_grad(set_to_none=True)  # upstream never cleared gradients
+        with autocast(self.device, self.amp):
+            if self.args.in_batch:
+                loss, acc = triplet_loss(net, head, *batch)
+            else:
+                face, audio, label = batch
+                a, v = net(face, audio)
+                logits = head(a, v)
+                loss = F.binary_cross_entropy_with_logits(logits, label)
+                acc = float(((logits.detach() > 0).float() == label).float().mean())
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return loss, acc
+
+    def log_step(self, epoch: int, loss: torch.Tensor, acc: float) -> None:
+        """Loss, accuracy and learning rate -> train_log.jsonl / TensorBoard."""
+        entry = {"step": self.step, "epoch": epoch + 1, "loss": loss.item(), "accuracy": acc,
+                 "lr": self.scheduler.get_last_lr()[0]}
+        self.train_log.write(entry)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", entry["loss"], self.step)
+            self.writer.add_scalar("train/accuracy", acc, self.step)
+
+    def run_epoch(self, epoch: int) -> bool:
+        """One pass over the training pairs (evaluating every `--eval_every` steps); True at the step limit."""
+        args = self.args
+        self.indices.set(epoch)
+        self.net.train()
+        for batch_i, batch in enumerate(self.loader, 1):
+            loss, acc = self.train_step(batch)
+            if self.progress.due(self.step):
+                self.progress.emit(self.step, self.step * args.batchsize, loss.item())
+            if self.step % args.log_every == 0 or self.step == self.total:
+                self.log_step(epoch, loss, acc)
+            done = self.step >= self.total
+            if done or (args.eval_every > 0 and self.step % args.eval_every == 0 and batch_i < len(self.loader)):
+                self.evaluate(epoch + batch_i / len(self.loader))
             if done:
+                return True
+        return False
+
+    def fit(self) -> Path:
+        """Train all epochs (or to `--max_steps`), evaluating after each; returns best.pth."""
+        for epoch in range(self.args.epochs):
+            if self.run_epoch(epoch):
                 break
-        if done:
-            break
-        evaluate(epoch + 1)
-    if writer is not None:
-        writer.close()
-    best_acc = best[0] if best else float("nan")
-    log.info("SyncNet done in %.0f s: best held-out accuracy %.3f -> %s", time.perf_counter() - t0, best_acc,
-             best_path)
-    warn_if_chance(best_acc)
-    return best_path
+            self.evaluate(epoch + 1)
+        if self.writer is not None:
+            self.writer.close()
+        best_acc = self.best[0] if self.best else float("nan")
+        self.log.info("SyncNet done in %.0f s: best held-out accuracy %.3f -> %s", time.perf_counter() - self.t0,
+                      best_acc, self.best_path)
+        warn_if_chance(best_acc)
+        return self.best_path
+
+
+def train_syncnet(args: argparse.Namespace) -> Path:
+    """Train with balanced positive / off-sync pairs; keep the best held-out accuracy as best.pth."""
+    return SyncNetRun(args).fit()
 
 
 def warn_if_chance(accuracy: float) -> bool:
