@@ -1125,7 +1125,8 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
     report.update(created=_dt.datetime.now().isoformat(timespec="seconds"), notes=list(NOTES),
                   settings={"max_frames": args.max_frames, "backend": args.backend, "device": args.device,
                             "vshift": VSHIFT, "fps": FPS, "silence_min_ms": SILENCE_MS,
-                            "silence_edge_ms": SILENCE_EDGE_MS, "syncnet_min_accuracy": M.SYNCNET_MIN_ACCURACY, "colour_step_max": M.COLOUR_STEP_MAX})
+                            "silence_edge_ms": SILENCE_EDGE_MS, "syncnet_min_accuracy": M.SYNCNET_MIN_ACCURACY,
+                            "colour_step_max": M.COLOUR_STEP_MAX})
     report = _clean(report)
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out_dir / "report.html", build_html(report, build_page(report, arts, list(args.audio))))
