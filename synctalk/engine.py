@@ -355,7 +355,7 @@ class LipSyncEngine:
                 "mode": self.mode, "size": self.size.name, "frames": len(self.frames),
                 "frame_size": [self.frames.shape[1], self.frames.shape[0]],
                 "backend": "onnx" if isinstance(self.runner, _OrtRunner) else "torch",
-                "device": self.runner.device, "dtype": self.runner.dtype, "batch_size": self.batch_size,
+                "device": self.device, "dtype": self.runner.dtype, "batch_size": self.batch_size,
                 "blend": self.blend, "color_match": self.color_match,
                 "speech_gate": None if self.speech_gate is None else vars(self.speech_gate)}
 
@@ -389,7 +389,7 @@ class LipSyncEngine:
     @property
     def feature_device(self) -> str:
         """Where this engine's audio features run: CUDA when the U-Net runs there, else the CPU."""
-        return "cuda" if self.runner.device.startswith("cuda") else "cpu"
+        return "cuda" if self.device.startswith("cuda") else "cpu"
 
     def audio_windows(self, features: np.ndarray, indices: Sequence[int], out: np.ndarray | None = None,
                       speaking: np.ndarray | None = None) -> np.ndarray:
