@@ -425,6 +425,7 @@ def mouth_values(track: Track, real: Track, boxes: np.ndarray, crop: int, segmen
         "closure_in_silence": M.closure_share(opening, silent, closed_max),
         "closure_in_silence_interior": M.closure_share(opening, interior, closed_max),
         "envelope_corr": M.envelope_correlation(opening, envelope),
+        "envelope_corr_speech": M.envelope_correlation(opening, envelope, ~silent),
         "sharpness_ratio": M.sharpness_ratio(track.sharp, real.sharp) if track.sharp else float("nan"),
         "teeth_share": t_gen,
         "mouth_detail_ratio": t_gen / t_real if t_real > 0 else float("nan"),
@@ -453,6 +454,7 @@ def real_values(real: Track, boxes: np.ndarray, crop: int, segments: list[tuple[
             "closure_in_silence": M.closure_share(opening, silent, closed_max),
             "closure_in_silence_interior": M.closure_share(opening, interior, closed_max),
             "envelope_corr": M.envelope_correlation(opening, envelope),
+            "envelope_corr_speech": M.envelope_correlation(opening, envelope, ~silent),
             "teeth_share": _nanmean(teeth[open_]),
             "jitter": M.temporal_jitter(with_breaks(lips, segments)),
             "seam": float(np.nanmean(real.seam)) if real.seam else float("nan"),
@@ -641,6 +643,7 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
     silences = silence_segments(env, FPS, SILENCE_MS)
     silent, interior = silence_masks(silences, n)
     model = {"envelope_corr": M.envelope_correlation(opening, env),
+             "envelope_corr_speech": M.envelope_correlation(opening, env, ~silent),
              "closure_in_silence": M.closure_share(opening, silent, closed_max),
              "closure_in_silence_interior": M.closure_share(opening, interior, closed_max),
              "silent_frames": int(silent.sum()), "interior_silent_frames": int(interior.sum()),
@@ -651,6 +654,7 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
     model.update(sync_values(np.concatenate(track.face_emb) if track.face_emb else None, av, features,
                              np.arange(n), [(0, n)]))
     baseline = {"envelope_corr": M.envelope_correlation(source_opening, env),
+                "envelope_corr_speech": M.envelope_correlation(source_opening, env, ~silent),
                 "closure_in_silence": M.closure_share(source_opening, silent, closed_max),
                 "closure_in_silence_interior": M.closure_share(source_opening, interior, closed_max)}
     result = {"audio": str(path), "frames": n, "model": model, "source_unchanged": baseline}
@@ -704,6 +708,7 @@ HELD_OUT_ROWS = [
     ("closure_in_silence", "mouth closed in silences >= 300 ms", "real"),
     ("closure_in_silence_interior", f"... their interior (less {SILENCE_EDGE_MS:g} ms at each end)", "real"),
     ("envelope_corr", "opening vs speech envelope", "real"),
+    ("envelope_corr_speech", "... in speech only (silences left out)", "real"),
     ("sharpness_ratio", "mouth sharpness / real (Laplacian var.)", "one"),
     ("teeth_share", "teeth-bright share of the open mouth", "real"),
     ("mouth_detail_ratio", "inner-mouth detail / real", "one"),
@@ -721,6 +726,7 @@ CROSS_COLUMNS = [
     ("sync_confidence", "confidence"),
     ("envelope_corr", "env. corr"),
     ("source:envelope_corr", "env. corr (source unchanged)"),
+    ("envelope_corr_speech", "env. corr in speech"),
     ("closure_in_silence", "closed in silence"),
     ("closure_in_silence_interior", "closed (interior)"),
     ("source:closure_in_silence", "closed (source unchanged)"),

@@ -296,11 +296,16 @@ def closure_share(opening: np.ndarray, silent: np.ndarray, closed_max: float) ->
     return float((op[sel] <= closed_max).mean())
 
 
-def envelope_correlation(opening: np.ndarray, envelope: np.ndarray) -> float:
+def envelope_correlation(opening: np.ndarray, envelope: np.ndarray, frames: np.ndarray | None = None) -> float:
     """Correlation of the mouth opening with the speech envelope (frames aligned, lengths cut to the
-    shorter)."""
+    shorter); `frames`, a bool mask, keeps only those frames (e.g. speech without its pauses, where the
+    pauses' closed mouth and low energy no longer carry the correlation)."""
     n = min(len(opening), len(envelope))
-    return pearson(np.asarray(opening, np.float64)[:n], np.asarray(envelope, np.float64)[:n])
+    a, b = np.asarray(opening, np.float64)[:n], np.asarray(envelope, np.float64)[:n]
+    if frames is not None:
+        keep = np.asarray(frames, bool)[:n]
+        a, b = a[:len(keep)][keep], b[:len(keep)][keep]
+    return pearson(a, b)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -226,6 +226,13 @@ def test_envelope_silences_and_closure():
     open_always = np.full(len(env), 0.2)
     assert M.closure_share(open_always, silent, closed) == 0.0
     assert M.envelope_correlation(opening, env) > 0.8  # mouth closed where the sound stops
+    # in speech only the pause no longer carries it: one fixed opening for every syllable follows nothing,
+    # an opening that tracks the loudness inside speech still does
+    speech = ~silent
+    assert M.envelope_correlation(opening, env, speech) == 0.0
+    following = np.where(silent, 0.01, 0.05 + env)
+    assert M.envelope_correlation(following, env, speech) == pytest.approx(1.0)
+    assert math.isnan(M.envelope_correlation(following, env, np.zeros(len(env), bool)))
     assert math.isnan(M.closure_share(opening, np.zeros(len(env), bool), closed))
     # the interior leaves out SILENCE_EDGE_MS (3 frames) at each end: a mouth that opens ahead of the
     # next word still counts as closed there, one open in the middle of the pause does not
