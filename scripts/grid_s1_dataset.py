@@ -6,7 +6,8 @@
 Concatenates the main-session clips (the README's second-session clips are left out: another shirt,
 background and framing) into `OUT/grid_s1.mp4` (H.264 25 fps, AAC 16 kHz mono; each clip's audio cut or
 padded to exactly its frames x 640 samples, so clips stay aligned) and writes `OUT/utterances.json`:
-every clip's frame range with its silences from the word alignments (`sil` spans), and the `--held_out` whole utterances (evenly spread, deterministic) that
+every clip's frame range with its silences from the word alignments (`sil` spans) and its words
+([start_s, end_s, word] on the track: `data_utils/tts_voice.py` dubs them in another voice), and the `--held_out` whole utterances (evenly spread, deterministic) that
 `synctalk.dataset.dataset_split` then keeps out of training. Next: `python data_utils/process.py
 OUT/grid_s1.mp4`.
 """
@@ -82,6 +83,22 @@ def aligned_silences(source: Path, name: str, offset: int, n_frames: int) -> lis
     return spans
 
 
+def aligned_words(source: Path, name: str, offset: int) -> list[list]:
+    """The spoken words of a clip's word alignment as [start_s, end_s, word] on the dataset's audio track
+    (the clip starts at frame `offset`); [] when the clip has no .align file."""
+    path = source / "align" / f"{name}.align"
+    if not path.is_file():
+        return []
+    units_per_s = ALIGN_UNITS_PER_FRAME * FPS
+    words = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] not in ("sil", "sp"):
+            words.append([round(offset / FPS + int(parts[0]) / units_per_s, 4),
+                          round(offset / FPS + int(parts[1]) / units_per_s, 4), parts[2]])
+    return words
+
+
 def held_out_names(names: list[str], count: int) -> list[str]:
     """`count` utterances spread evenly over the list (deterministic), never the first or the last."""
     if count <= 0:
@@ -117,7 +134,8 @@ def build(source: Path, out: Path, held_out: int) -> Path:
                     container.mux(aus.encode(af))
                     samples += block.shape[1]
                 utterances.append({"name": name, "start": start - len(frames), "end": start,
-                                   "silences": aligned_silences(source, name, start - len(frames), len(frames))})
+                                   "silences": aligned_silences(source, name, start - len(frames), len(frames)),
+                                   "words": aligned_words(source, name, start - len(frames))})
                 log.info("%3d/%d %s: %d frames", k + 1, len(names), name, len(frames))
             container.mux(vs.encode(None))
             container.mux(aus.encode(None))

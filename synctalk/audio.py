@@ -185,6 +185,33 @@ def shift_voice(audio: np.ndarray, semitones: float, sr: int = SAMPLE_RATE) -> n
     return np.asarray(shifted[: audio.size], np.float32)
 
 
+def dub_words(words: list[tuple[float, float, np.ndarray]], n_samples: int, sr: int = SAMPLE_RATE,
+              top_db: float = 40.0, fade_ms: float = 5.0) -> np.ndarray:
+    """A silent track of `n_samples` with each (start_s, end_s, audio) word's audio (float32 mono at `sr`,
+    its leading and trailing silence trimmed at `top_db`) time-stretched, pitch kept, to fill its span and
+    faded in and out over `fade_ms`: another voice saying the recorded words at the recorded times (the
+    training's dubbed voice variants, `data_utils/tts_voice.py`). Words shorter than 32 ms after trimming
+    are left silent."""
+    import librosa
+
+    track = np.zeros(int(n_samples), np.float32)
+    fade = max(1, int(sr * fade_ms / 1000))
+    for start, end, audio in words:
+        a, b = max(0, int(round(start * sr))), min(len(track), int(round(end * sr)))
+        y = to_float32(audio)
+        if y.size:
+            y, _ = librosa.effects.trim(y, top_db=top_db, frame_length=512, hop_length=128)
+        if b - a < 2 * fade or y.size < int(0.032 * sr):
+            continue
+        y = librosa.effects.time_stretch(y, rate=y.size / (b - a), n_fft=512, hop_length=128)
+        y = np.pad(y, (0, max(0, b - a - y.size)))[: b - a].astype(np.float32)
+        ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
+        y[:fade] *= ramp
+        y[-fade:] *= ramp[::-1]
+        track[a:b] = y
+    return track
+
+
 class StreamResampler:
     """`resample` for audio that arrives in chunks: the concatenated output equals `resample` of the
     concatenated input sample for sample (the same soxr HQ filter, run as a stream); the filter holds a

@@ -60,7 +60,8 @@ def preprocess_hint(dataset_dir: Path) -> str:
 
 def voice_variant_paths(dataset_dir: str | Path) -> list[Path]:
     """The dataset's voice-variant feature files (`aud_whisper_voice+3.npy`, ...: the audio track with
-    the voice's pitch and formants moved, made by `data_utils/audio_features.py --semitones`), sorted."""
+    the voice's pitch and formants moved, made by `data_utils/audio_features.py --semitones`; the words
+    dubbed by a TTS voice, `aud_whisper_voice_piper.npy` from `data_utils/tts_voice.py`), sorted."""
     return sorted(Path(dataset_dir).glob(VOICE_VARIANTS))
 
 
@@ -168,6 +169,26 @@ def aligned_silence_mask(dataset_dir: str | Path, n: int) -> np.ndarray | None:
     for a, b in spans:
         mask[max(0, int(a)):min(n, int(b))] = True
     return mask
+
+
+def aligned_words(dataset_dir: str | Path) -> list[tuple[float, float, str]]:
+    """Every spoken word of the dataset as (start_s, end_s, word) on its audio track, from the `words`
+    of `utterances.json` (e.g. GRID word alignments); DatasetError when there are none or they are
+    malformed."""
+    path = Path(dataset_dir) / UTTERANCES_FILE
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: word timings come from a dataset's utterances.json")
+    try:
+        words = [(float(a), float(b), str(w)) for u in json.loads(path.read_text())["utterances"]
+                 for a, b, w in u.get("words", [])]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{path} is malformed ({exc}); 'words' are [start_s, end_s, word] lists") from None
+    if not words:
+        raise DatasetError(f"{path} lists no words (its utterances need 'words': [[start_s, end_s, word], ...])")
+    bad = [w for w in words if not 0 <= w[0] < w[1] or not w[2].strip()]
+    if bad:
+        raise DatasetError(f"{path}: word {bad[0]} needs 0 <= start < end and a text")
+    return sorted(words)
 
 
 def utterance_split(n: int, utterances: list[dict], held_out: list[str], split: str) -> np.ndarray:
@@ -375,7 +396,8 @@ class AvatarDataset(Dataset):
             raise DatasetError(
                 f"voice augmentation needs whisper voice variants in {self.dataset_dir} ({VOICE_VARIANTS}); "
                 f"run: python data_utils/audio_features.py {self.dataset_dir}/aud.wav "
-                f"{self.dataset_dir}/aud_whisper_voice+3.npy --semitones 3")
+                f"{self.dataset_dir}/aud_whisper_voice+3.npy --semitones 3 (or, with word timings, "
+                f"python data_utils/tts_voice.py {self.dataset_dir})")
         voices = [np.load(p).astype(np.float32, copy=False) for p in paths]
         for path, feats in zip(paths, voices):
             if feats.shape[1:] != self.features.shape[1:] or len(feats) < self.n_frames:

@@ -186,3 +186,23 @@ def test_shift_voice_moves_the_pitch_and_keeps_the_timing():
     same = audio_io.shift_voice(burst, 0)
     np.testing.assert_array_equal(same, burst)
     assert same is not burst
+
+
+def test_dub_words_fills_each_span_and_keeps_the_pitch():
+    pad = np.zeros(1600, np.float32)
+    word = np.concatenate([pad, tone(300, 0.3, 16000), pad])  # 0.3 s of voice inside 0.1 s of silence
+    short = tone(300, 0.02, 16000)  # 20 ms: too short to stretch
+    track = audio_io.dub_words([(0.5, 0.7, word), (1.0, 1.6, word), (1.8, 1.9, short)], 40000)
+    assert track.shape == (40000,) and track.dtype == np.float32
+    loud = np.abs(track) > 0.05
+    # each word fills its span (the silence trimmed, the 0.3 s of voice squeezed into 0.2 s and stretched
+    # to 0.6 s) and nothing sounds outside the spans
+    for a, b in ((8000, 11200), (16000, 25600)):
+        inside = np.flatnonzero(loud[a:b])
+        assert inside[0] < 300 and inside[-1] > b - a - 300, (a, inside[0], inside[-1])
+    outside = np.ones(len(track), bool)
+    outside[8000:11200] = outside[16000:25600] = False
+    assert not loud[outside].any()
+    assert abs(dominant_hz(track[17000:24600], 16000) - 300) < 10  # stretched, not resampled
+    assert abs(dominant_hz(track[8400:10800], 16000) - 300) < 15
+    assert not audio_io.dub_words([(1.0, 0.9, word)], 40000).any()  # an empty span adds nothing
