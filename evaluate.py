@@ -495,10 +495,11 @@ def render_crops(av: Avatar, features: np.ndarray, rows: np.ndarray, targets: np
 
 @dataclass
 class Candidate:
-    """One column of the held-out tables: a name and how to get its crops for positions [s, e)."""
+    """One column of the held-out tables: a name and how to get its crops for positions [s, e) (given the
+    real crops there)."""
 
     name: str
-    crops: Callable[[int, int], np.ndarray]
+    crops: Callable[[int, int, np.ndarray], np.ndarray]
     pixels: bool = True
 
 
@@ -521,6 +522,44 @@ def held_out_audio(av: Avatar, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return env[idx], silent[idx], interior[idx]
 
 
+def held_out_candidates(av: Avatar, idx: np.ndarray, policies: tuple[str, ...],
+                        refs: dict[str, np.ndarray]) -> list[Candidate]:
+    """The held-out table's columns: the mean crop, and per policy the model and its copy-reference."""
+    mean_crop = mean_training_crop(av)
+    border = av.engine.size.border
+    cands = [Candidate("mean_crop", lambda s, e, real: with_interior(real, mean_crop[None], border))]
+    for p in policies:
+        cands.append(Candidate(f"{p}:model", lambda s, e, real, p=p: render_crops(
+            av, av.gated, idx[s:e], idx[s:e], refs[p][s:e], av.speaking)))
+        if p != "same":  # copying the target's own crop is the real video
+            cands.append(Candidate(f"{p}:copy_reference", lambda s, e, real, p=p: with_interior(
+                real, np.stack([av.crop_of(int(r)) for r in refs[p][s:e]]), border)))
+    return cands
+
+
+def measure_held_out(av: Avatar, idx: np.ndarray, cands: list[Candidate],
+                     mesh: FaceMesh) -> tuple[Track, dict[str, Track]]:
+    """(the real video's track, each candidate's track): every candidate rendered and measured on the
+    held-out frames `idx`, chunk by chunk, beside the real frames."""
+    real, tracks = Track(), {c.name: Track() for c in cands}
+    strip_at = set(strip_positions(len(idx)))
+    bar = _progress(len(idx), f"{av.label} held-out")
+    for s in range(0, len(idx), CHUNK):
+        e = min(s + CHUNK, len(idx))
+        crops = np.stack([av.crop_of(int(i)) for i in idx[s:e]])
+        chunk = Chunk(idx[s:e], range(s, e), [av.frame(int(i)) for i in idx[s:e]], crops, av.boxes[idx[s:e]])
+        measure_chunk(real, av, chunk, chunk.crops, chunk.full, mesh, strip_at, pixels=False)
+        chunk.mouth_boxes = mouth_boxes(real.landmarks[s:e], chunk.boxes, av.crop)
+        real.sharp.extend(c[y1:y2, x1:x2] for c, (x1, y1, x2, y2) in zip(chunk.crops, chunk.mouth_boxes))
+        for cand in cands:
+            made = cand.crops(s, e, crops)
+            measure_chunk(tracks[cand.name], av, chunk, made, paste_all(av, made, idx[s:e]), mesh, strip_at,
+                          cand.pixels, embed=cand.name.endswith(":model"))
+        bar.update(e - s)
+    bar.close()
+    return real, tracks
+
+
 def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, policies: tuple[str, ...] = DEFAULT_POLICIES,
                         seed: int = 0) -> tuple[dict, dict]:
     """Render the held-out frames from their own audio under each reference policy, with the baselines
@@ -529,38 +568,7 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
     n, segments = len(idx), runs_of(idx)
     closed, train_open = closed_reference(av, mesh)
     refs = {p: reference_frames(p, idx, av.train_frames, closed, seed) for p in policies}
-    mean_crop = mean_training_crop(av)
-    border = av.engine.size.border
-    real_crops: dict[tuple[int, int], np.ndarray] = {}
-
-    def real_of(s: int, e: int) -> np.ndarray:
-        return real_crops[(s, e)]
-
-    cands = [Candidate("mean_crop", lambda s, e: with_interior(real_of(s, e), mean_crop[None], border))]
-    for p in policies:
-        cands.append(Candidate(f"{p}:model", lambda s, e, p=p: render_crops(av, av.gated, idx[s:e], idx[s:e],
-                                                                            refs[p][s:e], av.speaking)))
-        if p != "same":  # copying the target's own crop is the real video
-            cands.append(Candidate(f"{p}:copy_reference", lambda s, e, p=p: with_interior(
-                real_of(s, e), np.stack([av.crop_of(int(r)) for r in refs[p][s:e]]), border)))
-    real, tracks = Track(), {c.name: Track() for c in cands}
-    strip_at = set(strip_positions(n))
-    bar = _progress(n, f"{av.label} held-out")
-    for s in range(0, n, CHUNK):
-        e = min(s + CHUNK, n)
-        real_crops.clear()
-        real_crops[(s, e)] = np.stack([av.crop_of(int(i)) for i in idx[s:e]])
-        chunk = Chunk(idx[s:e], range(s, e), [av.frame(int(i)) for i in idx[s:e]], real_crops[(s, e)],
-                      av.boxes[idx[s:e]])
-        measure_chunk(real, av, chunk, chunk.crops, chunk.full, mesh, strip_at, pixels=False)
-        chunk.mouth_boxes = mouth_boxes(real.landmarks[s:e], chunk.boxes, av.crop)
-        real.sharp.extend(c[y1:y2, x1:x2] for c, (x1, y1, x2, y2) in zip(chunk.crops, chunk.mouth_boxes))
-        for cand in cands:
-            crops = cand.crops(s, e)
-            measure_chunk(tracks[cand.name], av, chunk, crops, paste_all(av, crops, idx[s:e]), mesh, strip_at,
-                          cand.pixels, embed=cand.name.endswith(":model"))
-        bar.update(e - s)
-    bar.close()
+    real, tracks = measure_held_out(av, idx, held_out_candidates(av, idx, policies, refs), mesh)
     boxes = av.boxes[idx]
     envelope, silent, interior = held_out_audio(av, idx)
     _, real_opening = opening_of(real, boxes, av.crop)
@@ -599,6 +607,30 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
     return result, art
 
 
+def measure_cross(av: Avatar, gated: np.ndarray, speaking: np.ndarray | None, idx: np.ndarray, mesh: FaceMesh,
+                  real_landmarks: dict, label: str) -> tuple[Track, Track]:
+    """(the model's track, the source frames' track): feature row k drives source frame `idx[k]`, with
+    that frame's own crop as reference; the source frames' landmarks are cached in `real_landmarks`."""
+    n = len(idx)
+    track, source = Track(), Track()
+    strip_at = set(strip_positions(n))
+    bar = _progress(n, f"{av.label} {label}")
+    for s in range(0, n, CHUNK):
+        e = min(s + CHUNK, n)
+        real_full = [av.frame(int(i)) for i in idx[s:e]]
+        chunk = Chunk(idx[s:e], range(s, e), real_full, np.stack([av.crop_of(int(i)) for i in idx[s:e]]),
+                      av.boxes[idx[s:e]])
+        crops = render_crops(av, gated, np.arange(s, e), idx[s:e], idx[s:e], speaking)
+        measure_chunk(track, av, chunk, crops, paste_all(av, crops, idx[s:e]), mesh, strip_at, pixels=False)
+        for i, frame in zip(idx[s:e], real_full):
+            if int(i) not in real_landmarks:
+                real_landmarks[int(i)] = mesh(frame)
+            source.landmarks.append(real_landmarks[int(i)])
+        bar.update(e - s)
+    bar.close()
+    return track, source
+
+
 def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None, real_lips: np.ndarray,
                  real_landmarks: dict, closed_max: float) -> tuple[dict, dict]:
     """Drive the avatar with a foreign audio file over the held-out frames (played back and forth), the
@@ -618,22 +650,7 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
     idx = av.held_out[pingpong(0, len(av.held_out), n)]
     speaking = av.engine.speaking(audio16k, len(features))
     gated = av.engine.gate(features, speaking)  # what the model is driven with (the SyncNet hears `features`)
-    track, source = Track(), Track()
-    strip_at = set(strip_positions(n))
-    bar = _progress(n, f"{av.label} {path.name}")
-    for s in range(0, n, CHUNK):
-        e = min(s + CHUNK, n)
-        real_full = [av.frame(int(i)) for i in idx[s:e]]
-        chunk = Chunk(idx[s:e], range(s, e), real_full, np.stack([av.crop_of(int(i)) for i in idx[s:e]]),
-                      av.boxes[idx[s:e]])
-        crops = render_crops(av, gated, np.arange(s, e), idx[s:e], idx[s:e], speaking)
-        measure_chunk(track, av, chunk, crops, paste_all(av, crops, idx[s:e]), mesh, strip_at, pixels=False)
-        for i, frame in zip(idx[s:e], real_full):  # the source frames unchanged: landmarks cached per frame
-            if int(i) not in real_landmarks:
-                real_landmarks[int(i)] = mesh(frame)
-            source.landmarks.append(real_landmarks[int(i)])
-        bar.update(e - s)
-    bar.close()
+    track, source = measure_cross(av, gated, speaking, idx, mesh, real_landmarks, path.name)
     boxes = av.boxes[idx]
     lips, opening = opening_of(track, boxes, av.crop)
     _, source_opening = opening_of(source, boxes, av.crop)
