@@ -107,11 +107,6 @@ class Options:
 # Opening and probing
 
 
-def _av():
-
-    return av
-
-
 def _short(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -120,7 +115,6 @@ def _short(exc: BaseException) -> str:
 def open_media(path: Path):
     """Open `path` with PyAV and return (container, video stream, audio stream); ProcessError when the file
     is missing, unreadable, or lacks a video or an audio stream."""
-    av = _av()
     if not path.exists():
         raise ProcessError(f"video not found: {path}")
     if not path.is_file():
@@ -230,95 +224,113 @@ def _channel_samples(frame) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-def scan_media(path: Path, progress: bool | None = None) -> tuple[MediaInfo, np.ndarray, dict]:
-    """One demux pass: the video timeline from packet timestamps (no video decoding, but the first frame
-    for size and rotation), and the audio decoded to 16 kHz mono. Returns (info, audio aligned to the
-    first video frame and exactly n_frames x 640 samples long, audio statistics)."""
+@dataclass
+class _Scan:
+    """What one demux pass gathers: the video timeline from packet timestamps (and the first picture)
+    and the audio, resampled to 16 kHz mono, with its level statistics."""
 
-    av = _av()
-    container, vs, aus = open_media(path)
-    try:
-        rate = vs.average_rate or vs.guessed_rate
-        step = 1.0 / float(rate) if rate else 1.0 / FPS
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        t_first, t_end, n_packets = math.inf, -math.inf, 0
-        first = None
-        chunks: list[np.ndarray] = []
-        audio_start: float | None = None
-        peak, clipped, total = 0.0, 0, 0
-        bad_packets = 0
-        bar = tqdm(total=path.stat().st_size, desc="audio", unit="B", unit_scale=True, disable=_no_bar(progress),
-                   leave=False)
-        try:
-            for packet in container.demux(vs, aus):
-                bar.update(packet.size)
-                if packet.stream.index == vs.index:
-                    if first is None:  # decode only until the first picture: its size and rotation
-                        try:
-                            first = next(iter(packet.decode()), None)
-                        except av.FFmpegError:
-                            pass
-                    if packet.pts is None or packet.size == 0:
-                        continue
-                    n_packets += 1
-                    t = float(packet.pts * packet.time_base)
-                    dur = float(packet.duration * packet.time_base) if packet.duration else step
-                    t_first, t_end = min(t_first, t), max(t_end, t + dur)
-                    continue
-                try:
-                    frames = packet.decode()
-                except av.FFmpegError:
-                    bad_packets += 1
-                    continue
-                for frame in frames:
-                    if audio_start is None and frame.pts is not None:
-                        audio_start = float(frame.pts * frame.time_base)
-                    samples = _channel_samples(frame)
-                    if samples.size:
-                        peak = max(peak, float(np.abs(samples).max()))
-                        clipped += int(np.count_nonzero((np.abs(samples) >= CLIP_LEVEL).any(axis=0)))
-                        total += samples.shape[1]
-                    for out in resampler.resample(frame):
-                        chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-        except av.FFmpegError as exc:
-            log.warning("%s: reading stopped early (%s); using what was read", path, _short(exc))
-        finally:
-            bar.close()
-        if bad_packets:
-            log.warning("%s: %d undecodable audio packets skipped", path, bad_packets)
-        if first is None:
+    step: float  # a video packet's duration when it has none
+    t_first: float = math.inf
+    t_end: float = -math.inf
+    n_packets: int = 0
+    first: Any = None
+    chunks: list = field(default_factory=list)
+    audio_start: float | None = None
+    peak: float = 0.0
+    clipped: int = 0
+    total: int = 0
+    bad_packets: int = 0
+
+    def video(self, packet) -> None:
+        """A video packet: its time span (decoded only until the first picture: size and rotation)."""
+        if self.first is None:
             try:
-                first = next(iter(vs.decode(None)), None)  # flush: decoders with a delay
+                self.first = next(iter(packet.decode()), None)
             except av.FFmpegError:
-                first = None
-        if first is None:
-            raise ProcessError(f"{path}: the video stream has no decodable frame")
-        rotation = _rotation(first)
-        width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
-        if n_packets == 0:  # no timestamps on the packets: fall back to the stream's duration
-            t_first = float(first.time or 0.0)
-            dur = float(vs.duration * vs.time_base) if vs.duration else (
-                container.duration / 1e6 if container.duration else 0.0)
-            t_end = t_first + dur
-        n_frames = int(round((t_end - t_first) * FPS))
-        sar = vs.sample_aspect_ratio
-        info = MediaInfo(
-            container=container.format.name, video_codec=vs.codec_context.name, audio_codec=aus.codec_context.name,
-            width=int(width), height=int(height), rotation=rotation,
-            source_fps=float(rate) if rate else None,
-            sample_aspect_ratio=float(sar) if sar else 1.0,
-            audio_rate=int(aus.rate or 0), audio_channels=int(aus.channels or 0),
-            t_first=float(t_first), t_end=float(t_end), n_frames=max(n_frames, 0), video_packets=n_packets)
+                pass
+        if packet.pts is None or packet.size == 0:
+            return
+        self.n_packets += 1
+        t = float(packet.pts * packet.time_base)
+        dur = float(packet.duration * packet.time_base) if packet.duration else self.step
+        self.t_first, self.t_end = min(self.t_first, t), max(self.t_end, t + dur)
+
+    def audio(self, packet, resampler) -> None:
+        """An audio packet: decoded, measured and resampled (an undecodable one is counted and skipped)."""
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            self.bad_packets += 1
+            return
+        for frame in frames:
+            if self.audio_start is None and frame.pts is not None:
+                self.audio_start = float(frame.pts * frame.time_base)
+            samples = _channel_samples(frame)
+            if samples.size:
+                self.peak = max(self.peak, float(np.abs(samples).max()))
+                self.clipped += int(np.count_nonzero((np.abs(samples) >= CLIP_LEVEL).any(axis=0)))
+                self.total += samples.shape[1]
+            self.chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+
+
+def _demux(path: Path, container, vs, aus, step: float, progress: bool | None) -> _Scan:
+    """Read every packet once; a read error part-way keeps what was read (with a warning)."""
+    scan = _Scan(step)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    bar = tqdm(total=path.stat().st_size, desc="audio", unit="B", unit_scale=True, disable=_no_bar(progress),
+               leave=False)
+    try:
+        for packet in container.demux(vs, aus):
+            bar.update(packet.size)
+            if packet.stream.index == vs.index:
+                scan.video(packet)
+            else:
+                scan.audio(packet, resampler)
+        scan.chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+    except av.FFmpegError as exc:
+        log.warning("%s: reading stopped early (%s); using what was read", path, _short(exc))
     finally:
-        container.close()
-    audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        bar.close()
+    if scan.bad_packets:
+        log.warning("%s: %d undecodable audio packets skipped", path, scan.bad_packets)
+    return scan
+
+
+def _media_info(path: Path, container, vs, aus, scan: _Scan, rate) -> MediaInfo:
+    """The video's geometry and timeline (the stream's duration when the packets carry no timestamps)."""
+    first = scan.first
+    if first is None:
+        try:
+            first = next(iter(vs.decode(None)), None)  # flush: decoders with a delay
+        except av.FFmpegError:
+            first = None
+    if first is None:
+        raise ProcessError(f"{path}: the video stream has no decodable frame")
+    rotation = _rotation(first)
+    width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+    t_first, t_end = scan.t_first, scan.t_end
+    if scan.n_packets == 0:  # no timestamps on the packets: fall back to the stream's duration
+        t_first = float(first.time or 0.0)
+        dur = float(vs.duration * vs.time_base) if vs.duration else (
+            container.duration / 1e6 if container.duration else 0.0)
+        t_end = t_first + dur
+    sar = vs.sample_aspect_ratio
+    return MediaInfo(
+        container=container.format.name, video_codec=vs.codec_context.name, audio_codec=aus.codec_context.name,
+        width=int(width), height=int(height), rotation=rotation, source_fps=float(rate) if rate else None,
+        sample_aspect_ratio=float(sar) if sar else 1.0, audio_rate=int(aus.rate or 0),
+        audio_channels=int(aus.channels or 0), t_first=float(t_first), t_end=float(t_end),
+        n_frames=max(int(round((t_end - t_first) * FPS)), 0), video_packets=scan.n_packets)
+
+
+def _aligned_audio(path: Path, scan: _Scan, info: MediaInfo) -> tuple[np.ndarray, dict]:
+    """(the audio with sample 0 at video frame 0, exactly n_frames x 640 samples; its statistics)."""
+    audio = np.concatenate(scan.chunks).astype(np.float32) if scan.chunks else np.zeros(0, np.float32)
     if audio.size == 0:
         raise ProcessError(f"{path}: the audio stream has no decodable samples")
     decoded_s = audio.size / SAMPLE_RATE
-    # align: sample 0 of aud.wav is the time of video frame 0
-    offset = int(round(((audio_start if audio_start is not None else info.t_first) - info.t_first) * SAMPLE_RATE))
+    start = scan.audio_start if scan.audio_start is not None else info.t_first
+    offset = int(round((start - info.t_first) * SAMPLE_RATE))
     if offset > 0:
         audio = np.concatenate([np.zeros(offset, np.float32), audio])
     elif offset < 0:
@@ -330,9 +342,24 @@ def scan_media(path: Path, progress: bool | None = None) -> tuple[MediaInfo, np.
         "decoded_seconds": round(decoded_s, 3),
         "offset_ms": round(1000.0 * offset / SAMPLE_RATE, 1),  # audio start - video start
         "padded_end_ms": round(1000.0 * max(gap_s, 0.0), 1),
-        "peak_dbfs": _db(peak),
-        "clipped_share": clipped / total if total else 0.0,
+        "peak_dbfs": _db(scan.peak),
+        "clipped_share": scan.clipped / scan.total if scan.total else 0.0,
     }
+    return audio, stats
+
+
+def scan_media(path: Path, progress: bool | None = None) -> tuple[MediaInfo, np.ndarray, dict]:
+    """One demux pass: the video timeline from packet timestamps (no video decoding, but the first frame
+    for size and rotation), and the audio decoded to 16 kHz mono. Returns (info, audio aligned to the
+    first video frame and exactly n_frames x 640 samples long, audio statistics)."""
+    container, vs, aus = open_media(path)
+    try:
+        rate = vs.average_rate or vs.guessed_rate
+        scan = _demux(path, container, vs, aus, 1.0 / float(rate) if rate else 1.0 / FPS, progress)
+        info = _media_info(path, container, vs, aus, scan, rate)
+    finally:
+        container.close()
+    audio, stats = _aligned_audio(path, scan, info)
     return info, audio, stats
 
 
@@ -373,7 +400,6 @@ def resample_25fps(frames: Iterator, n_frames: int, t_first: float, step: float)
 def decode_video(container, stream, threads: int = 0) -> Iterator:
     """Decoded frames of `stream` in presentation order; undecodable packets are skipped (and counted in
     the log), a read error ends the stream early."""
-    av = _av()
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = threads
     bad = 0
@@ -876,88 +902,107 @@ def _info_from(rec: dict) -> MediaInfo:
     return MediaInfo(**rec["info"])
 
 
-def process_video(opts: Options) -> dict:
-    """Run (or resume) every stage; returns the report dict. Raises ProcessError on bad input."""
-    video, out = opts.video, opts.out
-    if not video.exists():
-        raise ProcessError(f"video not found: {video}")
-    if opts.features == "ave":  # fail now rather than after the long frames stage
+def _check_inputs(opts: Options) -> None:
+    """Fail before the long stages: a missing video, AVE features without the AVE encoder."""
+    if not opts.video.exists():
+        raise ProcessError(f"video not found: {opts.video}")
+    if opts.features == "ave":
         ckpt = settings.models.ave_checkpoint
         if ckpt is None or not Path(ckpt).is_file():
             raise ProcessError("--features ave needs upstream's AVE audio encoder: set SYNCTALK_MODELS__AVE_CHECKPOINT "
                                "to its .pth file (or use --features whisper)")
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_temps(out)
-    stages = Stages(out, opts.force)
-    st = video.stat()
-    key: dict[str, Any] = {"input": [str(video.resolve()), st.st_size, st.st_mtime_ns], "version": FORMAT_VERSION}
-    timings: dict[str, float] = {}
 
-    # 1. audio
-    key_audio = dict(key, stage="audio")
-    rec = stages.done("audio", key_audio)
-    if rec is None or not (out / "aud.wav").is_file():
+
+def _check_length(opts: Options, info: MediaInfo) -> None:
+    if info.n_frames / FPS < opts.min_seconds:
+        raise ProcessError(f"{opts.video} is too short: {info.n_frames / FPS:.2f} s of video, at least "
+                           f"{opts.min_seconds:g} s needed (--min_seconds)")
+
+
+def _audio_stage(opts: Options, stages: Stages, key: dict, timings: dict) -> tuple[MediaInfo, dict]:
+    """Stage 1: the timeline and aud.wav (skipped when done before); (media info, audio statistics)."""
+    rec = stages.done("audio", key)
+    if rec is None or not (opts.out / "aud.wav").is_file():
         stages.drop_after("audio")
         t0 = time.perf_counter()
-        info, audio, audio_stats = scan_media(video, opts.progress)
-        if info.n_frames / FPS < opts.min_seconds:
-            raise ProcessError(f"{video} is too short: {info.n_frames / FPS:.2f} s of video, at least "
-                               f"{opts.min_seconds:g} s needed (--min_seconds)")
-
-        audio_io.write_wav(out / "aud.wav", audio, SAMPLE_RATE)
+        info, audio, audio_stats = scan_media(opts.video, opts.progress)
+        _check_length(opts, info)
+        audio_io.write_wav(opts.out / "aud.wav", audio, SAMPLE_RATE)
         rec = {"result": {"info": info.__dict__, "audio": audio_stats}}
         timings["audio"] = time.perf_counter() - t0
-        stages.mark("audio", key_audio, rec["result"], timings["audio"])
+        stages.mark("audio", key, rec["result"], timings["audio"])
         log.info("audio: %d frames (%.2f s), %d x %d, rotation %d", info.n_frames, info.duration, info.width,
                  info.height, info.rotation)
     else:
         log.info("audio: done before, skipped (--force redoes it)")
-    info, audio_stats = _info_from(rec["result"]), rec["result"]["audio"]
-    if info.n_frames / FPS < opts.min_seconds:
-        raise ProcessError(f"{video} is too short: {info.n_frames / FPS:.2f} s of video, at least "
-                           f"{opts.min_seconds:g} s needed (--min_seconds)")
+    info = _info_from(rec["result"])
+    _check_length(opts, info)
+    return info, rec["result"]["audio"]
 
-    # 2. frames
+
+def _frames_stage(opts: Options, stages: Stages, info: MediaInfo, key: dict, timings: dict) -> None:
+    """Stage 2: frames, face track, crop boxes and crop caches, built in a temp folder and moved in."""
+    out = opts.out
+    outputs = ["full_body_img", "landmarks", "crop_boxes.npy", "face_track.npz",
+               *[f"crops_{s}.npy" for s in opts.crop_sizes]]
+    if stages.done("frames", key) is not None and all((out / p).exists() for p in outputs):
+        log.info("frames: done before, skipped")
+        return
+    stages.drop_after("frames")
+    t0 = time.perf_counter()
+    tmp = out / f".tmp_frames{os.getpid()}"
+    try:
+        track = run_frames(opts.video, info, tmp, opts)
+        if not track.found.any():
+            raise ProcessError(f"no face found in {opts.video}: the video must show one face, frontal and well lit")
+        np.save(tmp / "crop_boxes.npy", track.boxes.astype(np.int32))
+        track.save(tmp / "face_track.npz")
+        for name in outputs:
+            _replace(tmp / name, out / name)
+        now = time.time()
+        for s in opts.crop_sizes:  # caches newer than crop_boxes.npy (datasets checks the mtimes)
+            os.utime(out / f"crops_{s}.npy", (now + 1, now + 1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    timings["frames"] = time.perf_counter() - t0
+    stages.mark("frames", key, {"frames": info.n_frames, "fps": round(info.n_frames / timings["frames"], 2)},
+                timings["frames"])
+
+
+def _features_stage(opts: Options, stages: Stages, info: MediaInfo, key: dict, timings: dict) -> None:
+    """Stage 3: the audio features of aud.wav (none with --features none)."""
+    feat_file = opts.out / f"aud_{opts.features}.npy"
+    if opts.features == "none":
+        return
+    if stages.done("features", key) is not None and feat_file.is_file():
+        log.info("features: done before, skipped")
+        return
+    stages.drop_after("features")
+    t0 = time.perf_counter()
+    write_features(opts.out, info.n_frames, opts.features,
+                   progress=sys.stderr.isatty() if opts.progress is None else opts.progress)
+    timings["features"] = time.perf_counter() - t0
+    stages.mark("features", key, {"file": feat_file.name}, timings["features"])
+
+
+def process_video(opts: Options) -> dict:
+    """Run (or resume) every stage; returns the report dict. Raises ProcessError on bad input."""
+    _check_inputs(opts)
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_temps(out)
+    stages = Stages(out, opts.force)
+    st = opts.video.stat()
+    key: dict[str, Any] = {"input": [str(opts.video.resolve()), st.st_size, st.st_mtime_ns],
+                           "version": FORMAT_VERSION}
+    timings: dict[str, float] = {}
+    key_audio = dict(key, stage="audio")
+    info, audio_stats = _audio_stage(opts, stages, key_audio, timings)
     key_frames = dict(key_audio, stage="frames", mesh_size=opts.mesh_size, jpeg=opts.jpeg_quality,
                       crops=list(opts.crop_sizes), smooth=[opts.smooth, opts.min_cutoff, opts.beta])
-    frame_outputs = ["full_body_img", "landmarks", "crop_boxes.npy", "face_track.npz",
-                     *[f"crops_{s}.npy" for s in opts.crop_sizes]]
-    if stages.done("frames", key_frames) is None or not all((out / p).exists() for p in frame_outputs):
-        stages.drop_after("frames")
-        t0 = time.perf_counter()
-        tmp = out / f".tmp_frames{os.getpid()}"
-        try:
-            track = run_frames(video, info, tmp, opts)
-            if not track.found.any():
-                raise ProcessError(f"no face found in {video}: the video must show one face, frontal and well lit")
-            np.save(tmp / "crop_boxes.npy", track.boxes.astype(np.int32))
-            track.save(tmp / "face_track.npz")
-            for name in frame_outputs:
-                _replace(tmp / name, out / name)
-            now = time.time()
-            for s in opts.crop_sizes:  # caches newer than crop_boxes.npy (datasets checks the mtimes)
-                os.utime(out / f"crops_{s}.npy", (now + 1, now + 1))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        timings["frames"] = time.perf_counter() - t0
-        stages.mark("frames", key_frames, {"frames": info.n_frames,
-                                           "fps": round(info.n_frames / timings["frames"], 2)}, timings["frames"])
-    else:
-        log.info("frames: done before, skipped")
-
-    # 3. features
+    _frames_stage(opts, stages, info, key_frames, timings)
     key_feat = dict(key_frames, stage="features", mode=opts.features)
-    feat_file = out / f"aud_{opts.features}.npy"
-    if opts.features != "none" and (stages.done("features", key_feat) is None or not feat_file.is_file()):
-        stages.drop_after("features")
-        t0 = time.perf_counter()
-        write_features(out, info.n_frames, opts.features,
-                       progress=sys.stderr.isatty() if opts.progress is None else opts.progress)
-        timings["features"] = time.perf_counter() - t0
-        stages.mark("features", key_feat, {"file": feat_file.name}, timings["features"])
-    elif opts.features != "none":
-        log.info("features: done before, skipped")
-
+    _features_stage(opts, stages, info, key_feat, timings)
     # 4. report (cheap: always rebuilt, so it lists the current outputs)
     t0 = time.perf_counter()
     for name, rec_s in stages.data["stages"].items():
