@@ -25,6 +25,7 @@ from synctalk import audio as audio_io
 from synctalk import features as speech_features
 from synctalk.dataset import DatasetError, aligned_words
 from synctalk.fileio import atomic_path
+from synctalk.metrics import pearson
 from synctalk.timing import SAMPLE_RATE
 from synctalk.tts import EspeakTTS, PiperTTS, TTSService, TTSUnavailable
 
@@ -56,7 +57,8 @@ def dub(dataset_dir: Path, engine: TTSService, tag: str, progress: bool = True) 
     recorded = dataset_dir / "aud.wav"
     if not recorded.is_file():
         raise DatasetError(f"{recorded} not found (preprocess the video first: data_utils/process.py)")
-    n_samples = len(audio_io.load_audio(str(recorded), sr=SAMPLE_RATE))
+    recorded_audio = audio_io.load_audio(str(recorded), sr=SAMPLE_RATE)
+    n_samples = len(recorded_audio)
     if words[-1][1] * SAMPLE_RATE > n_samples + SAMPLE_RATE:
         raise DatasetError(f"the words run to {words[-1][1]:.1f} s but {recorded} is {n_samples / SAMPLE_RATE:.1f} s")
     spoken = speak_words(engine, {w for _, _, w in words}, progress)
@@ -68,6 +70,8 @@ def dub(dataset_dir: Path, engine: TTSService, tag: str, progress: bool = True) 
     with atomic_path(feat_path) as tmp:
         np.save(tmp, feats.astype(np.float32, copy=False))
     log.info("%d words (%d distinct) dubbed by %s into %s", len(words), len(spoken), engine.name, feat_path)
+    log.info("loudness envelope correlates %.2f with the recorded voice's (the words' timing)",
+             pearson(audio_io.speech_envelope(track), audio_io.speech_envelope(recorded_audio)))
     return wav_path, feat_path
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 from test_training import fabricate_dataset, run_py
 
-from synctalk.audio import load_audio, speech_envelope
+from synctalk.audio import load_audio, speech_envelope, write_wav
 from synctalk.dataset import AvatarDataset, DatasetError, aligned_words
 from synctalk.timing import FPS, SAMPLE_RATE
 
@@ -52,8 +52,13 @@ def test_grid_alignment_words_in_seconds_of_the_track(tmp_path):
 def test_cli_dubs_the_words_in_a_tts_voice(tmp_path):
     d = fabricate_dataset(tmp_path, n=60)  # 2.4 s of audio
     write_words(d, [[[0.2, 0.6, "one"], [0.6, 1.0, "two"]], [[1.5, 2.1, "three"]]])
-    done = run_py(["data_utils/tts_voice.py", str(d), "--engine", "espeak", "-q"])
+    t = np.arange(60 * SAMPLE_RATE // FPS) / SAMPLE_RATE  # the "recording": a voice-like tone in the word spans
+    said = ((t >= 0.2) & (t < 1.0)) | ((t >= 1.5) & (t < 2.1))
+    write_wav(d / "aud.wav", (0.3 * np.sin(2 * np.pi * 150 * t) * said).astype(np.float32))
+    done = run_py(["data_utils/tts_voice.py", str(d), "--engine", "espeak"])
     assert done.returncode == 0, done.stderr
+    corr = float(done.stderr.split("loudness envelope correlates ")[1].split()[0])
+    assert corr > 0.6, done.stderr  # loud where the recording is
     wav, feats = d / "aud_voice_espeak.wav", d / "aud_whisper_voice_espeak.npy"
     assert wav.is_file() and feats.is_file()
     audio = load_audio(str(wav))
