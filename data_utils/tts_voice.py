@@ -59,8 +59,9 @@ def dub(dataset_dir: Path, engine: TTSService, tag: str, progress: bool = True) 
         raise DatasetError(f"{recorded} not found (preprocess the video first: data_utils/process.py)")
     recorded_audio = audio_io.load_audio(str(recorded), sr=SAMPLE_RATE)
     n_samples = len(recorded_audio)
-    if words[-1][1] * SAMPLE_RATE > n_samples + SAMPLE_RATE:
-        raise DatasetError(f"the words run to {words[-1][1]:.1f} s but {recorded} is {n_samples / SAMPLE_RATE:.1f} s")
+    last = max(end for _, end, _ in words)
+    if last * SAMPLE_RATE > n_samples + SAMPLE_RATE:
+        raise DatasetError(f"the words run to {last:.1f} s but {recorded} is {n_samples / SAMPLE_RATE:.1f} s")
     spoken = speak_words(engine, {w for _, _, w in words}, progress)
     track = audio_io.dub_words([(a, b, spoken[w]) for a, b, w in words], n_samples)
     wav_path, feat_path = dataset_dir / f"aud_voice_{tag}.wav", dataset_dir / f"aud_whisper_voice_{tag}.npy"
