@@ -100,8 +100,7 @@ def load_audio_16k(path: str) -> np.ndarray:
     except ValueError as exc:  # audio_io.AudioError: already one readable line naming the file
         raise InferenceError(str(exc).strip().splitlines()[0]) from None
     except Exception as exc:  # any other decoder failure becomes one readable line too
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InferenceError(f"cannot read audio {path}: {msg}") from None
+        raise InferenceError(f"cannot read audio {path}: {audio_io.one_line(exc)}") from None
     if audio.size < 16000 // FPS:
         raise InferenceError(f"audio {path} is empty (need at least one 40 ms frame of sound)")
     return np.asarray(audio, dtype=np.float32)

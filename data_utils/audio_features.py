@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_path(out) as tmp:
             np.save(tmp, feats.astype(np.float32, copy=False))
     except (ValueError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        sys.stderr.write(f"error: {msg}\n")
+        sys.stderr.write(f"error: {audio_io.one_line(exc)}\n")
         return 2
     print(f"wrote {out} {list(feats.shape)} ({len(audio) / speech_features.SAMPLE_RATE:.2f} s of audio)")
     return 0

@@ -107,11 +107,6 @@ class Options:
 # Opening and probing
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def open_media(path: Path):
     """Open `path` with PyAV and return (container, video stream, audio stream); ProcessError when the file
     is missing, unreadable, or lacks a video or an audio stream."""
@@ -124,7 +119,7 @@ def open_media(path: Path):
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ProcessError(f"cannot read {path} as a video: {_short(exc)}") from None
+        raise ProcessError(f"cannot read {path} as a video: {audio_io.one_line(exc)}") from None
     videos = [s for s in container.streams.video
               if not (int(s.disposition) & int(av.stream.Disposition.attached_pic))]
     if not videos:
@@ -288,7 +283,7 @@ def _demux(path: Path, container, vs, aus, step: float, progress: bool | None) -
                 scan.audio(packet, resampler)
         scan.chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
     except av.FFmpegError as exc:
-        log.warning("%s: reading stopped early (%s); using what was read", path, _short(exc))
+        log.warning("%s: reading stopped early (%s); using what was read", path, audio_io.one_line(exc))
     finally:
         bar.close()
     if scan.bad_packets:
@@ -412,7 +407,7 @@ def decode_video(container, stream, threads: int = 0) -> Iterator:
                 continue
             yield from frames
     except av.FFmpegError as exc:
-        log.warning("video reading stopped early: %s", _short(exc))
+        log.warning("video reading stopped early: %s", audio_io.one_line(exc))
     if bad:
         log.warning("%d undecodable video packets skipped", bad)
 
@@ -1024,7 +1019,7 @@ def write_features(out: Path, n_frames: int, mode: str, progress: bool = False) 
             audio, mode, batch_size=speech_features.FILE_BATCH, progress=progress, config=settings.audio.feature_config(),
             ave_checkpoint=settings.models.ave_checkpoint), dtype=np.float32)
     except (ValueError, FileNotFoundError) as exc:
-        raise ProcessError(f"audio features ({mode}): {_short(exc)}") from None
+        raise ProcessError(f"audio features ({mode}): {audio_io.one_line(exc)}") from None
     if mode == "whisper" and len(feats) != n_frames:
         log.warning("whisper features have %d rows for %d frames: adjusting", len(feats), n_frames)
         feats = feats[:n_frames] if len(feats) > n_frames else np.concatenate(

@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         wav_path, feat_path = dub(args.dataset_dir, make_engine(args.engine, args.voice), tag, not args.quiet)
     except (DatasetError, TTSUnavailable, ValueError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        sys.stderr.write(f"error: {msg}\n")
+        sys.stderr.write(f"error: {audio_io.one_line(exc)}\n")
         return 2
     print(f"wrote {wav_path} and {feat_path}")
     return 0

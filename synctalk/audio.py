@@ -74,11 +74,12 @@ def _open_input(source: AudioSource):
     try:
         return av.open(target, mode="r")
     except (av.FFmpegError, UnicodeDecodeError, OSError, ValueError) as exc:
-        raise AudioError(f"cannot decode {_describe(source)}: not a readable audio/video file ({_short(exc)})") \
+        raise AudioError(f"cannot decode {_describe(source)}: not a readable audio/video file ({one_line(exc)})") \
             from None
 
 
-def _short(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one readable line (its first line; its type when it has no text), for CLI errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -129,8 +130,8 @@ def load_audio(source: AudioSource, sr: int = SAMPLE_RATE, max_seconds: float | 
                 chunks.extend(out.to_ndarray() for out in resampler.resample(None))
         except av.FFmpegError as exc:
             if not chunks:
-                raise AudioError(f"cannot decode the audio of {name}: {_short(exc)}") from None
-            log.warning("audio of %s is truncated after a decode error: %s", name, _short(exc))
+                raise AudioError(f"cannot decode the audio of {name}: {one_line(exc)}") from None
+            log.warning("audio of %s is truncated after a decode error: %s", name, one_line(exc))
     finally:
         container.close()
     if not chunks:
