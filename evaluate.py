@@ -313,6 +313,7 @@ class Track:
     colour: list = field(default_factory=list)  # colour step added by the paste (delta E over real)
     colour_raw: list = field(default_factory=list)  # colour step of the pasted crop itself
     teeth: list = field(default_factory=list)  # teeth-bright share of the open mouth
+    texture: list = field(default_factory=list)  # gradient magnitude inside the open mouth (inner-mouth detail)
     mouth_area: list = field(default_factory=list)  # inner-lip polygon area, crop px^2 (NaN without a face)
     sharp: list = field(default_factory=list)  # mouth regions (for the sharpness ratio)
     face_emb: list = field(default_factory=list)
@@ -336,6 +337,7 @@ def measure_chunk(track: Track, av: Avatar, chunk: Chunk, crops: np.ndarray, ful
         track.colour_raw.append(M.colour_step(shown, mask))
         inner = M.to_crop_coords(M.inner_lip_points(lm[None]), box[None], av.crop)[0]
         track.teeth.append(M.teeth_share(shown, inner))
+        track.texture.append(M.mouth_texture(shown, inner))
         track.mouth_area.append(M.mouth_area(inner))
         if chunk.mouth_boxes:
             x1, y1, x2, y2 = chunk.mouth_boxes[j]
@@ -415,10 +417,9 @@ def mouth_values(track: Track, real: Track, boxes: np.ndarray, crop: int, segmen
     the silent frames away from the silences' ends (`silence_masks`)."""
     lips, opening = opening_of(track, boxes, crop)
     real_lips, real_opening = opening_of(real, boxes, crop)
-    teeth, real_teeth = np.asarray(track.teeth, np.float64), np.asarray(real.teeth, np.float64)
     real_open = np.nan_to_num(np.asarray(real.mouth_area, np.float64)) >= M.MIN_MOUTH_AREA
-    t_gen = _nanmean(teeth[real_open])  # on the frames where the real mouth is open
-    t_real = _nanmean(real_teeth[real_open])
+    t_gen, t_real = _open_mean(track.teeth, real_open), _open_mean(real.teeth, real_open)
+    x_gen, x_real = _open_mean(track.texture, real_open), _open_mean(real.texture, real_open)
     out = {
         "lmd": M.landmark_distance(lips, real_lips),
         "opening_corr": M.opening_correlation(opening, real_opening),
@@ -428,7 +429,9 @@ def mouth_values(track: Track, real: Track, boxes: np.ndarray, crop: int, segmen
         "envelope_corr_speech": M.envelope_correlation(opening, envelope, ~silent),
         "sharpness_ratio": M.sharpness_ratio(track.sharp, real.sharp) if track.sharp else float("nan"),
         "teeth_share": t_gen,
-        "mouth_detail_ratio": t_gen / t_real if t_real > 0 else float("nan"),
+        "teeth_share_ratio": t_gen / t_real if t_real > 0 else float("nan"),
+        "mouth_texture": x_gen,
+        "mouth_texture_ratio": x_gen / x_real if x_real > 0 else float("nan"),
         "jitter": M.temporal_jitter(with_breaks(lips, segments)),
         "jitter_ratio": M.jitter_ratio(with_breaks(lips, segments), with_breaks(real_lips, segments)),
         "seam": float(np.nanmean(track.seam)) if track.seam else float("nan"),
@@ -448,19 +451,25 @@ def real_values(real: Track, boxes: np.ndarray, crop: int, segments: list[tuple[
                 envelope: np.ndarray, silent: np.ndarray, closed_max: float, interior: np.ndarray) -> dict:
     """The real video's own numbers (the ceiling); pairwise ones are perfect by definition."""
     lips, opening = opening_of(real, boxes, crop)
-    teeth = np.asarray(real.teeth, np.float64)
     open_ = np.nan_to_num(np.asarray(real.mouth_area, np.float64)) >= M.MIN_MOUTH_AREA
-    return {"lmd": 0.0, "opening_corr": 1.0, "sharpness_ratio": 1.0, "jitter_ratio": 1.0, "mouth_detail_ratio": 1.0,
+    return {"lmd": 0.0, "opening_corr": 1.0, "sharpness_ratio": 1.0, "jitter_ratio": 1.0,
+            "teeth_share_ratio": 1.0, "mouth_texture_ratio": 1.0,
             "closure_in_silence": M.closure_share(opening, silent, closed_max),
             "closure_in_silence_interior": M.closure_share(opening, interior, closed_max),
             "envelope_corr": M.envelope_correlation(opening, envelope),
             "envelope_corr_speech": M.envelope_correlation(opening, envelope, ~silent),
-            "teeth_share": _nanmean(teeth[open_]),
+            "teeth_share": _open_mean(real.teeth, open_),
+            "mouth_texture": _open_mean(real.texture, open_),
             "jitter": M.temporal_jitter(with_breaks(lips, segments)),
             "seam": float(np.nanmean(real.seam)) if real.seam else float("nan"),
             "colour_step": float(np.nanmean(real.colour_raw)) if real.colour_raw else float("nan"),
             "colour_step_excess": 0.0, "colour_step_pass": True,
             "face_found": float(np.mean(np.isfinite(opening))) if len(opening) else 0.0}
+
+
+def _open_mean(values: list, open_: np.ndarray) -> float:
+    """Mean of a per-frame measurement over the frames where the real mouth is open (finite values)."""
+    return _nanmean(np.asarray(values, np.float64)[open_])
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -727,8 +736,9 @@ HELD_OUT_ROWS = [
     ("envelope_corr", "opening vs speech envelope", "real"),
     ("envelope_corr_speech", "... in speech only (silences left out)", "real"),
     ("sharpness_ratio", "mouth sharpness / real (Laplacian var.)", "one"),
+    ("mouth_texture_ratio", "inner-mouth detail / real (gradient inside the open lips)", "one"),
     ("teeth_share", "teeth-bright share of the open mouth", "real"),
-    ("mouth_detail_ratio", "inner-mouth detail / real", "one"),
+    ("teeth_share_ratio", "teeth-bright share / real", "one"),
     ("jitter_ratio", "mouth jitter / real", "one"),
     ("seam", "seam score (1 = invisible)", "real"),
     ("colour_step_excess", f"colour step at paste border (dE, pass <= {M.COLOUR_STEP_MAX:g})", "down"),

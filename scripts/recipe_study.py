@@ -49,7 +49,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 # (key, label) of the table; each for the closed and the random cross-reference run
 TABLE_KEYS = [("psnr_crop", "PSNR"), ("ssim_crop", "SSIM"), ("lmd", "LMD"), ("opening_corr", "open. corr"),
               ("closure_in_silence", "closed in sil."), ("sharpness_ratio", "sharp."),
-              ("mouth_detail_ratio", "inner detail"), ("jitter_ratio", "jitter"),
+              ("mouth_texture_ratio", "inner detail"), ("teeth_share_ratio", "teeth share"), ("jitter_ratio", "jitter"),
               ("envelope_corr", "env. corr"), ("colour_step_excess", "colour step")]
 
 

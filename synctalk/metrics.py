@@ -361,6 +361,26 @@ def teeth_share(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN
     return float(bright[inside].mean())
 
 
+def mouth_texture(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN_MOUTH_AREA,
+                  inset: int = 1) -> float:
+    """Inner-mouth detail: mean grey-level gradient magnitude inside the open mouth (the inner-lip polygon
+    `[20, 2]`, image pixels, shrunk by `inset` px so the lips' own edge counts less). Separate teeth and
+    the gaps between them score high; a uniform pale band or a dark gap scores low. 0 when the mouth is
+    closed (polygon under `min_area` px^2), NaN without landmarks."""
+    pts = np.asarray(inner_lips, np.float64)
+    area = mouth_area(pts)
+    if not math.isfinite(area):
+        return float("nan")
+    if area < min_area:
+        return 0.0
+    mask = np.zeros(np.asarray(image).shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    if inset > 0:
+        mask = cv2.erode(mask, np.ones((2 * inset + 1, 2 * inset + 1), np.uint8))
+    inside = mask.astype(bool)
+    return float(_gradient_magnitude(image)[inside].mean()) if inside.any() else 0.0
+
+
 def _edge_bands(mask: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray]:
     """(inside, outside) boolean bands of a paste mask: pixels fully pasted (m >= 0.99) within `band`
     px of the rest, and pixels untouched (m <= 0.01) within `band` px of the pasted part."""
