@@ -363,10 +363,11 @@ def teeth_share(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN
 
 def mouth_texture(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN_MOUTH_AREA,
                   inset: int = 1) -> float:
-    """Inner-mouth detail: mean grey-level gradient magnitude inside the open mouth (the inner-lip polygon
-    `[20, 2]`, image pixels, shrunk by `inset` px so the lips' own edge counts less). Separate teeth and
-    the gaps between them score high; a uniform pale band or a dark gap scores low. 0 when the mouth is
-    closed (polygon under `min_area` px^2), NaN without landmarks."""
+    """Inner-mouth detail: mean absolute horizontal grey-level gradient (Sobel d/dx) inside the open mouth
+    (the inner-lip polygon `[20, 2]`, image pixels, shrunk by `inset` px so the lips' own edge counts
+    less). The vertical edges between separate teeth score high; a pale band or a dark gap, whose edges
+    run along the mouth, scores low. 0 when the mouth is closed (polygon under `min_area` px^2), NaN
+    without landmarks."""
     pts = np.asarray(inner_lips, np.float64)
     area = mouth_area(pts)
     if not math.isfinite(area):
@@ -378,7 +379,11 @@ def mouth_texture(image: np.ndarray, inner_lips: np.ndarray, min_area: float = M
     if inset > 0:
         mask = cv2.erode(mask, np.ones((2 * inset + 1, 2 * inset + 1), np.uint8))
     inside = mask.astype(bool)
-    return float(_gradient_magnitude(image)[inside].mean()) if inside.any() else 0.0
+    if not inside.any():
+        return 0.0
+    img = np.asarray(image)
+    grey = (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.ndim == 3 else img).astype(np.float32)
+    return float(np.abs(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3))[inside].mean())
 
 
 def _edge_bands(mask: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray]:
