@@ -736,7 +736,7 @@ HELD_OUT_ROWS = [
     ("envelope_corr", "opening vs speech envelope", "real"),
     ("envelope_corr_speech", "... in speech only (silences left out)", "real"),
     ("sharpness_ratio", "mouth sharpness / real (Laplacian var.)", "one"),
-    ("mouth_texture_ratio", "inner-mouth detail / real (gradient inside the open lips)", "one"),
+    ("mouth_texture_ratio", "inner-mouth detail / real (d/dx inside the open lips: teeth gaps)", "one"),
     ("teeth_share", "teeth-bright share of the open mouth", "real"),
     ("teeth_share_ratio", "teeth-bright share / real", "one"),
     ("jitter_ratio", "mouth jitter / real", "one"),

@@ -374,11 +374,10 @@ def mouth_texture(image: np.ndarray, inner_lips: np.ndarray, min_area: float = M
         return float("nan")
     if area < min_area:
         return 0.0
-    mask = np.zeros(np.asarray(image).shape[:2], np.uint8)
-    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
-    if inset > 0:
-        mask = cv2.erode(mask, np.ones((2 * inset + 1, 2 * inset + 1), np.uint8))
-    inside = mask.astype(bool)
+    filled = np.zeros(np.asarray(image).shape[:2], np.uint8)
+    cv2.fillPoly(filled, [np.round(pts).astype(np.int32)], 1)
+    kernel = np.ones((2 * inset + 1, 2 * inset + 1), np.uint8)
+    inside = (cv2.erode(filled, kernel) if inset > 0 else filled).astype(bool)
     if not inside.any():
         return 0.0
     img = np.asarray(image)
