@@ -313,7 +313,7 @@ class Track:
     colour: list = field(default_factory=list)  # colour step added by the paste (delta E over real)
     colour_raw: list = field(default_factory=list)  # colour step of the pasted crop itself
     teeth: list = field(default_factory=list)  # teeth-bright share of the open mouth
-    texture: list = field(default_factory=list)  # gradient magnitude inside the open mouth (inner-mouth detail)
+    texture: list = field(default_factory=list)  # inner-mouth detail (metrics.mouth_texture: the teeth gaps)
     mouth_area: list = field(default_factory=list)  # inner-lip polygon area, crop px^2 (NaN without a face)
     sharp: list = field(default_factory=list)  # mouth regions (for the sharpness ratio)
     face_emb: list = field(default_factory=list)
@@ -417,7 +417,7 @@ def mouth_values(track: Track, real: Track, boxes: np.ndarray, crop: int, segmen
     the silent frames away from the silences' ends (`silence_masks`)."""
     lips, opening = opening_of(track, boxes, crop)
     real_lips, real_opening = opening_of(real, boxes, crop)
-    real_open = np.nan_to_num(np.asarray(real.mouth_area, np.float64)) >= M.MIN_MOUTH_AREA
+    real_open = _real_open(real)
     t_gen, t_real = _open_mean(track.teeth, real_open), _open_mean(real.teeth, real_open)
     x_gen, x_real = _open_mean(track.texture, real_open), _open_mean(real.texture, real_open)
     out = {
@@ -451,7 +451,7 @@ def real_values(real: Track, boxes: np.ndarray, crop: int, segments: list[tuple[
                 envelope: np.ndarray, silent: np.ndarray, closed_max: float, interior: np.ndarray) -> dict:
     """The real video's own numbers (the ceiling); pairwise ones are perfect by definition."""
     lips, opening = opening_of(real, boxes, crop)
-    open_ = np.nan_to_num(np.asarray(real.mouth_area, np.float64)) >= M.MIN_MOUTH_AREA
+    open_ = _real_open(real)
     return {"lmd": 0.0, "opening_corr": 1.0, "sharpness_ratio": 1.0, "jitter_ratio": 1.0,
             "teeth_share_ratio": 1.0, "mouth_texture_ratio": 1.0,
             "closure_in_silence": M.closure_share(opening, silent, closed_max),
@@ -465,6 +465,11 @@ def real_values(real: Track, boxes: np.ndarray, crop: int, segments: list[tuple[
             "colour_step": float(np.nanmean(real.colour_raw)) if real.colour_raw else float("nan"),
             "colour_step_excess": 0.0, "colour_step_pass": True,
             "face_found": float(np.mean(np.isfinite(opening))) if len(opening) else 0.0}
+
+
+def _real_open(real: Track) -> np.ndarray:
+    """Frames where the real mouth is open (inner-lip polygon of at least `MIN_MOUTH_AREA` px^2)."""
+    return np.nan_to_num(np.asarray(real.mouth_area, np.float64)) >= M.MIN_MOUTH_AREA
 
 
 def _open_mean(values: list, open_: np.ndarray) -> float:

@@ -191,9 +191,14 @@ def sharpness_ratio(gen_regions: Sequence[np.ndarray], real_regions: Sequence[np
     return float(g / r) if r > 0 else float("nan")
 
 
-def _gradient_magnitude(image: np.ndarray) -> np.ndarray:
+def _grey(image: np.ndarray) -> np.ndarray:
+    """float32 grey levels of a BGR (or already grey) image."""
     img = np.asarray(image)
-    grey = (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.ndim == 3 else img).astype(np.float32)
+    return (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.ndim == 3 else img).astype(np.float32)
+
+
+def _gradient_magnitude(image: np.ndarray) -> np.ndarray:
+    grey = _grey(image)
     gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)
     return np.sqrt(gx * gx + gy * gy)
@@ -338,21 +343,31 @@ def mouth_area(inner_lips: np.ndarray) -> float:
     return float("nan") if np.isnan(pts).any() else float(abs(cv2.contourArea(pts.astype(np.float32))))
 
 
-def teeth_share(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN_MOUTH_AREA) -> float:
-    """Share of the open mouth (inside the inner-lip polygon `[20, 2]`, image pixels) with teeth-bright
-    pixels: L* at least `TEETH_LIGHT` of the image's median L* (the skin level; teeth in the mouth's
-    shade are a little darker than skin) and chroma at most `TEETH_CHROMA` of its median chroma (teeth
-    are pale; lips are saturated and the cavity dark). 0 when the mouth is closed (polygon under
-    `min_area` px^2), NaN without landmarks."""
+def open_mouth_mask(shape: tuple[int, ...], inner_lips: np.ndarray, min_area: float = MIN_MOUTH_AREA,
+                    inset: int = 0) -> np.ndarray | None:
+    """Boolean mask (`shape[:2]`) of the open mouth: inside the inner-lip polygon `[20, 2]` (image pixels),
+    shrunk by `inset` px; all False when the mouth is closed (polygon under `min_area` px^2), None
+    without landmarks."""
     pts = np.asarray(inner_lips, np.float64)
     area = mouth_area(pts)
     if not math.isfinite(area):
-        return float("nan")
+        return None
+    filled = np.zeros(shape[:2], np.uint8)
     if area < min_area:
-        return 0.0
-    mask = np.zeros(np.asarray(image).shape[:2], np.uint8)
-    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
-    inside = mask.astype(bool)
+        return filled.astype(bool)
+    cv2.fillPoly(filled, [np.round(pts).astype(np.int32)], 1)
+    kernel = np.ones((2 * inset + 1, 2 * inset + 1), np.uint8)
+    return (cv2.erode(filled, kernel) if inset > 0 else filled).astype(bool)
+
+
+def teeth_share(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN_MOUTH_AREA) -> float:
+    """Share of the open mouth (`open_mouth_mask`) with teeth-bright pixels: L* at least `TEETH_LIGHT` of
+    the image's median L* (the skin level; teeth in the mouth's shade are a little darker than skin) and
+    chroma at most `TEETH_CHROMA` of its median chroma (teeth are pale; lips are saturated and the cavity
+    dark). 0 when the mouth is closed, NaN without landmarks."""
+    inside = open_mouth_mask(np.asarray(image).shape, inner_lips, min_area)
+    if inside is None:
+        return float("nan")
     if not inside.any():
         return 0.0
     img = lab(image)
@@ -364,25 +379,15 @@ def teeth_share(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN
 def mouth_texture(image: np.ndarray, inner_lips: np.ndarray, min_area: float = MIN_MOUTH_AREA,
                   inset: int = 1) -> float:
     """Inner-mouth detail: mean absolute horizontal grey-level gradient (Sobel d/dx) inside the open mouth
-    (the inner-lip polygon `[20, 2]`, image pixels, shrunk by `inset` px so the lips' own edge counts
-    less). The vertical edges between separate teeth score high; a pale band or a dark gap, whose edges
-    run along the mouth, scores low. 0 when the mouth is closed (polygon under `min_area` px^2), NaN
-    without landmarks."""
-    pts = np.asarray(inner_lips, np.float64)
-    area = mouth_area(pts)
-    if not math.isfinite(area):
+    (`open_mouth_mask` shrunk by `inset` px, so the lips' own edge counts less). The vertical edges
+    between separate teeth score high; a pale band or a dark gap, whose edges run along the mouth, scores
+    low. 0 when the mouth is closed, NaN without landmarks."""
+    inside = open_mouth_mask(np.asarray(image).shape, inner_lips, min_area, inset)
+    if inside is None:
         return float("nan")
-    if area < min_area:
-        return 0.0
-    filled = np.zeros(np.asarray(image).shape[:2], np.uint8)
-    cv2.fillPoly(filled, [np.round(pts).astype(np.int32)], 1)
-    kernel = np.ones((2 * inset + 1, 2 * inset + 1), np.uint8)
-    inside = (cv2.erode(filled, kernel) if inset > 0 else filled).astype(bool)
     if not inside.any():
         return 0.0
-    img = np.asarray(image)
-    grey = (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.ndim == 3 else img).astype(np.float32)
-    return float(np.abs(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3))[inside].mean())
+    return float(np.abs(cv2.Sobel(_grey(image), cv2.CV_32F, 1, 0, ksize=3))[inside].mean())
 
 
 def _edge_bands(mask: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray]:
