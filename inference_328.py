@@ -98,7 +98,7 @@ def load_audio_16k(path: str) -> np.ndarray:
     try:
         audio = audio_io.load_audio(path, sr=16000)
     except ValueError as exc:  # audio_io.AudioError: already one readable line naming the file
-        raise InferenceError(str(exc).strip().splitlines()[0]) from None
+        raise InferenceError(audio_io.one_line(exc)) from None
     except Exception as exc:  # any other decoder failure becomes one readable line too
         raise InferenceError(f"cannot read audio {path}: {audio_io.one_line(exc)}") from None
     if audio.size < 16000 // FPS:
