@@ -365,16 +365,21 @@ def skew_seconds(got: Received, frames: range) -> float:
 
 
 def video_edge(mouth: dict[int, float], step: int) -> tuple[float, int]:
-    """Where the received video switches between the idle loop and generated speech near frame `step`: the
-    frames within 1 s are split at the midpoint of the two sides' median mouth distances, the switch lies
-    between the last frame of the first state and the first of the second. Returns (the middle of that
-    interval, its width in frames: 0 when no frame near the switch is missing)."""
+    """Where the received video switches between the idle loop and generated speech near frame `step`: a
+    frame within 1 s counts as idle when its mouth is within twice the idle side's median distance of an
+    idle-loop frame (that median is the codec's noise, about 2.5 grey levels; a generated mouth, even a
+    closed one, is 13 or more away, while open ones are about 25: a midpoint between the two sides' medians
+    fell among the closed generated frames). The switch lies between the last frame of the first state and
+    the first of the second. Returns (the middle of that interval, its width in frames: 0 when no frame near
+    the switch is missing)."""
     frames = [k for k in range(step - FPS, step + FPS) if k in mouth]
     before, after = [mouth[k] for k in frames if k < step], [mouth[k] for k in frames if k >= step]
     assert before and after, f"no frame received on one side of frame {step}"
-    mid = (np.median(before) + np.median(after)) / 2
-    second = [(mouth[k] > mid) == (np.median(after) > mid) for k in frames]
-    assert second == sorted(second), f"the video switches back and forth near frame {step}"
+    idle_after = np.median(after) < np.median(before)
+    ceiling = 2 * min(np.median(before), np.median(after))
+    second = [(mouth[k] <= ceiling) == idle_after for k in frames]
+    assert second == sorted(second), (f"the video switches back and forth near frame {step}: "
+                                      f"{[round(mouth[k], 1) for k in frames]}")
     last_first = max(k for k, s in zip(frames, second, strict=True) if not s)
     first_second = min(k for k, s in zip(frames, second, strict=True) if s)
     return (last_first + 1 + first_second) / 2, first_second - last_first - 1
