@@ -30,6 +30,7 @@ from config import auto_device, settings
 from synctalk import audio as audio_io
 from synctalk.avatar import AvatarError, AvatarRegistry, AvatarRoot
 from synctalk.engine import EngineError, LipSyncEngine, ensure_onnx
+from synctalk.errors import one_line
 from synctalk.timing import FPS, frames_for_samples
 from unet_328 import CheckpointError
 
@@ -98,9 +99,9 @@ def load_audio_16k(path: str) -> np.ndarray:
     try:
         audio = audio_io.load_audio(path, sr=16000)
     except ValueError as exc:  # audio_io.AudioError: already one readable line naming the file
-        raise InferenceError(audio_io.one_line(exc)) from None
+        raise InferenceError(one_line(exc)) from None
     except Exception as exc:  # any other decoder failure becomes one readable line too
-        raise InferenceError(f"cannot read audio {path}: {audio_io.one_line(exc)}") from None
+        raise InferenceError(f"cannot read audio {path}: {one_line(exc)}") from None
     if audio.size < 16000 // FPS:
         raise InferenceError(f"audio {path} is empty (need at least one 40 ms frame of sound)")
     return np.asarray(audio, dtype=np.float32)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from synctalk.layers import ConvBNAct
 from synctalk.sizes import ModelSize, audio_input_shape, get_size
-from unet_328 import CheckpointError, read_checkpoint
+from unet_328 import CheckpointError, read_checkpoint, state_mismatch
 
 
 def Conv2d(cin: int, cout: int, kernel: int | tuple[int, int], stride: int | tuple[int, int],  # noqa: N802
@@ -123,11 +123,10 @@ def load_syncnet_checkpoint(path, device: str | torch.device = "cpu", expect_mod
     if expect_size and size != str(expect_size):
         raise CheckpointError(f"SyncNet {path} is size {size!r}, the U-Net being trained is {expect_size!r}")
     net = build_syncnet(mode, size)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match a SyncNet in mode {mode!r}, size {size!r}: "
-                              f"{str(exc).splitlines()[0]}") from None
+    mismatch = state_mismatch(state, net.state_dict())
+    if mismatch:
+        raise CheckpointError(f"{path} does not match a SyncNet in mode {mode!r}, size {size!r}: {mismatch}")
+    net.load_state_dict(state, strict=True)
     meta.setdefault("mode", mode)
     meta.setdefault("size", size)
     meta.setdefault("logit_scale", 1.0)  # upstream checkpoints: p = cosine

@@ -222,6 +222,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     return state, meta
 
 
+def state_mismatch(state: dict, expected: dict) -> str | None:
+    """How a state dict differs from a network's (missing keys, unexpected keys, shape mismatches; four
+    of each at most) in one line, or None when it fits."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return None
+    shapes = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in mismatched[:4]]
+    return f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, shape mismatches {shapes}"
+
+
 def load_unet_checkpoint(path: str | Path, expect_mode: str | None = None,
                          device: str | torch.device = "cpu") -> tuple[Model, dict]:
     """Build the U-Net a checkpoint describes and load it strictly; readable errors on mismatch."""
@@ -232,16 +244,10 @@ def load_unet_checkpoint(path: str | Path, expect_mode: str | None = None,
     if expect_mode and mode != expect_mode:
         raise CheckpointError(f"{path} was trained in audio mode {mode!r}, expected {expect_mode!r}")
     model = build_unet(mode, meta.get("size", "328"))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{path} does not match a U-Net in mode {mode!r}, size {meta.get('size', '328')!r}: "
-            f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, "
-            f"shape mismatches {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in mismatched[:4]]}"
-        )
+    mismatch = state_mismatch(state, model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"{path} does not match a U-Net in mode {mode!r}, size {meta.get('size', '328')!r}: "
+                              f"{mismatch}")
     model.load_state_dict(state, strict=True)
     meta.setdefault("mode", mode)
     meta.setdefault("size", model.size.name)

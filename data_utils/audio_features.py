@@ -22,6 +22,7 @@ import torch
 from config import settings
 from synctalk import audio as audio_io
 from synctalk import features as speech_features
+from synctalk.errors import one_line
 from synctalk.fileio import atomic_path
 from synctalk.timing import SAMPLE_RATE
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_path(out) as tmp:
             np.save(tmp, feats.astype(np.float32, copy=False))
     except (ValueError, OSError) as exc:
-        sys.stderr.write(f"error: {audio_io.one_line(exc)}\n")
+        sys.stderr.write(f"error: {one_line(exc)}\n")
         return 2
     print(f"wrote {out} {list(feats.shape)} ({len(audio) / speech_features.SAMPLE_RATE:.2f} s of audio)")
     return 0

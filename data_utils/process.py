@@ -51,6 +51,7 @@ from synctalk import audio as audio_io
 from synctalk import face as face_crop
 from synctalk import features as speech_features
 from synctalk.audio import silence_segments, speech_envelope
+from synctalk.errors import one_line
 from synctalk.fileio import atomic_path, remove_stale_temporaries, write_text_atomic
 from synctalk.landmarks import FaceTracker, face_width, head_pose
 from synctalk.sizes import SIZE_PRESETS
@@ -119,7 +120,7 @@ def open_media(path: Path):
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ProcessError(f"cannot read {path} as a video: {audio_io.one_line(exc)}") from None
+        raise ProcessError(f"cannot read {path} as a video: {one_line(exc)}") from None
     videos = [s for s in container.streams.video
               if not (int(s.disposition) & int(av.stream.Disposition.attached_pic))]
     if not videos:
@@ -283,7 +284,7 @@ def _demux(path: Path, container, vs, aus, step: float, progress: bool | None) -
                 scan.audio(packet, resampler)
         scan.chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
     except av.FFmpegError as exc:
-        log.warning("%s: reading stopped early (%s); using what was read", path, audio_io.one_line(exc))
+        log.warning("%s: reading stopped early (%s); using what was read", path, one_line(exc))
     finally:
         bar.close()
     if scan.bad_packets:
@@ -407,7 +408,7 @@ def decode_video(container, stream, threads: int = 0) -> Iterator:
                 continue
             yield from frames
     except av.FFmpegError as exc:
-        log.warning("video reading stopped early: %s", audio_io.one_line(exc))
+        log.warning("video reading stopped early: %s", one_line(exc))
     if bad:
         log.warning("%d undecodable video packets skipped", bad)
 
@@ -1019,7 +1020,7 @@ def write_features(out: Path, n_frames: int, mode: str, progress: bool = False) 
             audio, mode, batch_size=speech_features.FILE_BATCH, progress=progress, config=settings.audio.feature_config(),
             ave_checkpoint=settings.models.ave_checkpoint), dtype=np.float32)
     except (ValueError, FileNotFoundError) as exc:
-        raise ProcessError(f"audio features ({mode}): {audio_io.one_line(exc)}") from None
+        raise ProcessError(f"audio features ({mode}): {one_line(exc)}") from None
     if mode == "whisper" and len(feats) != n_frames:
         log.warning("whisper features have %d rows for %d frames: adjusting", len(feats), n_frames)
         feats = feats[:n_frames] if len(feats) > n_frames else np.concatenate(

@@ -24,6 +24,7 @@ from config import settings
 from synctalk import audio as audio_io
 from synctalk import features as speech_features
 from synctalk.dataset import DatasetError, aligned_words
+from synctalk.errors import one_line
 from synctalk.fileio import atomic_path
 from synctalk.metrics import pearson
 from synctalk.timing import SAMPLE_RATE
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         wav_path, feat_path = dub(args.dataset_dir, make_engine(args.engine, args.voice), tag, not args.quiet)
     except (DatasetError, TTSUnavailable, ValueError, OSError) as exc:
-        sys.stderr.write(f"error: {audio_io.one_line(exc)}\n")
+        sys.stderr.write(f"error: {one_line(exc)}\n")
         return 2
     print(f"wrote {wav_path} and {feat_path}")
     return 0

@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from synctalk.errors import one_line
 from synctalk.fileio import write_bytes_atomic
 from synctalk.timing import FPS, SAMPLE_RATE
 
@@ -76,12 +77,6 @@ def _open_input(source: AudioSource):
     except (av.FFmpegError, UnicodeDecodeError, OSError, ValueError) as exc:
         raise AudioError(f"cannot decode {_describe(source)}: not a readable audio/video file ({one_line(exc)})") \
             from None
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one readable line (its first line; its type when it has no text), for CLI errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def declared_seconds(container, stream) -> float | None:

@@ -99,6 +99,24 @@ def test_wrong_checkpoint_names_mode_and_keys(tmp_path):
         load_unet_checkpoint(tmp_path / "junk.pth")
 
 
+def test_mismatched_syncnet_is_one_line_error(tmp_path):
+    """A SyncNet state of another size: the error names mode, size and the differing keys in one line
+    (torch's own message runs over many lines, its first says nothing), and `one_line` keeps an empty
+    message readable."""
+    from syncnet_328 import load_syncnet_checkpoint
+    from synctalk.errors import one_line
+    from unet_328 import save_checkpoint
+
+    state = build_syncnet("whisper", "328").state_dict()
+    save_checkpoint(tmp_path / "s.pth", state, {"kind": "syncnet", "mode": "whisper", "size": "small"})
+    with pytest.raises(CheckpointError, match="does not match a SyncNet in mode 'whisper', size 'small': "
+                                              "missing keys .*shape mismatches \\[\\('") as err:
+        load_syncnet_checkpoint(tmp_path / "s.pth")
+    assert "\n" not in str(err.value)
+    assert one_line(ValueError("first\nsecond")) == "first"
+    assert one_line(KeyboardInterrupt()) == "KeyboardInterrupt"
+
+
 def test_onnx_export_matches_torch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = build_unet("whisper", "small").eval()
