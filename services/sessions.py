@@ -30,7 +30,7 @@ import numpy as np
 
 from config import WebRTCConfig
 from services.generator import FeatureFeed
-from services.live import IdleLoop
+from services.timeline import IdleLoop
 from synctalk.engine import LipSyncEngine, pingpong_step
 from synctalk.scheduler import FrameScheduler
 from synctalk.timing import FPS, FUTURE_ROWS, SAMPLE_RATE, SAMPLES_PER_FRAME

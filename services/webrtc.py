@@ -45,8 +45,8 @@ from config import Settings, WebRTCConfig
 from services.admission import RETRY_AFTER_S
 from services.deps import Services, ServicesDep
 from services.errors import APIError
-from services.live import LiveOptions, idle_loop
 from services.sessions import Clock, SpeechTimeline, Utterance, make_segment, warm_speech
+from services.timeline import LiveOptions, idle_loop
 from services.tts import SynthesisCancelled, TextError, TTSBusy, TTSUnavailable, check_text, estimate_speech_seconds
 from services.uploads import decode_upload, read_upload
 from services.webrtc_mic import MicFrames

@@ -2,9 +2,9 @@
 
 A session opened with `"mode": "mic"` (`services/webrtc.py`) receives the client's microphone as an Opus
 audio track. `MicFrames.consume` takes its decoded frames (aiortc: 48 kHz PCM16), mixes them to mono,
-resamples them to 16 kHz with `services.live.PCMDecoder` (soxr, as `/ws/live` does for other rates), fills
+resamples them to 16 kHz with `services.timeline.PCMDecoder` (soxr, as `/ws/live` does for other rates), fills
 the gaps left by lost packets with silence (by their RTP timestamps, so the audio clock never slips), and
-pushes them into a `services.live.LiveTimeline`: the same sessions, energy gate, streamed Whisper features,
+pushes them into a `services.timeline.LiveTimeline`: the same sessions, energy gate, streamed Whisper features,
 frame plan, announced latency and rendering as `WS /ws/live`. `PixelTimeline` only hands the frames out
 as BGR arrays instead of JPEGs, since the video track encodes them itself.
 
@@ -27,9 +27,9 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from services.live import Clock as LiveClock
-from services.live import Item, LiveOptions, LiveTimeline, PCMDecoder
 from services.sessions import Clock
+from services.timeline import Clock as LiveClock
+from services.timeline import Item, LiveOptions, LiveTimeline, PCMDecoder
 from synctalk.scheduler import FrameScheduler
 from synctalk.timing import FPS, SAMPLE_RATE
 

@@ -275,7 +275,7 @@ def speech() -> np.ndarray:
 
 
 def test_pingpong_walk_never_repeats_at_turns():
-    from services.live import pingpong_step
+    from synctalk.engine import pingpong_step
 
     pos, direction, seen = -1, 1, []
     for _ in range(12):
@@ -286,7 +286,7 @@ def test_pingpong_walk_never_repeats_at_turns():
 
 
 def test_energy_gate_is_chunking_independent_with_hangover():
-    from services.live import EnergyGate
+    from services.timeline import EnergyGate
 
     rng = np.random.default_rng(0)
     audio = np.zeros(16000 * 2, np.float32)
@@ -307,7 +307,7 @@ def test_energy_gate_is_chunking_independent_with_hangover():
 
 
 def test_pcm_decoder_handles_odd_chunks_and_resamples():
-    from services.live import PCMDecoder
+    from services.timeline import PCMDecoder
 
     tone = (np.sin(np.arange(48000) * 2 * np.pi * 440 / 48000) * 16000).astype("<i2").tobytes()
     whole = PCMDecoder(16000).decode(tone)
@@ -339,7 +339,7 @@ def test_control_messages_are_validated():
 
 
 def test_feature_delay_covers_the_unet_window():
-    from services.live import feature_delay_samples
+    from services.timeline import feature_delay_samples
 
     # hop 200 ms, look-ahead 200 ms: frame a needs row a+7, emitted by call (a+7)//5 once samples reach
     # ((a+7)//5 + 2) * 3200; the worst case (a = 3 mod 5) is 17 frames = 680 ms after frame a starts.

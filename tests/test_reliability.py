@@ -25,8 +25,9 @@ from test_api import LiveServer, audio_file, build_app, make_settings, parse_mjp
 from test_live import ServerProcess
 
 from services.generator import live_jobs
-from services.live import AheadMeter, live_objects, origin_allowed
+from services.live import AheadMeter, origin_allowed
 from services.streaming import MJPEGResponse, StreamStats, paced_parts
+from services.timeline import live_objects
 from synctalk import audio as audio_io
 
 TOKEN = "s3cret-token-42"
