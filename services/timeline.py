@@ -2,7 +2,7 @@
 server's clock. `services/live.py` (`WS /ws/live`) and `services/webrtc_mic.py` (the WebRTC microphone)
 drive it; its idle loop is also the WebRTC sessions' picture at rest.
 
-Timeline of one WebSocket connection (all in output frames k = 0, 1, ... at 25 fps, frame k due at
+Timeline of one live connection (all in output frames k = 0, 1, ... at 25 fps, frame k due at
 t0 + k/25 on the server's monotonic clock):
 
 - Audio arrives as PCM16 chunks. The first chunk (or a `start` message) opens a *session*: its sample 0 is
@@ -52,7 +52,7 @@ from synctalk.scheduler import FrameScheduler
 from synctalk.sizes import audio_input_shape, audio_window
 from synctalk.timing import FPS, FUTURE_ROWS, SAMPLE_RATE, SAMPLES_PER_FRAME, WINDOW
 
-log = logging.getLogger("live")
+log = logging.getLogger("live.timeline")
 
 VAD_AHEAD_FRAMES = 0  # speech frames start at the frame holding the onset (the window sees ahead anyway)
 MAX_AHEAD_S = 3.0  # the worker plans at most this far ahead of the last frame sent
