@@ -1,5 +1,5 @@
-"""How an error reads on a command line: every CLI and every library error message that quotes another
-exception uses `one_line`, so a user sees one readable line and never a traceback or a blank reason."""
+"""How an error reads on a command line: CLIs and library errors that quote another exception pass it
+through `one_line`, so the user gets one readable line, never a traceback or a blank reason."""
 from __future__ import annotations
 
 
