@@ -6,7 +6,8 @@
     torchrun --standalone --nproc_per_node=2 train_328.py ... --device cuda # DDP, one process per GPU
     python train_328.py ... --resume                                       # continue from latest.pth
 
-Loss = l1_weight * L1 (mouth region counted mouth_weight times) + ssim_weight * (1 - SSIM or MS-SSIM)
+Loss = l1_weight * L1 (mouth region counted mouth_weight times, the open mouth inner_mouth_weight times more)
+       + ssim_weight * (1 - SSIM or MS-SSIM)
        + grad_weight * image-gradient L1 + temporal_weight * adjacent-frame L1 + gan_weight * patch-critic
        hinge loss + sync_weight * SyncNet BCE
        (+ perceptual_weight * VGG19 feature MSE, only when torchvision's VGG19 weights are cached locally).
@@ -82,6 +83,7 @@ DEFAULTS = dict(
     sync_weight=0.05,      # SyncNet BCE on (pred, audio); only with --use_syncnet
     perceptual_weight=0.01,  # VGG19 conv1_1..conv3_3 feature MSE (upstream weight); only if weights cached
     mouth_weight=1.0,      # the mouth region (synctalk.face.MOUTH_BOX) counts this many times in L1 / gradient terms
+    inner_mouth_weight=1.0,  # the target's open mouth (inner-lip polygon) counts this many times more again
     grad_weight=0.0,       # image-gradient L1 (high-frequency term)
     temporal_weight=0.0,   # adjacent-frame term (trains on consecutive pairs: twice the frames per step)
     gan_weight=0.0,        # patch critic on the mouth region, hinge loss
@@ -144,7 +146,8 @@ class GeneratorLoss(nn.Module):
                  sync_weight: float, perceptual_weight: float, syncnet: nn.Module | None = None,
                  sync_head: tuple[float, float] | None = None, vgg: nn.Module | None = None,
                  mouth_weight: float = 1.0, grad_weight: float = 0.0, temporal_weight: float = 0.0,
-                 gan_weight: float = 0.0, adversarial: losses.AdversarialTerm | None = None):
+                 gan_weight: float = 0.0, adversarial: losses.AdversarialTerm | None = None,
+                 inner_mouth_weight: float = 1.0):
         super().__init__()
         if ssim_kind == "auto":
             ssim_kind = "msssim" if inner > 160 else "ssim"
@@ -153,7 +156,7 @@ class GeneratorLoss(nn.Module):
         self.w = {"l1": l1_weight, "ssim": ssim_weight, "sync": sync_weight if syncnet is not None else 0.0,
                   "perceptual": perceptual_weight if vgg is not None else 0.0, "grad": grad_weight,
                   "temporal": temporal_weight, "gan": gan_weight if adversarial is not None else 0.0}
-        self.mouth_weight, self.adversarial = mouth_weight, adversarial
+        self.mouth_weight, self.inner_mouth_weight, self.adversarial = mouth_weight, inner_mouth_weight, adversarial
         self.register_buffer("pixel_weights", losses.region_weights(inner, mouth_weight), persistent=False)
         self.ssim_kind = ssim_kind
         self.syncnet, self.vgg = syncnet, vgg
@@ -177,13 +180,17 @@ class GeneratorLoss(nn.Module):
         return scale * (a.float() * v.float()).sum(1) + bias
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor, audio: torch.Tensor, gan_scale: float = 0.0,
-                pairs: bool = False):
+                pairs: bool = False, mouth_mask: torch.Tensor | None = None):
         """(weighted total, {term: detached value}); `pairs`: the batch is consecutive frame pairs
-        (the temporal term is computed only then); `gan_scale`: the critic term's ramp factor."""
+        (the temporal term is computed only then); `gan_scale`: the critic term's ramp factor;
+        `mouth_mask` `[B, 1, S, S]`: the targets' open mouths, counted `inner_mouth_weight` times in the
+        L1 and gradient terms."""
         from pytorch_msssim import ms_ssim, ssim
 
         terms: dict[str, torch.Tensor] = {}
         weights = self.pixel_weights if self.mouth_weight != 1.0 else None
+        if mouth_mask is not None and self.inner_mouth_weight != 1.0:
+            weights = losses.with_mask_weight(weights, mouth_mask.float(), self.inner_mouth_weight)
         terms["l1"] = (losses.weighted_l1(pred.float(), label.float(), weights) if weights is not None
                        else F.l1_loss(pred.float(), label.float()))
         if self.w["grad"] > 0:
@@ -433,7 +440,8 @@ class Run:
                 raise TrainError(str(exc)) from None
         dist.barrier()
         train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
-                                 reference=args.reference, pairs=args.temporal_weight > 0, voice_aug=args.voice_aug)
+                                 reference=args.reference, pairs=args.temporal_weight > 0, voice_aug=args.voice_aug,
+                                 inner_mouth=args.inner_mouth_weight != 1.0)
         val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
         return train_ds, val_ds
 
@@ -454,11 +462,13 @@ class Run:
         loss_fn = GeneratorLoss(size.inner, args.l1_weight, args.ssim_weight, args.ssim, args.sync_weight,
                                 args.perceptual_weight, syncnet, head, vgg, mouth_weight=args.mouth_weight,
                                 grad_weight=args.grad_weight, temporal_weight=args.temporal_weight,
-                                gan_weight=args.gan_weight, adversarial=adversarial).to(device)
+                                gan_weight=args.gan_weight, adversarial=adversarial,
+                                inner_mouth_weight=args.inner_mouth_weight).to(device)
         if self.dist.is_main:
             log.info("dataset %s: mode %s, size %s, %d training / %d held-out frames", self.train_ds.name, mode,
                      size.name, len(self.train_ds), len(self.val_ds))
-            log.info("reference policy %s; mouth region x%g; loss terms: %s%s", args.reference, args.mouth_weight,
+            log.info("reference policy %s; mouth region x%g, open mouth x%g more; loss terms: %s%s", args.reference,
+                     args.mouth_weight, args.inner_mouth_weight,
                      ", ".join(f"{k} x{v:g}" for k, v in loss_fn.active().items()),
                      "" if vgg else " (VGG19 perceptual term off: no torchvision VGG19 weights in "
                      f"{torch.hub.get_dir()}/checkpoints)")
@@ -543,24 +553,27 @@ class Run:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def train_step(self, image: torch.Tensor, audio: torch.Tensor, label: torch.Tensor
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """One optimiser step on a batch (its CPU time counted by the budget); (loss, terms, samples)."""
+    def train_step(self, image: torch.Tensor, audio: torch.Tensor, label: torch.Tensor,
+                   mouth_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """One optimiser step on a batch (its CPU time counted by the budget); (loss, terms, samples).
+        `mouth_mask`: the targets' open-mouth masks (datasets built with `inner_mouth`)."""
         device, args, adversarial = self.device, self.args, self.adversarial
         self.budget.start()
         pairs = image.dim() == 5  # temporal pairs [B, 2, ...] -> consecutive rows [2B, ...]
         if pairs:
             image, audio, label = (t.flatten(0, 1) for t in (image, audio, label))
+            mouth_mask = mouth_mask.flatten(0, 1) if mouth_mask is not None else None
         image = image.to(device, non_blocking=True)
         audio = audio.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
+        mouth_mask = mouth_mask.to(device, non_blocking=True) if mouth_mask is not None else None
         if device.type == "cuda":
             image = image.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)  # upstream's SyncNet forgot this; we never do
         gan_scale = adversarial.scale(max(self.step / self.total, self.budget.fraction)) if adversarial else 0.0
         with autocast(device, self.amp):
             pred = self.net(image, audio)
-            loss, terms = self.loss_fn(pred, label, audio, gan_scale=gan_scale, pairs=pairs)
+            loss, terms = self.loss_fn(pred, label, audio, gan_scale=gan_scale, pairs=pairs, mouth_mask=mouth_mask)
         self.scaler.scale(loss).backward()
         if args.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -605,8 +618,8 @@ class Run:
             pbar = tqdm(total=self.steps_per_epoch, initial=self.skip, desc=f"epoch {self.epoch + 1}/{args.epochs}",
                         disable=None, leave=False)
         batch_i, done = self.skip, False
-        for image, audio, label in self.loader:
-            loss, terms, n = self.train_step(image, audio, label)
+        for batch in self.loader:
+            loss, terms, n = self.train_step(*batch)
             batch_i += 1
             self.samples += n * dist.world
             if pbar is not None:
@@ -716,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"])
     p.add_argument("--mouth_weight", type=float, default=d["mouth_weight"],
                    help="weight of the mouth region in the L1 and gradient terms (1 = uniform)")
+    p.add_argument("--inner_mouth_weight", type=float, default=d["inner_mouth_weight"],
+                   help="the target's open mouth (teeth, tongue; from its landmarks) counts this many times "
+                        "more in the L1 and gradient terms (1 = off)")
     p.add_argument("--grad_weight", type=float, default=d["grad_weight"], help="image-gradient L1 term")
     p.add_argument("--temporal_weight", type=float, default=d["temporal_weight"],
                    help="adjacent-frame term (each sample becomes a pair of consecutive frames)")
@@ -753,6 +769,8 @@ def check_args(args: argparse.Namespace) -> None:
     if min(args.mouth_weight, args.grad_weight, args.temporal_weight, args.gan_weight, args.cpu_budget_s) < 0:
         raise TrainError("--mouth_weight, --grad_weight, --temporal_weight, --gan_weight and --cpu_budget_s "
                          "must be >= 0")
+    if args.inner_mouth_weight <= 0:
+        raise TrainError(f"--inner_mouth_weight must be > 0, got {args.inner_mouth_weight}")
     if not 0.0 <= args.gan_start < 1.0:
         raise TrainError(f"--gan_start must be in [0, 1), got {args.gan_start}")
     if not 0.0 < args.ema_decay < 1.0:

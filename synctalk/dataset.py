@@ -305,6 +305,7 @@ REFERENCE_POLICIES = ("random", "nearest", "closed")  # how a training sample's 
 NEAREST_CANDIDATES = 32  # 'nearest': random candidates searched for the closest head pose
 NEAREST_MIN_GAP = 13     # 'nearest': candidates at least this many frames (0.5 s) away from the target
 CLOSED_SHARE = 0.10      # 'closed': the training frames with the smallest mouth opening, this share
+INNER_MOUTH_GROW = 1     # px the inner-mouth loss mask reaches beyond the inner-lip polygon
 
 
 def frame_openings(dataset_dir: str | Path, frames: np.ndarray) -> np.ndarray:
@@ -322,6 +323,36 @@ def closed_mouth_frames(dataset_dir: str | Path, train_frames: np.ndarray) -> np
     order = np.argsort(np.nan_to_num(opening, nan=np.inf), kind="stable")
     keep = max(1, int(round(CLOSED_SHARE * len(train_frames))))
     return np.sort(train_frames[order[:keep]])
+
+
+def inner_lip_polygons(dataset_dir: str | Path, n: int, size: ModelSize) -> np.ndarray:
+    """Inner-lip polygons `[n, 20, 2]` (metrics.LIP_INNER) of frames 0..n-1 in the pixels of the model's
+    interior: `landmarks/<i>.lms` mapped through each frame's crop box (NaN where a box is empty)."""
+    folder = Path(dataset_dir) / "landmarks"
+    boxes = np.asarray(face_crop.dataset_crop_boxes(dataset_dir), np.float64)[:n]
+    if len(boxes) < n:
+        raise DatasetError(f"{dataset_dir}: {len(boxes)} crop boxes for {n} frames; "
+                           f"run: {preprocess_hint(Path(dataset_dir))}")
+    lms = [face_crop.load_landmarks(folder / f"{i}.lms") for i in range(n)]
+    if min(len(x) for x in lms) < 468:
+        raise DatasetError(f"{folder}: the inner-mouth weight needs 478-point mediapipe landmarks")
+    lips = np.stack([x[list(metrics.LIP_INNER)] for x in lms]).astype(np.float64)
+    origin = boxes[:, None, :2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = size.crop / (boxes[:, None, 2:] - boxes[:, None, :2])
+    return (lips - origin) * scale - size.border
+
+
+def inner_mouth_mask(polygon: np.ndarray, side: int, grow: int = INNER_MOUTH_GROW) -> np.ndarray:
+    """float32 `[1, side, side]`: 1 inside the open mouth (the inner-lip `polygon`, grown by `grow` px so
+    the teeth's edge against the lips counts), 0 elsewhere and for a closed mouth or no landmarks."""
+    import cv2
+
+    inside = metrics.open_mouth_mask((side, side), polygon)
+    if inside is None or not inside.any():
+        return np.zeros((1, side, side), np.float32)
+    kernel = np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)
+    return cv2.dilate(inside.astype(np.uint8), kernel)[None].astype(np.float32)
 
 
 def frame_poses(dataset_dir: str | Path, n: int) -> np.ndarray:
@@ -344,6 +375,9 @@ class AvatarDataset(Dataset):
     In the `val` split the reference of frame i is fixed (seeded by i), so metrics are comparable
     between epochs.
 
+    `inner_mouth`: each sample also carries the target's open-mouth mask `[1, S, S]` (`inner_mouth_mask`),
+    for a loss that weights the teeth and the inner mouth.
+
     `voice_aug` p (whisper mode): a sample's audio window comes, with probability p, from one of the
     dataset's voice variants (`voice_variant_paths`, drawn uniformly) instead of the recorded voice, so
     the mouth learns to follow the words rather than this one voice.
@@ -352,7 +386,7 @@ class AvatarDataset(Dataset):
     def __init__(self, dataset_dir: str | Path, size: str | ModelSize = "328", mode: str | None = None,
                  split: str = "train", seed: int = 0, val_fraction: float = VAL_FRACTION,
                  build_cache: bool = True, reference: str = "random", pairs: bool = False,
-                 voice_aug: float = 0.0):
+                 voice_aug: float = 0.0, inner_mouth: bool = False):
         if reference not in REFERENCE_POLICIES:
             raise DatasetError(f"unknown reference policy {reference!r}; choose from {REFERENCE_POLICIES}")
         if not 0.0 <= voice_aug <= 1.0:
@@ -388,6 +422,7 @@ class AvatarDataset(Dataset):
         self._poses = frame_poses(self.dataset_dir, self.n_frames) if reference == "nearest" else None
         self.voice_aug = float(voice_aug)
         self.voices = self._load_voices() if self.voice_aug > 0 else []
+        self._lips = inner_lip_polygons(self.dataset_dir, self.n_frames, self.size) if inner_mouth else None
 
     def _load_voices(self) -> list[np.ndarray]:
         """The voice variants' features (rows checked against the recorded voice's)."""
@@ -478,14 +513,17 @@ class AvatarDataset(Dataset):
             return None
         return int(rng.integers(len(self.voices)))
 
-    def unet_sample(self, frame: int, ref: int, voice: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image, audio window, label) of `frame` with reference `ref`, heard in `voice`."""
+    def unet_sample(self, frame: int, ref: int, voice: int | None = None) -> tuple[torch.Tensor, ...]:
+        """(image, audio window, label) of `frame` with reference `ref`, heard in `voice`; with
+        `inner_mouth`, the target's open-mouth mask as a fourth tensor."""
         target = np.asarray(self.crops[frame])
         image = face_crop.make_unet_input(target, np.asarray(self.crops[ref]), self.size.name)
         label = self.interior(frame).transpose(2, 0, 1).astype(np.float32) / 255.0
-        return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                torch.from_numpy(self.audio(frame, voice)), torch.from_numpy(np.ascontiguousarray(label)))
+        sample = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+                  torch.from_numpy(self.audio(frame, voice)), torch.from_numpy(np.ascontiguousarray(label)))
+        if self._lips is None:
+            return sample
+        return sample + (torch.from_numpy(inner_mouth_mask(self._lips[frame], self.size.inner)),)
 
     def neighbour(self, frame: int) -> int:
         """The next frame when it is in this split, else the previous one (for temporal pairs)."""

@@ -1,6 +1,7 @@
 """The generator's extra loss terms of the recipe study (docs/training-guide.md, "Recipe study").
 
 - `region_weights`: a per-pixel weight map that counts the mouth region `mouth_weight` times.
+- `with_mask_weight`: per-sample weights that count a mask (the open mouth: teeth, tongue) again.
 - `gradient_l1`: L1 between image gradients (finite differences), the high-frequency term that punishes
   a blurred mouth and missing teeth edges more than plain L1 does.
 - `PatchDiscriminator` + `hinge_d` / `hinge_g`: a small patch discriminator trained from scratch on the
@@ -27,6 +28,12 @@ def region_weights(side: int, mouth_weight: float, box: tuple[float, float, floa
     rows, cols = mouth_slices(side, box)
     w[..., rows, cols] = mouth_weight
     return w / w.mean()
+
+
+def with_mask_weight(weights: torch.Tensor | None, mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-sample weights `[B, 1, S, S]`: `weights` (or 1) times `weight` where `mask` (`[B, 1, S, S]`,
+    0..1) is 1, e.g. the open mouth counted again on top of the mouth box."""
+    return (1.0 if weights is None else weights) * (1.0 + (weight - 1.0) * mask)
 
 
 def weighted_l1(pred: torch.Tensor, label: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

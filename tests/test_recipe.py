@@ -11,7 +11,8 @@ import torch
 from test_training import FAST, fabricate_dataset, jsonl, run_py
 
 from synctalk import losses
-from synctalk.dataset import CLOSED_SHARE, NEAREST_MIN_GAP, AvatarDataset, DatasetError
+from synctalk.dataset import CLOSED_SHARE, NEAREST_MIN_GAP, AvatarDataset, DatasetError, inner_mouth_mask
+from synctalk.metrics import LIP_INNER
 from synctalk.trainkit import CpuBudget, budget_schedule
 
 
@@ -35,6 +36,89 @@ def tracked_dataset(tmp_path_factory):
     d = fabricate_dataset(tmp_path_factory.mktemp("tracked"), n=80)
     opening, pose = add_tracks(d, 80)
     return d, opening, pose
+
+
+def ring(cx: float, cy: float, ax: float, ay: float) -> np.ndarray:
+    """20 points on an ellipse, in LIP_INNER order (any closed ring is a valid polygon)."""
+    theta = np.linspace(0, 2 * np.pi, len(LIP_INNER), endpoint=False)
+    return np.stack([cx + ax * np.cos(theta), cy + ay * np.sin(theta)], axis=1)
+
+
+def add_lip_landmarks(d, n: int) -> None:
+    """Landmarks whose inner lips trace each frame's dark mouth ellipse (found in the frame, as a face
+    mesh would), so the open-mouth mask can be checked against the pixels."""
+    (d / "landmarks").mkdir(exist_ok=True)
+    for i in range(n):
+        img = cv2.imread(str(d / "full_body_img" / f"{i}.jpg"))
+        ys, xs = np.nonzero(img[..., 1] < 60)  # the mouth's BGR (40, 30, 120): the only dark green
+        pts = np.tile([100.0, 100.0], (478, 1))
+        pts[list(LIP_INNER)] = ring((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2,
+                                    (xs.max() - xs.min()) / 2, (ys.max() - ys.min()) / 2)
+        (d / "landmarks" / f"{i}.lms").write_text("".join(f"{x:.2f} {y:.2f}\n" for x, y in pts))
+
+
+@pytest.fixture(scope="module")
+def lipped_dataset(tmp_path_factory):
+    d = fabricate_dataset(tmp_path_factory.mktemp("lipped"), n=40)
+    add_lip_landmarks(d, 40)
+    return d
+
+
+def test_inner_mouth_mask_covers_the_open_mouth_only():
+    m = inner_mouth_mask(ring(80, 100, 20, 8), 160)
+    assert m.shape == (1, 160, 160) and m.dtype == np.float32 and set(np.unique(m)) == {0.0, 1.0}
+    assert m[0, 100, 80] == 1 and m[0, 100, 110] == 0 and m[0, 115, 80] == 0
+    assert np.pi * 20 * 8 < m.sum() < np.pi * 22 * 10  # the ellipse, grown by about a pixel
+    assert not inner_mouth_mask(ring(80, 100, 20, 0.1), 160).any()  # closed: nothing to weight
+    assert not inner_mouth_mask(np.full((20, 2), np.nan), 160).any()  # no landmarks: nothing either
+
+
+def test_dataset_mouth_masks_land_on_the_mouth_pixels(lipped_dataset):
+    ds = AvatarDataset(lipped_dataset, "small", split="train", inner_mouth=True)
+    ious = []
+    for i in range(len(ds)):
+        image, audio, label, mask = ds[i]
+        assert mask.shape == (1, 160, 160)
+        dark = (label[1] * 255 < 60).numpy()  # the mouth in the target's interior
+        m = mask[0].numpy() > 0
+        if dark.sum() > 40:
+            ious.append((dark & m).sum() / (dark | m).sum())
+    assert len(ious) > 10 and np.median(ious) > 0.85, ious  # a 4 px slip scores about 0.75
+    pairs = AvatarDataset(lipped_dataset, "small", split="train", inner_mouth=True, pairs=True)
+    assert [t.shape[0] for t in pairs[0]] == [2, 2, 2, 2]
+    assert len(AvatarDataset(lipped_dataset, "small", split="train")[0]) == 3  # off: the usual triple
+
+
+def test_open_mouth_weight_counts_errors_inside_the_mask_more():
+    import train_328
+
+    plain = train_328.GeneratorLoss(160, 1.0, 0.0, "auto", 0.0, 0.0, mouth_weight=4.0, grad_weight=1.0)
+    inner = train_328.GeneratorLoss(160, 1.0, 0.0, "auto", 0.0, 0.0, mouth_weight=4.0, grad_weight=1.0,
+                                    inner_mouth_weight=4.0)
+    mask = torch.from_numpy(inner_mouth_mask(ring(80, 110, 20, 8), 160))[None].repeat(2, 1, 1, 1)
+    label, pred = torch.zeros(2, 3, 160, 160), torch.zeros(2, 3, 160, 160)
+    pred[..., 0:10, 0:10] = 0.2  # an error far from the mouth: the mask changes nothing
+    far = [loss(pred, label, None, mouth_mask=mask)[1]["l1"].item() for loss in (plain, inner)]
+    assert far[0] == pytest.approx(far[1])
+    pred.zero_()
+    pred[mask.expand(-1, 3, -1, -1) > 0] = 0.2  # the same error inside the open mouth
+    (p_total, p_terms), (i_total, i_terms) = (loss(pred, label, None, mouth_mask=mask) for loss in (plain, inner))
+    assert i_terms["l1"] > 3.5 * p_terms["l1"] and i_terms["grad"] > 3.0 * p_terms["grad"]
+    assert inner(pred, label, None)[1]["l1"] == pytest.approx(p_terms["l1"].item())  # no mask: as plain
+
+
+def test_training_with_the_open_mouth_weight(lipped_dataset, tmp_path):
+    save = tmp_path / "inner"
+    res = run_py(["train_328.py", "--dataset_dir", str(lipped_dataset), "--save_dir", str(save), *FAST,
+                  "--batchsize", "2", "--max_steps", "3", "--log_every", "1", "--val_frames", "2", "--lmd_frames", "0",
+                  "--mouth_weight", "4", "--grad_weight", "1", "--temporal_weight", "1", "--inner_mouth_weight", "4"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "open mouth x4 more" in res.stderr
+    logged = jsonl(save / "train_log.jsonl")
+    assert [e["step"] for e in logged] == [1, 2, 3] and all({"l1", "grad", "temporal"} <= set(e) for e in logged)
+    bad = run_py(["train_328.py", "--dataset_dir", str(lipped_dataset), "--save_dir", str(tmp_path / "bad"), *FAST,
+                  "--inner_mouth_weight", "0"])
+    assert bad.returncode == 2 and "--inner_mouth_weight must be > 0" in bad.stderr
 
 
 def test_region_weights_count_the_mouth_more_and_average_one():
