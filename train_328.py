@@ -670,7 +670,7 @@ class Run:
             log.info("nothing to do: step %d already reached the limit %d", self.step, self.total)
         self.t_start, self.samples = time.perf_counter(), 0
         self.progress = ProgressLine(self.total, "train_328", start_step=self.step,
-                                     enabled=None if self.dist.is_main else False)
+                                     enabled=None if self.dist.is_main else False, budget=self.budget)
         while not done and self.epoch < self.args.epochs:
             done = self.run_epoch()
         if self.writer is not None:

@@ -276,17 +276,29 @@ def format_duration(seconds: float) -> str:
 
 class ProgressLine:
     """Plain progress lines for logs (stdout not a terminal, where tqdm's bar shows nothing): at least
-    every `every_s` seconds and at the last step, `label: step S/T (P %), R samples/s, ETA E, loss L`."""
+    every `every_s` seconds and at the last step, `label: step S/T (P %), R samples/s, ETA E, loss L`.
+    With a CPU `budget` the run may end before step T: the line then reads `step S (P % of the CPU
+    budget)` when the budget is nearer its end, and the ETA is the sooner of the two ends."""
 
     def __init__(self, total: int, label: str = "train", every_s: float = PROGRESS_EVERY_S,
                  stream: TextIO | None = None, enabled: bool | None = None, start_step: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, budget: CpuBudget | None = None):
         self.stream = stream if stream is not None else sys.stdout
         isatty = getattr(self.stream, "isatty", lambda: False)
         self.enabled = (not isatty()) if enabled is None else enabled
         self.total, self.label, self.every_s, self.clock = total, label, every_s, clock
         self.start_step = start_step
+        self.budget = budget if budget is not None and budget.seconds > 0 else None
+        self.start_fraction = self.budget.fraction if self.budget is not None else 0.0
         self.start = self.last = clock()
+
+    def _budget_eta(self, elapsed: float) -> tuple[float, float]:
+        """(share of the budget spent, seconds until it is spent at the rate so far; inf without one)."""
+        if self.budget is None:
+            return 0.0, float("inf")
+        f = self.budget.fraction
+        rate = (f - self.start_fraction) / elapsed
+        return f, ((1.0 - f) / rate if rate > 0 else float("nan"))
 
     def due(self, step: int) -> bool:
         """Whether `emit` should be called at this step (cheap: no loss is read otherwise)."""
@@ -299,8 +311,14 @@ class ProgressLine:
         elapsed = max(now - self.start, 1e-9)
         steps_per_s = (step - self.start_step) / elapsed
         eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
-        line = (f"{self.label}: step {step}/{self.total} ({100.0 * step / max(1, self.total):.0f} %), "
-                f"{samples / elapsed:.1f} samples/s, ETA {format_duration(eta)}, loss {loss:.4f}")
+        spent, budget_eta = self._budget_eta(elapsed)
+        share = step / max(1, self.total)
+        where = f"step {step}/{self.total} ({100.0 * share:.0f} %)"
+        if self.budget is not None and spent >= share:
+            where = f"step {step} ({100.0 * spent:.0f} % of the CPU budget)"
+            eta = budget_eta if math.isnan(eta) or budget_eta < eta else eta  # the sooner end
+        line = (f"{self.label}: {where}, {samples / elapsed:.1f} samples/s, ETA {format_duration(eta)}, "
+                f"loss {loss:.4f}")
         print(line, file=self.stream, flush=True)
         return line
 

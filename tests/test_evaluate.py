@@ -583,6 +583,22 @@ def test_progress_line_at_least_every_30_seconds_when_not_a_terminal():
     assert not ProgressLine(10, stream=Tty()).enabled  # tqdm draws its bar there
 
 
+def test_progress_line_under_a_cpu_budget_counts_down_the_budget():
+    import io
+
+    from synctalk.trainkit import CpuBudget, ProgressLine
+
+    now, out = [0.0], io.StringIO()
+    budget = CpuBudget(200.0, used=50.0)  # a resumed run: a quarter already spent
+    prog = ProgressLine(10**6, "train_328", stream=out, clock=lambda: now[0], budget=budget, start_step=100)
+    now[0], budget.used = 60.0, 80.0  # 30 CPU s in 60 s of wall time: 120 CPU s left = 240 s
+    assert prog.emit(160, 480, 0.5) == ("train_328: step 160 (40 % of the CPU budget), 8.0 samples/s, "
+                                        "ETA 4m00s, loss 0.5000")
+    short = ProgressLine(120, "train_328", stream=out, clock=lambda: now[0], budget=CpuBudget(1e6))
+    now[0] = 120.0  # the step limit comes first: the usual line
+    assert short.emit(60, 480, 0.5).startswith("train_328: step 60/120 (50 %), 8.0 samples/s, ETA 1m00s")
+
+
 def test_face_small_warning_names_the_crop_in_use():
     from data_utils.process import quality_warnings
 
