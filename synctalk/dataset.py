@@ -329,6 +329,10 @@ def inner_lip_polygons(dataset_dir: str | Path, n: int, size: ModelSize) -> np.n
     """Inner-lip polygons `[n, 20, 2]` (metrics.LIP_INNER) of frames 0..n-1 in the pixels of the model's
     interior: `landmarks/<i>.lms` mapped through each frame's crop box (NaN where a box is empty)."""
     folder = Path(dataset_dir) / "landmarks"
+    missing = next((i for i in range(n) if not (folder / f"{i}.lms").is_file()), None)
+    if missing is not None:
+        raise DatasetError(f"{folder}/{missing}.lms is missing: the inner-mouth weight needs every frame's "
+                           f"landmarks; run: {preprocess_hint(Path(dataset_dir))}")
     boxes = np.asarray(face_crop.dataset_crop_boxes(dataset_dir), np.float64)[:n]
     if len(boxes) < n:
         raise DatasetError(f"{dataset_dir}: {len(boxes)} crop boxes for {n} frames; "

@@ -119,6 +119,12 @@ def test_training_with_the_open_mouth_weight(lipped_dataset, tmp_path):
     bad = run_py(["train_328.py", "--dataset_dir", str(lipped_dataset), "--save_dir", str(tmp_path / "bad"), *FAST,
                   "--inner_mouth_weight", "0"])
     assert bad.returncode == 2 and "--inner_mouth_weight must be > 0" in bad.stderr
+    (lipped_dataset / "landmarks" / "7.lms").rename(tmp_path / "7.lms")
+    try:
+        with pytest.raises(DatasetError, match="landmarks/7.lms is missing"):
+            AvatarDataset(lipped_dataset, "small", split="train", inner_mouth=True)
+    finally:
+        (tmp_path / "7.lms").rename(lipped_dataset / "landmarks" / "7.lms")
 
 
 def test_region_weights_count_the_mouth_more_and_average_one():
