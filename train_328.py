@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node=2 train_328.py ... --device cuda # DDP, one process per GPU
     python train_328.py ... --resume                                       # continue from latest.pth
 
-Loss = l1_weight * L1 (mouth region counted mouth_weight times, the open mouth inner_mouth_weight times more)
+Loss = l1_weight * L1 (mouth region counted mouth_weight times, the open mouth inner_mouth_weight times on top)
        + ssim_weight * (1 - SSIM or MS-SSIM)
        + grad_weight * image-gradient L1 + temporal_weight * adjacent-frame L1 + gan_weight * patch-critic
        hinge loss + sync_weight * SyncNet BCE
@@ -83,7 +83,7 @@ DEFAULTS = dict(
     sync_weight=0.05,      # SyncNet BCE on (pred, audio); only with --use_syncnet
     perceptual_weight=0.01,  # VGG19 conv1_1..conv3_3 feature MSE (upstream weight); only if weights cached
     mouth_weight=1.0,      # the mouth region (synctalk.face.MOUTH_BOX) counts this many times in L1 / gradient terms
-    inner_mouth_weight=1.0,  # the target's open mouth (inner-lip polygon) counts this many times more again
+    inner_mouth_weight=1.0,  # the target's open mouth (inner-lip polygon) counts this many times on top
     grad_weight=0.0,       # image-gradient L1 (high-frequency term)
     temporal_weight=0.0,   # adjacent-frame term (trains on consecutive pairs: twice the frames per step)
     gan_weight=0.0,        # patch critic on the mouth region, hinge loss
@@ -467,7 +467,7 @@ class Run:
         if self.dist.is_main:
             log.info("dataset %s: mode %s, size %s, %d training / %d held-out frames", self.train_ds.name, mode,
                      size.name, len(self.train_ds), len(self.val_ds))
-            log.info("reference policy %s; mouth region x%g, open mouth x%g more; loss terms: %s%s", args.reference,
+            log.info("reference policy %s; mouth region x%g, open mouth x%g on top; loss terms: %s%s", args.reference,
                      args.mouth_weight, args.inner_mouth_weight,
                      ", ".join(f"{k} x{v:g}" for k, v in loss_fn.active().items()),
                      "" if vgg else " (VGG19 perceptual term off: no torchvision VGG19 weights in "
@@ -730,8 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mouth_weight", type=float, default=d["mouth_weight"],
                    help="weight of the mouth region in the L1 and gradient terms (1 = uniform)")
     p.add_argument("--inner_mouth_weight", type=float, default=d["inner_mouth_weight"],
-                   help="the target's open mouth (teeth, tongue; from its landmarks) counts this many times "
-                        "more in the L1 and gradient terms (1 = off)")
+                   help="the target's open mouth (teeth, tongue; from its landmarks) counts this many times, on "
+                        "top of --mouth_weight, in the L1 and gradient terms (1 = off, < 1 = less)")
     p.add_argument("--grad_weight", type=float, default=d["grad_weight"], help="image-gradient L1 term")
     p.add_argument("--temporal_weight", type=float, default=d["temporal_weight"],
                    help="adjacent-frame term (each sample becomes a pair of consecutive frames)")

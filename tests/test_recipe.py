@@ -113,7 +113,7 @@ def test_training_with_the_open_mouth_weight(lipped_dataset, tmp_path):
                   "--batchsize", "2", "--max_steps", "3", "--log_every", "1", "--val_frames", "2", "--lmd_frames", "0",
                   "--mouth_weight", "4", "--grad_weight", "1", "--temporal_weight", "1", "--inner_mouth_weight", "4"])
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "open mouth x4 more" in res.stderr
+    assert "open mouth x4 on top" in res.stderr
     logged = jsonl(save / "train_log.jsonl")
     assert [e["step"] for e in logged] == [1, 2, 3] and all({"l1", "grad", "temporal"} <= set(e) for e in logged)
     bad = run_py(["train_328.py", "--dataset_dir", str(lipped_dataset), "--save_dir", str(tmp_path / "bad"), *FAST,
