@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -308,13 +309,23 @@ CLOSED_SHARE = 0.10      # 'closed': the training frames with the smallest mouth
 INNER_MOUTH_GROW = 1     # px the inner-mouth loss mask reaches beyond the inner-lip polygon
 
 
+def mediapipe_landmarks(dataset_dir: str | Path, frames: Sequence[int] | np.ndarray, purpose: str) -> np.ndarray:
+    """Landmarks `[len(frames), 478, 2]` of `frames` from `landmarks/<i>.lms`; a missing file or another
+    point topology is a DatasetError saying that `purpose` needs them."""
+    folder = Path(dataset_dir) / "landmarks"
+    missing = next((int(i) for i in frames if not (folder / f"{int(i)}.lms").is_file()), None)
+    if missing is not None:
+        raise DatasetError(f"{folder}/{missing}.lms is missing: {purpose} needs every frame's landmarks; "
+                           f"run: {preprocess_hint(Path(dataset_dir))}")
+    lms = [face_crop.load_landmarks(folder / f"{int(i)}.lms") for i in frames]
+    if min(len(x) for x in lms) < 468:
+        raise DatasetError(f"{folder}: {purpose} needs 478-point mediapipe landmarks")
+    return np.stack(lms)
+
+
 def frame_openings(dataset_dir: str | Path, frames: np.ndarray) -> np.ndarray:
     """Mouth opening (metrics.mouth_opening) of each of `frames` from `landmarks/<i>.lms`."""
-    folder = Path(dataset_dir) / "landmarks"
-    lms = np.stack([face_crop.load_landmarks(folder / f"{int(i)}.lms") for i in frames])
-    if lms.shape[1] < 468:
-        raise DatasetError(f"{folder}: the closed-mouth policy needs 478-point mediapipe landmarks")
-    return metrics.mouth_opening(lms)
+    return metrics.mouth_opening(mediapipe_landmarks(dataset_dir, frames, "the closed-mouth policy"))
 
 
 def closed_mouth_frames(dataset_dir: str | Path, train_frames: np.ndarray) -> np.ndarray:
@@ -328,23 +339,15 @@ def closed_mouth_frames(dataset_dir: str | Path, train_frames: np.ndarray) -> np
 def inner_lip_polygons(dataset_dir: str | Path, n: int, size: ModelSize) -> np.ndarray:
     """Inner-lip polygons `[n, 20, 2]` (metrics.LIP_INNER) of frames 0..n-1 in the pixels of the model's
     interior: `landmarks/<i>.lms` mapped through each frame's crop box (NaN where a box is empty)."""
-    folder = Path(dataset_dir) / "landmarks"
-    missing = next((i for i in range(n) if not (folder / f"{i}.lms").is_file()), None)
-    if missing is not None:
-        raise DatasetError(f"{folder}/{missing}.lms is missing: the inner-mouth weight needs every frame's "
-                           f"landmarks; run: {preprocess_hint(Path(dataset_dir))}")
+    lips = mediapipe_landmarks(dataset_dir, range(n), "the inner-mouth weight")[:, list(metrics.LIP_INNER)]
     boxes = np.asarray(face_crop.dataset_crop_boxes(dataset_dir), np.float64)[:n]
     if len(boxes) < n:
         raise DatasetError(f"{dataset_dir}: {len(boxes)} crop boxes for {n} frames; "
                            f"run: {preprocess_hint(Path(dataset_dir))}")
-    lms = [face_crop.load_landmarks(folder / f"{i}.lms") for i in range(n)]
-    if min(len(x) for x in lms) < 468:
-        raise DatasetError(f"{folder}: the inner-mouth weight needs 478-point mediapipe landmarks")
-    lips = np.stack([x[list(metrics.LIP_INNER)] for x in lms]).astype(np.float64)
     origin = boxes[:, None, :2]
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = size.crop / (boxes[:, None, 2:] - boxes[:, None, :2])
-    return (lips - origin) * scale - size.border
+    return (lips.astype(np.float64) - origin) * scale - size.border
 
 
 def inner_mouth_mask(polygon: np.ndarray, side: int, grow: int = INNER_MOUTH_GROW) -> np.ndarray:

@@ -292,13 +292,10 @@ class ProgressLine:
         self.start_fraction = self.budget.fraction if self.budget is not None else 0.0
         self.start = self.last = clock()
 
-    def _budget_eta(self, elapsed: float) -> tuple[float, float]:
-        """(share of the budget spent, seconds until it is spent at the rate so far; inf without one)."""
-        if self.budget is None:
-            return 0.0, float("inf")
-        f = self.budget.fraction
-        rate = (f - self.start_fraction) / elapsed
-        return f, ((1.0 - f) / rate if rate > 0 else float("nan"))
+    def _budget_eta(self, budget: CpuBudget, elapsed: float) -> float:
+        """Seconds until `budget` is spent at the rate so far (NaN before any of it was spent)."""
+        rate = (budget.fraction - self.start_fraction) / elapsed
+        return (1.0 - budget.fraction) / rate if rate > 0 else float("nan")
 
     def due(self, step: int) -> bool:
         """Whether `emit` should be called at this step (cheap: no loss is read otherwise)."""
@@ -311,11 +308,11 @@ class ProgressLine:
         elapsed = max(now - self.start, 1e-9)
         steps_per_s = (step - self.start_step) / elapsed
         eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
-        spent, budget_eta = self._budget_eta(elapsed)
         share = step / max(1, self.total)
         where = f"step {step}/{self.total} ({100.0 * share:.0f} %)"
-        if self.budget is not None and spent >= share:
-            where = f"step {step} ({100.0 * spent:.0f} % of the CPU budget)"
+        if self.budget is not None and self.budget.fraction >= share:
+            where = f"step {step} ({100.0 * self.budget.fraction:.0f} % of the CPU budget)"
+            budget_eta = self._budget_eta(self.budget, elapsed)
             eta = budget_eta if math.isnan(eta) or budget_eta < eta else eta  # the sooner end
         line = (f"{self.label}: {where}, {samples / elapsed:.1f} samples/s, ETA {format_duration(eta)}, "
                 f"loss {loss:.4f}")
