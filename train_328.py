@@ -60,7 +60,16 @@ from synctalk.trainkit import (
     setup_logging,
     tensorboard_writer,
 )
-from unet_328 import CheckpointError, build_unet, load_unet_checkpoint, save_checkpoint
+from unet_328 import (
+    FIRST_CONV,
+    IMAGE_INPUTS,
+    CheckpointError,
+    build_unet,
+    load_unet_checkpoint,
+    save_checkpoint,
+    state_mismatch,
+    with_teeth_inputs,
+)
 
 log = logging.getLogger("train_328")
 
@@ -89,6 +98,7 @@ DEFAULTS = dict(
     gan_weight=0.0,        # patch critic on the mouth region, hinge loss
     gan_start=0.25,        # the critic's term starts after this share of the run and ramps up over 10 %
     reference="random",    # reference frame of a training sample: random, nearest (head pose), closed
+    teeth_reference=False,  # a third input crop: a training frame that shows the teeth (9-channel U-Net)
     voice_aug=0.0,         # share of samples heard in a voice variant of the track (aud_whisper_voice*.npy)
     cpu_budget_s=0.0,      # stop after this many CPU seconds of training steps (0 = no budget)
     ema=False,             # keep an exponential moving average of the weights (saved checkpoints use it)
@@ -341,7 +351,7 @@ class Validator:
         model.train(was_training)
         k = min(4, len(pred))
         to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a[:k])).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-        rows = [image[:k, :3], image[:k, 3:], to_t(pred), to_t(label)]
+        rows = [image[:k, :3], image[:k, 3:6], to_t(pred), to_t(label)]
         from torchvision.utils import make_grid
 
         grid = make_grid(torch.cat(rows), nrow=k, padding=2).flip(0)  # BGR -> RGB for display
@@ -441,15 +451,19 @@ class Run:
         dist.barrier()
         train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
                                  reference=args.reference, pairs=args.temporal_weight > 0, voice_aug=args.voice_aug,
-                                 inner_mouth=args.inner_mouth_weight != 1.0)
-        val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False)
+                                 inner_mouth=args.inner_mouth_weight != 1.0, teeth=args.teeth_reference)
+        val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False,
+                               teeth=args.teeth_reference)
+        if train_ds.teeth_frame is not None and self.dist.is_main:
+            log.info("teeth reference: frame %d for inference, drawn from the %d frames showing the most teeth in "
+                     "training", train_ds.teeth_frame, len(train_ds.teeth_pool))
         return train_ds, val_ds
 
     def _networks(self) -> tuple[nn.Module, GeneratorLoss, losses.AdversarialTerm | None]:
         """The U-Net (from `--init_checkpoint` when given) and the loss with its frozen helpers."""
         args, device = self.args, self.device
         mode, size = self.train_ds.mode, self.train_ds.size
-        model = build_unet(mode, size.name).to(device)
+        model = build_unet(mode, size.name, teeth=args.teeth_reference).to(device)
         if args.init_checkpoint and not args.resume:
             start_from(model, args.init_checkpoint, mode, size.name)
         if device.type == "cuda":
@@ -480,6 +494,10 @@ class Run:
         if not self.latest.is_file():
             raise TrainError(f"--resume: {self.latest} not found (nothing to resume; drop --resume to start over)")
         blob = torch.load(self.latest, map_location=self.device, weights_only=True)
+        mismatch = state_mismatch(blob["state_dict"], self.model.state_dict())
+        if mismatch:
+            raise TrainError(f"--resume: {self.latest} holds another network ({mismatch}); resume with the options "
+                             f"of the saved run (e.g. --teeth_reference), or drop --resume")
         self.model.load_state_dict(blob["state_dict"])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
@@ -690,20 +708,29 @@ def train(args: argparse.Namespace) -> Path:
 
 def start_from(model: nn.Module, path: str, mode: str, size: str) -> None:
     """Load the weights of U-Net checkpoint `path` into `model` (fine-tuning; the optimizer starts fresh);
-    TrainError when it is another mode or size."""
+    TrainError when it is another mode or size. A model without the teeth input starts a teeth-reference
+    model with the new input's weights at zero (`with_teeth_inputs`)."""
     try:
         init, meta = load_unet_checkpoint(path, expect_mode=mode)
     except CheckpointError as exc:
         raise TrainError(f"--init_checkpoint: {exc}") from None
     if meta.get("size", "328") != size:
         raise TrainError(f"--init_checkpoint: {path} is a size {meta.get('size')} model, training size {size}")
-    model.load_state_dict(init.state_dict())
+    state = init.state_dict()
+    if model.state_dict()[FIRST_CONV].shape != state[FIRST_CONV].shape:
+        if init.n_channels != IMAGE_INPUTS:
+            raise TrainError(f"--init_checkpoint: {path} takes a teeth reference; train it with --teeth_reference")
+        state = with_teeth_inputs(state)
+    model.load_state_dict(state)
     log.info("starting from the weights of %s (epoch %s, step %s)", path, meta.get("epoch"), meta.get("step"))
 
 
 def unet_meta(ds: AvatarDataset, epoch: int, step: int, ema: bool) -> dict:
-    return {"kind": "unet", "mode": ds.mode, "size": ds.size.name, "epoch": epoch, "step": step,
+    meta = {"kind": "unet", "mode": ds.mode, "size": ds.size.name, "epoch": epoch, "step": step,
             "dataset": ds.name, "ema": ema, "val_fraction": 0.1}
+    if ds.teeth_frame is not None:
+        meta["teeth_frame"] = ds.teeth_frame
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the run before the critic's term starts")
     p.add_argument("--reference", default=d["reference"], choices=list(REFERENCE_POLICIES),
                    help="reference frame of a training sample: random, nearest head pose, closed mouth")
+    p.add_argument("--teeth_reference", action="store_true", default=d["teeth_reference"],
+                   help="give the U-Net a third input crop, a training frame that shows the teeth (a 9-channel "
+                        "model; the frame is saved in the checkpoint and used at inference)")
     p.add_argument("--voice_aug", type=float, default=d["voice_aug"],
                    help="share of samples heard in one of the dataset's voice variants (aud_whisper_voice*.npy)")
     p.add_argument("--cpu_budget_s", type=float, default=d["cpu_budget_s"],

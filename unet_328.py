@@ -1,7 +1,9 @@
 """Generator U-Net: a MobileNetV2-style inverted-residual U-Net that redraws the lower face.
 
 Input: image [B, 6, S, S] BGR in [0, 1] (reference crop + masked crop), audio [B, C, H, W] (mode
-dependent, see `utils.AUDIO_MODES`). Output: [B, 3, S, S] after a sigmoid. S = 320 for size `328`
+dependent, see `utils.AUDIO_MODES`). A model trained with a teeth reference (`--teeth_reference`) takes
+[B, 9, S, S]: the same six channels, then the crop of one open-mouth frame whose teeth show (its frame index
+is the checkpoint's `meta["teeth_frame"]`). Output: [B, 3, S, S] after a sigmoid. S = 320 for size `328`
 (upstream), 160 for `small`. Audio is fused only at the S/32 bottleneck. In `ave` mode at size 328 the
 state_dict keys and shapes equal upstream SyncTalk_2D's, so its checkpoints load with strict=True.
 """
@@ -19,14 +21,19 @@ from synctalk.sizes import AUDIO_MODES, ModelSize, audio_input_shape, get_size
 
 log = logging.getLogger(__name__)
 
+IMAGE_INPUTS = 6   # reference crop + masked target crop (upstream)
+TEETH_INPUTS = 9   # ... + the teeth reference crop
+FIRST_CONV = "inc.inconv.0.conv.0.weight"  # the one layer that sees the image channels
+
 
 class InvertedResidual(nn.Module):
     """1x1 expand (x2) -> BN -> ReLU -> 3x3 depthwise (stride) -> BN -> ReLU -> 1x1 project -> BN,
-    plus the input when `residual`."""
+    plus the input when `residual`; `hidden` overrides the expanded width."""
 
-    def __init__(self, inp: int, oup: int, stride=1, residual: bool = False, expand: int = 2):
+    def __init__(self, inp: int, oup: int, stride=1, residual: bool = False, expand: int = 2,
+                 hidden: int | None = None):
         super().__init__()
-        hidden = inp * expand
+        hidden = hidden or inp * expand
         self.use_res_connect = residual
         self.conv = nn.Sequential(
             nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
@@ -53,9 +60,12 @@ class DoubleConvDW(nn.Module):
 
 
 class InConvDw(nn.Module):
+    """The input block: an IR whose expanded width is upstream's (12) whatever the number of image channels,
+    so a teeth-reference model differs from a plain one only in its first 1x1 convolution's inputs."""
+
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.inconv = nn.Sequential(InvertedResidual(cin, cout, 1))
+        self.inconv = nn.Sequential(InvertedResidual(cin, cout, 1, hidden=2 * IMAGE_INPUTS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inconv(x)
@@ -133,8 +143,11 @@ class AudioConv(nn.Module):
 class Model(nn.Module):
     """The generator. `Model(6, 'ave')` is upstream's 12,186,935-parameter network."""
 
-    def __init__(self, n_channels: int = 6, mode: str = "whisper", size: str | ModelSize = "328"):
+    def __init__(self, n_channels: int = IMAGE_INPUTS, mode: str = "whisper", size: str | ModelSize = "328"):
         super().__init__()
+        if n_channels not in (IMAGE_INPUTS, TEETH_INPUTS):
+            raise ValueError(f"a U-Net takes {IMAGE_INPUTS} or {TEETH_INPUTS} image channels, not {n_channels}")
+        self.n_channels = n_channels
         if mode not in AUDIO_MODES:
             raise ValueError(f"unknown audio mode {mode!r}; choose one of {sorted(AUDIO_MODES)}")
         self.size = size if isinstance(size, ModelSize) else get_size(size)
@@ -174,12 +187,17 @@ class Model(nn.Module):
     def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Random inputs of the right shapes (for export, benchmarks and tests)."""
         s = self.size.inner
-        return torch.rand(batch, 6, s, s), torch.randn(batch, *audio_input_shape(self.mode))
+        return torch.rand(batch, self.n_channels, s, s), torch.randn(batch, *audio_input_shape(self.mode))
 
 
-def build_unet(mode: str = "whisper", size: str = "328") -> Model:
-    """A fresh generator for `mode` and `size`."""
-    return Model(6, mode, size)
+def build_unet(mode: str = "whisper", size: str = "328", teeth: bool = False) -> Model:
+    """A fresh generator for `mode` and `size`; `teeth`: with the teeth reference input (9 channels)."""
+    return Model(TEETH_INPUTS if teeth else IMAGE_INPUTS, mode, size)
+
+
+def image_inputs(meta: dict) -> int:
+    """The number of image channels of the U-Net a checkpoint's `meta` describes (9 with a teeth frame)."""
+    return TEETH_INPUTS if meta.get("teeth_frame") is not None else IMAGE_INPUTS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,6 +252,16 @@ def state_mismatch(state: dict, expected: dict) -> str | None:
     return f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, shape mismatches {shapes}"
 
 
+def with_teeth_inputs(state: dict) -> dict:
+    """A 6-input U-Net state dict widened to the teeth reference's 9 inputs: the first convolution's new
+    input weights are zero, so the widened network computes exactly what the original did."""
+    weight = state[FIRST_CONV]
+    if weight.shape[1] != IMAGE_INPUTS:
+        raise CheckpointError(f"expected a {IMAGE_INPUTS}-input U-Net, its first layer takes {weight.shape[1]}")
+    pad = weight.new_zeros(weight.shape[0], TEETH_INPUTS - IMAGE_INPUTS, *weight.shape[2:])
+    return {**state, FIRST_CONV: torch.cat([weight, pad], dim=1)}
+
+
 def load_unet_checkpoint(path: str | Path, expect_mode: str | None = None,
                          device: str | torch.device = "cpu") -> tuple[Model, dict]:
     """Build the U-Net a checkpoint describes and load it strictly; readable errors on mismatch."""
@@ -243,7 +271,7 @@ def load_unet_checkpoint(path: str | Path, expect_mode: str | None = None,
     mode = meta.get("mode", expect_mode or "ave")
     if expect_mode and mode != expect_mode:
         raise CheckpointError(f"{path} was trained in audio mode {mode!r}, expected {expect_mode!r}")
-    model = build_unet(mode, meta.get("size", "328"))
+    model = build_unet(mode, meta.get("size", "328"), teeth=image_inputs(meta) == TEETH_INPUTS)
     mismatch = state_mismatch(state, model.state_dict())
     if mismatch:
         raise CheckpointError(f"{path} does not match a U-Net in mode {mode!r}, size {meta.get('size', '328')!r}: "

@@ -307,6 +307,7 @@ NEAREST_CANDIDATES = 32  # 'nearest': random candidates searched for the closest
 NEAREST_MIN_GAP = 13     # 'nearest': candidates at least this many frames (0.5 s) away from the target
 CLOSED_SHARE = 0.10      # 'closed': the training frames with the smallest mouth opening, this share
 INNER_MOUTH_GROW = 1     # px the inner-mouth loss mask reaches beyond the inner-lip polygon
+TEETH_SHARE = 0.03       # teeth reference: the training frames showing the most teeth, this share
 
 
 def mediapipe_landmarks(dataset_dir: str | Path, frames: Sequence[int] | np.ndarray, purpose: str) -> np.ndarray:
@@ -362,6 +363,21 @@ def inner_mouth_mask(polygon: np.ndarray, side: int, grow: int = INNER_MOUTH_GRO
     return cv2.dilate(inside.astype(np.uint8), kernel)[None].astype(np.float32)
 
 
+def teeth_frames(dataset_dir: str | Path, train_frames: np.ndarray, crops: np.ndarray,
+                 size: ModelSize) -> np.ndarray:
+    """The TEETH_SHARE of `train_frames` (at least one) whose open mouth shows the largest teeth-bright area
+    (metrics.teeth_share x metrics.mouth_area, in the model's interior of `crops`), most first. Only the
+    four times as many frames with the widest mouths are scored."""
+    polygons = inner_lip_polygons(dataset_dir, int(train_frames.max()) + 1, size)[train_frames]
+    area = np.array([metrics.mouth_area(p) for p in polygons])
+    keep = max(1, int(round(TEETH_SHARE * len(train_frames))))
+    widest = np.argsort(-np.nan_to_num(area, nan=0.0), kind="stable")[:4 * keep]
+    b, s = size.border, size.inner
+    bright = np.array([metrics.teeth_share(np.asarray(crops[train_frames[k], b:b + s, b:b + s]), polygons[k])
+                       * area[k] for k in widest])
+    return train_frames[widest[np.argsort(-np.nan_to_num(bright, nan=0.0), kind="stable")[:keep]]]
+
+
 def frame_poses(dataset_dir: str | Path, n: int) -> np.ndarray:
     """Standardised head pose `[n, 2]` (yaw, roll) per frame from `face_track.npz`."""
     path = Path(dataset_dir) / "face_track.npz"
@@ -385,6 +401,10 @@ class AvatarDataset(Dataset):
     `inner_mouth`: each sample also carries the target's open-mouth mask `[1, S, S]` (`inner_mouth_mask`),
     for a loss that weights the teeth and the inner mouth.
 
+    `teeth`: the image gains a third crop, the teeth reference (`face_crop.make_unet_input`): in `train` a
+    frame drawn from `teeth_frames`, in `val` always `teeth_frame` (the first of them), the one inference
+    uses.
+
     `voice_aug` p (whisper mode): a sample's audio window comes, with probability p, from one of the
     dataset's voice variants (`voice_variant_paths`, drawn uniformly) instead of the recorded voice, so
     the mouth learns to follow the words rather than this one voice.
@@ -393,7 +413,7 @@ class AvatarDataset(Dataset):
     def __init__(self, dataset_dir: str | Path, size: str | ModelSize = "328", mode: str | None = None,
                  split: str = "train", seed: int = 0, val_fraction: float = VAL_FRACTION,
                  build_cache: bool = True, reference: str = "random", pairs: bool = False,
-                 voice_aug: float = 0.0, inner_mouth: bool = False):
+                 voice_aug: float = 0.0, inner_mouth: bool = False, teeth: bool = False):
         if reference not in REFERENCE_POLICIES:
             raise DatasetError(f"unknown reference policy {reference!r}; choose from {REFERENCE_POLICIES}")
         if not 0.0 <= voice_aug <= 1.0:
@@ -430,6 +450,9 @@ class AvatarDataset(Dataset):
         self.voice_aug = float(voice_aug)
         self.voices = self._load_voices() if self.voice_aug > 0 else []
         self._lips = inner_lip_polygons(self.dataset_dir, self.n_frames, self.size) if inner_mouth else None
+        self.teeth_pool = (teeth_frames(self.dataset_dir, self.train_frames, self.crops, self.size)
+                            if teeth else None)
+        self.teeth_frame = None if self.teeth_pool is None else int(self.teeth_pool[0])
 
     def _load_voices(self) -> list[np.ndarray]:
         """The voice variants' features (rows checked against the recorded voice's)."""
@@ -505,6 +528,15 @@ class AvatarDataset(Dataset):
             return int(pool[k + (k >= pos)])
         return int(pool[rng.integers(len(pool))])
 
+    def teeth_for(self, frame: int, rng: np.random.Generator) -> int | None:
+        """The teeth reference of `frame` (None without one): drawn from the pool in `train`, else the
+        inference frame (no draw when off)."""
+        if self.teeth_pool is None:
+            return None
+        if self.split != "train":
+            return self.teeth_frame
+        return self._draw_other(self.teeth_pool, frame, rng)
+
     def interior(self, frame: int) -> np.ndarray:
         """uint8 [S, S, 3] BGR interior of a frame's crop."""
         b, s = self.size.border, self.size.inner
@@ -520,11 +552,13 @@ class AvatarDataset(Dataset):
             return None
         return int(rng.integers(len(self.voices)))
 
-    def unet_sample(self, frame: int, ref: int, voice: int | None = None) -> tuple[torch.Tensor, ...]:
-        """(image, audio window, label) of `frame` with reference `ref`, heard in `voice`; with
-        `inner_mouth`, the target's open-mouth mask as a fourth tensor."""
+    def unet_sample(self, frame: int, ref: int, voice: int | None = None,
+                    teeth: int | None = None) -> tuple[torch.Tensor, ...]:
+        """(image, audio window, label) of `frame` with reference `ref` (and teeth reference `teeth`),
+        heard in `voice`; with `inner_mouth`, the target's open-mouth mask as a fourth tensor."""
         target = np.asarray(self.crops[frame])
-        image = face_crop.make_unet_input(target, np.asarray(self.crops[ref]), self.size.name)
+        teeth_crop = None if teeth is None else np.asarray(self.crops[teeth])
+        image = face_crop.make_unet_input(target, np.asarray(self.crops[ref]), self.size.name, teeth_crop)
         label = self.interior(frame).transpose(2, 0, 1).astype(np.float32) / 255.0
         sample = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                   torch.from_numpy(self.audio(frame, voice)), torch.from_numpy(np.ascontiguousarray(label)))
@@ -548,14 +582,16 @@ class AvatarDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """One sample; with `pairs`, frames t and its neighbour stacked on a new first axis (same
-        reference and voice), for the temporal loss."""
+        reference, teeth reference and voice), for the temporal loss."""
         epoch, frame = self._key(key)
         rng = self.rng(frame, epoch)
         ref = self.reference_for(frame, rng)
         voice = self.voice_for(rng)
+        teeth = self.teeth_for(frame, rng)
         if not self.pairs:
-            return self.unet_sample(frame, ref, voice)
-        first, second = self.unet_sample(frame, ref, voice), self.unet_sample(self.neighbour(frame), ref, voice)
+            return self.unet_sample(frame, ref, voice, teeth)
+        first = self.unet_sample(frame, ref, voice, teeth)
+        second = self.unet_sample(self.neighbour(frame), ref, voice, teeth)
         return tuple(torch.stack(t) for t in zip(first, second))
 
 

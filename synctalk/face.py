@@ -300,20 +300,23 @@ def _size(size_preset: str | ModelSize) -> ModelSize:
     return size_preset if isinstance(size_preset, ModelSize) else get_size(size_preset)
 
 
-def make_unet_input(crop: np.ndarray, reference_crop: np.ndarray, size_preset) -> np.ndarray:
+def make_unet_input(crop: np.ndarray, reference_crop: np.ndarray, size_preset,
+                    teeth_crop: np.ndarray | None = None) -> np.ndarray:
     """U-Net image input float32 `(6, inner, inner)`, BGR in [0, 1]: channels 0-2 the reference crop's
-    interior, 3-5 the target crop's interior with `mask_rect` blacked out. Crops are uint8
-    `[crop, crop, 3]` of the preset (`'328'`, `'small'` or a `utils.ModelSize`)."""
+    interior, 3-5 the target crop's interior with `mask_rect` blacked out; with `teeth_crop` (the teeth
+    reference of a model trained with one), `(9, inner, inner)` with its interior in channels 6-8. Crops
+    are uint8 `[crop, crop, 3]` of the preset (`'328'`, `'small'` or a `utils.ModelSize`)."""
     size = _size(size_preset)
     b, s = size.border, size.inner
-    if crop.shape[:2] != (size.crop, size.crop) or reference_crop.shape[:2] != (size.crop, size.crop):
+    crops = [reference_crop, crop] + ([] if teeth_crop is None else [teeth_crop])
+    if any(c.shape[:2] != (size.crop, size.crop) for c in crops):
         raise ValueError(f"crops must be {size.crop}x{size.crop} for size {size.name}, got "
-                         f"{crop.shape[:2]} and {reference_crop.shape[:2]}")
-    out = np.empty((6, s, s), dtype=np.float32)
-    np.multiply(reference_crop[b:b + s, b:b + s].transpose(2, 0, 1), np.float32(1.0 / 255.0), out=out[:3])
-    np.multiply(crop[b:b + s, b:b + s].transpose(2, 0, 1), np.float32(1.0 / 255.0), out=out[3:])
+                         f"{', '.join(str(c.shape[:2]) for c in crops)}")
+    out = np.empty((3 * len(crops), s, s), dtype=np.float32)
+    for k, c in enumerate(crops):
+        np.multiply(c[b:b + s, b:b + s].transpose(2, 0, 1), np.float32(1.0 / 255.0), out=out[3 * k:3 * k + 3])
     x, y, w, h = mask_rect(s)
-    out[3:, y:y + h, x:x + w] = 0.0
+    out[3:6, y:y + h, x:x + w] = 0.0
     return out
 
 
