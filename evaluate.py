@@ -238,8 +238,8 @@ def render_with_reference(engine, windows: np.ndarray, targets: np.ndarray, refs
     batch = max(1, int(getattr(engine, "batch_size", 8)))
     for i in range(0, len(targets), batch):
         j = min(len(targets), i + batch)
-        image = np.stack([face_crop.make_unet_input(out[k], np.asarray(engine.crop(int(refs[k]))), size.name,
-                                                    engine.teeth_crop) for k in range(i, j)])
+        image = np.stack([face_crop.make_unet_input(out[k], np.asarray(engine.crop(int(refs[k]))), size.name)
+                          for k in range(i, j)])
         pred = np.empty((j - i, 3, s, s), np.float32)
         engine.runner.run(image, np.ascontiguousarray(windows[i:j], dtype=np.float32), pred)
         out[i:j, b:b + s, b:b + s] = np.clip(pred.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -64,6 +64,7 @@ from unet_328 import (
     FIRST_CONV,
     IMAGE_INPUTS,
     CheckpointError,
+    Model,
     build_unet,
     load_unet_checkpoint,
     save_checkpoint,
@@ -454,7 +455,7 @@ class Run:
                                  inner_mouth=args.inner_mouth_weight != 1.0, teeth=args.teeth_reference)
         val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False,
                                teeth=args.teeth_reference)
-        if train_ds.teeth_frame is not None and self.dist.is_main:
+        if train_ds.teeth_pool is not None and self.dist.is_main:
             log.info("teeth reference: frame %d for inference, drawn from the %d frames showing the most teeth in "
                      "training", train_ds.teeth_frame, len(train_ds.teeth_pool))
         return train_ds, val_ds
@@ -466,6 +467,8 @@ class Run:
         model = build_unet(mode, size.name, teeth=args.teeth_reference).to(device)
         if args.init_checkpoint and not args.resume:
             start_from(model, args.init_checkpoint, mode, size.name)
+        if self.train_ds.teeth_frame is not None:  # the crop inference appends (training samples bring theirs)
+            model.set_teeth(self.train_ds.interior(self.train_ds.teeth_frame))
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         syncnet, head = (load_frozen_syncnet(args.syncnet_checkpoint, mode, size.name, device, args.require_syncnet)
@@ -706,7 +709,7 @@ def train(args: argparse.Namespace) -> Path:
     return Run(args).fit()
 
 
-def start_from(model: nn.Module, path: str, mode: str, size: str) -> None:
+def start_from(model: Model, path: str, mode: str, size: str) -> None:
     """Load the weights of U-Net checkpoint `path` into `model` (fine-tuning; the optimizer starts fresh);
     TrainError when it is another mode or size. A model without the teeth input starts a teeth-reference
     model with the new input's weights at zero (`with_teeth_inputs`)."""
@@ -720,7 +723,7 @@ def start_from(model: nn.Module, path: str, mode: str, size: str) -> None:
     if model.state_dict()[FIRST_CONV].shape != state[FIRST_CONV].shape:
         if init.n_channels != IMAGE_INPUTS:
             raise TrainError(f"--init_checkpoint: {path} takes a teeth reference; train it with --teeth_reference")
-        state = with_teeth_inputs(state)
+        state = with_teeth_inputs(state, model.size.inner)
     model.load_state_dict(state)
     log.info("starting from the weights of %s (epoch %s, step %s)", path, meta.get("epoch"), meta.get("step"))
 

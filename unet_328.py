@@ -1,9 +1,10 @@
 """Generator U-Net: a MobileNetV2-style inverted-residual U-Net that redraws the lower face.
 
 Input: image [B, 6, S, S] BGR in [0, 1] (reference crop + masked crop), audio [B, C, H, W] (mode
-dependent, see `utils.AUDIO_MODES`). A model trained with a teeth reference (`--teeth_reference`) takes
-[B, 9, S, S]: the same six channels, then the crop of one open-mouth frame whose teeth show (its frame index
-is the checkpoint's `meta["teeth_frame"]`). Output: [B, 3, S, S] after a sigmoid. S = 320 for size `328`
+dependent, see `utils.AUDIO_MODES`). A model trained with a teeth reference (`--teeth_reference`) has
+9 image channels: the same six, then the interior of a crop that shows the person's teeth. It keeps its
+inference teeth crop as the buffer `teeth` (so the checkpoint and the ONNX export carry it) and appends it
+to a 6-channel input; training passes all 9 channels (a teeth crop drawn per sample). Output: [B, 3, S, S] after a sigmoid. S = 320 for size `328`
 (upstream), 160 for `small`. Audio is fused only at the S/32 bottleneck. In `ave` mode at size 328 the
 state_dict keys and shapes equal upstream SyncTalk_2D's, so its checkpoints load with strict=True.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 IMAGE_INPUTS = 6   # reference crop + masked target crop (upstream)
 TEETH_INPUTS = 9   # ... + the teeth reference crop
 FIRST_CONV = "inc.inconv.0.conv.0.weight"  # the one layer that sees the image channels
+TEETH_BUFFER = "teeth"  # a teeth-reference model's inference teeth crop [1, 3, S, S]
 
 
 class InvertedResidual(nn.Module):
@@ -152,6 +155,8 @@ class Model(nn.Module):
             raise ValueError(f"unknown audio mode {mode!r}; choose one of {sorted(AUDIO_MODES)}")
         self.size = size if isinstance(size, ModelSize) else get_size(size)
         self.mode = mode
+        if n_channels == TEETH_INPUTS:  # the inference teeth crop, set by training (`set_teeth`)
+            self.register_buffer(TEETH_BUFFER, torch.zeros(1, 3, self.size.inner, self.size.inner))
         w0, w1, w2, w3, w4 = self.size.widths
         self.inc = InConvDw(n_channels, w0)
         self.down1 = Down(w0, w0)
@@ -169,6 +174,8 @@ class Model(nn.Module):
         self.outc = OutConv(w0 // 2, 3)
 
     def forward(self, x: torch.Tensor, audio_feat: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.n_channels:  # a teeth model given the usual 6 channels: add its teeth crop
+            x = torch.cat([x, self.get_buffer(TEETH_BUFFER).expand(x.shape[0], -1, -1, -1)], dim=1)
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
@@ -184,20 +191,23 @@ class Model(nn.Module):
         x = self.up5(x, x1)
         return torch.sigmoid(self.outc(x))
 
+    def set_teeth(self, interior: np.ndarray) -> None:
+        """Keep `interior` (uint8 BGR `[S, S, 3]`, a crop's interior that shows the teeth) as the teeth crop
+        of a 6-channel input."""
+        if self.n_channels != TEETH_INPUTS:
+            raise ValueError("this U-Net has no teeth reference input")
+        teeth = torch.from_numpy(np.ascontiguousarray(interior.transpose(2, 0, 1))).float().div_(255.0)
+        self.get_buffer(TEETH_BUFFER).copy_(teeth[None])
+
     def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random inputs of the right shapes (for export, benchmarks and tests)."""
+        """Random inputs of the inference shapes (6 image channels; for export, benchmarks and tests)."""
         s = self.size.inner
-        return torch.rand(batch, self.n_channels, s, s), torch.randn(batch, *audio_input_shape(self.mode))
+        return torch.rand(batch, IMAGE_INPUTS, s, s), torch.randn(batch, *audio_input_shape(self.mode))
 
 
 def build_unet(mode: str = "whisper", size: str = "328", teeth: bool = False) -> Model:
     """A fresh generator for `mode` and `size`; `teeth`: with the teeth reference input (9 channels)."""
     return Model(TEETH_INPUTS if teeth else IMAGE_INPUTS, mode, size)
-
-
-def image_inputs(meta: dict) -> int:
-    """The number of image channels of the U-Net a checkpoint's `meta` describes (9 with a teeth frame)."""
-    return TEETH_INPUTS if meta.get("teeth_frame") is not None else IMAGE_INPUTS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,14 +262,16 @@ def state_mismatch(state: dict, expected: dict) -> str | None:
     return f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, shape mismatches {shapes}"
 
 
-def with_teeth_inputs(state: dict) -> dict:
-    """A 6-input U-Net state dict widened to the teeth reference's 9 inputs: the first convolution's new
-    input weights are zero, so the widened network computes exactly what the original did."""
+def with_teeth_inputs(state: dict, side: int) -> dict:
+    """A 6-input U-Net state dict widened to the teeth reference's 9 inputs (interior side `side`): the first
+    convolution's new input weights are zero, so the widened network computes exactly what the original
+    did; the teeth crop is black until `Model.set_teeth`."""
     weight = state[FIRST_CONV]
     if weight.shape[1] != IMAGE_INPUTS:
         raise CheckpointError(f"expected a {IMAGE_INPUTS}-input U-Net, its first layer takes {weight.shape[1]}")
     pad = weight.new_zeros(weight.shape[0], TEETH_INPUTS - IMAGE_INPUTS, *weight.shape[2:])
-    return {**state, FIRST_CONV: torch.cat([weight, pad], dim=1)}
+    return {**state, FIRST_CONV: torch.cat([weight, pad], dim=1),
+            TEETH_BUFFER: weight.new_zeros(1, 3, side, side)}
 
 
 def load_unet_checkpoint(path: str | Path, expect_mode: str | None = None,
@@ -271,7 +283,7 @@ def load_unet_checkpoint(path: str | Path, expect_mode: str | None = None,
     mode = meta.get("mode", expect_mode or "ave")
     if expect_mode and mode != expect_mode:
         raise CheckpointError(f"{path} was trained in audio mode {mode!r}, expected {expect_mode!r}")
-    model = build_unet(mode, meta.get("size", "328"), teeth=image_inputs(meta) == TEETH_INPUTS)
+    model = build_unet(mode, meta.get("size", "328"), teeth=TEETH_BUFFER in state)
     mismatch = state_mismatch(state, model.state_dict())
     if mismatch:
         raise CheckpointError(f"{path} does not match a U-Net in mode {mode!r}, size {meta.get('size', '328')!r}: "

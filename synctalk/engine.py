@@ -33,7 +33,7 @@ from synctalk.face import BLEND_MODES, Paster
 from synctalk.features import FILE_BATCH, FeatureConfig, extract_features
 from synctalk.sizes import audio_input_shape, audio_window, get_size
 from synctalk.timing import FPS, SAMPLE_RATE
-from unet_328 import export_onnx, image_inputs, load_unet_checkpoint, read_checkpoint
+from unet_328 import export_onnx, load_unet_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class _TorchRunner:
 class _Slot:
     """Per-batch buffers (allocated once): network input, audio windows, prediction, uint8 crops."""
 
-    image: np.ndarray  # [B, 6, S, S] float32 ([B, 9, S, S] with a teeth reference)
+    image: np.ndarray  # [B, 6, S, S] float32
     audio: np.ndarray  # [B, C, H, W] float32
     pred: np.ndarray  # [B, 3, S, S] float32
     crops: np.ndarray  # [B, crop, crop, 3] uint8: source crop with the generated interior
@@ -279,8 +279,6 @@ class LipSyncEngine:
         self._silence: np.ndarray | None = None
         self._silence_window: np.ndarray | None = None
         self.speech_gate = speech_gate  # `gate`: pauses get the model's silent mouth (None: off)
-        teeth = meta.get("teeth_frame")  # the teeth reference of a model trained with one (see unet_328)
-        self.teeth_crop = None if teeth is None else np.array(self.crop(int(teeth)))
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -323,10 +321,6 @@ class LipSyncEngine:
             log.warning("%d crop boxes for %d frames: using the first %d frames",
                         len(boxes), len(frames), len(boxes))
             frames.count = len(boxes)
-        teeth = meta.get("teeth_frame")
-        if teeth is not None and not 0 <= int(teeth) < len(frames):
-            raise EngineError(f"{checkpoint_path} takes frame {teeth} of its avatar as teeth reference, but "
-                              f"{dataset_dir} has {len(frames)} frames: is it this checkpoint's avatar?")
         crops = None
         cache = dataset_dir / f"crops_{size.crop}.npy"
         if cache.is_file():
@@ -346,8 +340,7 @@ class LipSyncEngine:
 
     def _new_slot(self) -> _Slot:
         b, s, c = self.batch_size, self.size.inner, self.size.crop
-        return _Slot(np.zeros((b, image_inputs(self.meta), s, s), np.float32),
-                     np.zeros((b, *audio_input_shape(self.mode)), np.float32),
+        return _Slot(np.zeros((b, 6, s, s), np.float32), np.zeros((b, *audio_input_shape(self.mode)), np.float32),
                      np.zeros((b, 3, s, s), np.float32), np.zeros((b, c, c, 3), np.uint8))
 
     def memory_bytes(self) -> int:
@@ -423,7 +416,7 @@ class LipSyncEngine:
             crop = slot.crops[k]
             crop[...] = self.crop(int(fi))
             # at inference the reference is the frame's own crop (upstream 6.2)
-            slot.image[k] = face_crop.make_unet_input(crop, crop, self.size.name, self.teeth_crop)
+            slot.image[k] = face_crop.make_unet_input(crop, crop, self.size.name)
         return b
 
     # -- generation -----------------------------------------------------------------------------

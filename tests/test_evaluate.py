@@ -348,7 +348,6 @@ class FakeEngine:
             cv2.ellipse(crop, (84, 120), (30, 2 + 2 * i), 0, 0, 360, (40, 30, 60), -1)
         self.runner = CopyReferenceRunner()
         self.batch_size = 4
-        self.teeth_crop = None
 
     def crop(self, index: int) -> np.ndarray:
         return self.crops[index]

@@ -48,18 +48,25 @@ def test_unet_input_with_a_teeth_crop_appends_it_unmasked():
         face_crop.make_unet_input(crop, ref, "small", teeth[:-1])
 
 
-def test_a_widened_network_computes_what_the_plain_one_did():
+def test_a_widened_network_computes_what_the_plain_one_did_and_keeps_its_teeth_crop():
     torch.manual_seed(0)
     plain, teeth = build_unet("whisper", "small").eval(), build_unet("whisper", "small", teeth=True).eval()
-    teeth.load_state_dict(with_teeth_inputs(plain.state_dict()))
+    teeth.load_state_dict(with_teeth_inputs(plain.state_dict(), 160))
     image, audio = teeth.example_inputs(2)
-    assert image.shape[1] == 9
+    assert image.shape[1] == 6  # the inference interface is unchanged
+    nine = torch.cat([image, torch.rand(2, 3, 160, 160)], dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(teeth(image, audio), plain(image[:, :6], audio))
-        image[:, 6:] = 0.0
-        assert torch.equal(teeth(image, audio), teeth(image.clone(), audio))
+        torch.testing.assert_close(teeth(nine, audio), plain(image, audio))
+        teeth.inc.inconv[0].conv[0].weight.normal_()  # now the teeth channels count
+        crop = np.random.default_rng(5).integers(0, 255, (160, 160, 3), dtype=np.uint8)
+        teeth.set_teeth(crop)
+        stored = torch.from_numpy(crop.transpose(2, 0, 1) / 255.0).float()[None].expand(2, -1, -1, -1)
+        torch.testing.assert_close(teeth(image, audio), teeth(torch.cat([image, stored], dim=1), audio))
+        assert not torch.allclose(teeth(image, audio), teeth(nine, audio))
     with pytest.raises(CheckpointError, match="expected a 6-input U-Net"):
-        with_teeth_inputs(teeth.state_dict())
+        with_teeth_inputs(teeth.state_dict(), 160)
+    with pytest.raises(ValueError, match="no teeth reference input"):
+        plain.set_teeth(crop)
 
 
 def test_the_dataset_picks_the_frame_showing_teeth_and_feeds_it(toothed):
@@ -77,7 +84,7 @@ def test_the_dataset_picks_the_frame_showing_teeth_and_feeds_it(toothed):
 
 
 def test_training_engine_and_checkpoint_with_a_teeth_reference(toothed, tmp_path):
-    from synctalk.engine import EngineError, LipSyncEngine
+    from synctalk.engine import LipSyncEngine
 
     d, toothy = toothed
     plain = tmp_path / "plain.pth"
@@ -91,11 +98,12 @@ def test_training_engine_and_checkpoint_with_a_teeth_reference(toothed, tmp_path
     assert f"teeth reference: frame {toothy} for inference" in res.stderr
     model, meta = load_unet_checkpoint(save / "1.pth")
     assert meta["teeth_frame"] == toothy and model.n_channels == 9
+    interior = AvatarDataset(d, "small", split="val").interior(toothy)
+    torch.testing.assert_close(model.teeth[0], torch.from_numpy(interior.transpose(2, 0, 1) / 255.0).float())
 
     outputs = {}
-    for backend in ("torch", "onnx"):
+    for backend in ("torch", "onnx"):  # the engine feeds 6 channels; the model (and its export) adds the teeth
         eng = LipSyncEngine.load(d, save / "1.pth", backend=backend, batch_size=2)
-        assert np.array_equal(eng.teeth_crop, eng.crop(toothy))
         windows = np.zeros((3, *audio_input_shape("whisper")), np.float32)
         outputs[backend] = eng.render_crops(windows, [0, 1, 2]).astype(np.int16)
     assert np.abs(outputs["torch"] - outputs["onnx"]).max() <= 2
@@ -108,9 +116,6 @@ def test_training_engine_and_checkpoint_with_a_teeth_reference(toothed, tmp_path
     assert wrong.returncode != 0 and "train it with --teeth_reference" in wrong.stderr
 
     state, meta = torch.load(save / "1.pth", weights_only=True).values()
-    save_checkpoint(tmp_path / "far.pth", state, {**meta, "teeth_frame": 10 * N})
-    with pytest.raises(EngineError, match="is it this checkpoint's avatar"):
-        LipSyncEngine.load(d, tmp_path / "far.pth", backend="torch")
-    save_checkpoint(tmp_path / "lost.pth", state, {k: v for k, v in meta.items() if k != "teeth_frame"})
+    save_checkpoint(tmp_path / "lost.pth", {k: v for k, v in state.items() if k != "teeth"}, meta)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_unet_checkpoint(tmp_path / "lost.pth")
