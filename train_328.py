@@ -772,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference frame of a training sample: random, nearest head pose, closed mouth")
     p.add_argument("--teeth_reference", action="store_true", default=d["teeth_reference"],
                    help="give the U-Net a third input crop, a training frame that shows the teeth (a 9-channel "
-                        "model; the frame is saved in the checkpoint and used at inference)")
+                        "model; the crop of the first such frame is saved in the checkpoint and used at inference)")
     p.add_argument("--voice_aug", type=float, default=d["voice_aug"],
                    help="share of samples heard in one of the dataset's voice variants (aud_whisper_voice*.npy)")
     p.add_argument("--cpu_budget_s", type=float, default=d["cpu_budget_s"],

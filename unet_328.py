@@ -4,9 +4,10 @@ Input: image [B, 6, S, S] BGR in [0, 1] (reference crop + masked crop), audio [B
 dependent, see `utils.AUDIO_MODES`). A model trained with a teeth reference (`--teeth_reference`) has
 9 image channels: the same six, then the interior of a crop that shows the person's teeth. It keeps its
 inference teeth crop as the buffer `teeth` (so the checkpoint and the ONNX export carry it) and appends it
-to a 6-channel input; training passes all 9 channels (a teeth crop drawn per sample). Output: [B, 3, S, S] after a sigmoid. S = 320 for size `328`
-(upstream), 160 for `small`. Audio is fused only at the S/32 bottleneck. In `ave` mode at size 328 the
-state_dict keys and shapes equal upstream SyncTalk_2D's, so its checkpoints load with strict=True.
+to a 6-channel input; training passes all 9 channels (a teeth crop drawn per sample).
+Output: [B, 3, S, S] after a sigmoid. S = 320 for size `328` (upstream), 160 for `small`. Audio is fused
+only at the S/32 bottleneck. In `ave` mode at size 328 the state_dict keys and shapes equal upstream
+SyncTalk_2D's, so its checkpoints load with strict=True.
 """
 from __future__ import annotations
 
