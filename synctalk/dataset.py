@@ -453,6 +453,7 @@ class AvatarDataset(Dataset):
         self.teeth_pool = (teeth_frames(self.dataset_dir, self.train_frames, self.crops, self.size)
                             if teeth else None)
         self.teeth_frame = None if self.teeth_pool is None else int(self.teeth_pool[0])
+        self._teeth_sorted = None if self.teeth_pool is None else np.sort(self.teeth_pool)  # for _draw_other
 
     def _load_voices(self) -> list[np.ndarray]:
         """The voice variants' features (rows checked against the recorded voice's)."""
@@ -531,11 +532,11 @@ class AvatarDataset(Dataset):
     def teeth_for(self, frame: int, rng: np.random.Generator) -> int | None:
         """The teeth reference of `frame` (None without one): drawn from the pool in `train`, else the
         inference frame (no draw when off)."""
-        if self.teeth_pool is None:
+        if self._teeth_sorted is None:
             return None
         if self.split != "train":
             return self.teeth_frame
-        return self._draw_other(self.teeth_pool, frame, rng)
+        return self._draw_other(self._teeth_sorted, frame, rng)
 
     def interior(self, frame: int) -> np.ndarray:
         """uint8 [S, S, 3] BGR interior of a frame's crop."""

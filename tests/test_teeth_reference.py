@@ -83,6 +83,17 @@ def test_the_dataset_picks_the_frame_showing_teeth_and_feeds_it(toothed):
     assert AvatarDataset(d, "small", split="train")[0][0].shape == (6, 160, 160)  # off: as before
 
 
+def test_a_training_frame_in_the_teeth_pool_never_gets_its_own_crop(toothed, monkeypatch):
+    import synctalk.dataset as dataset
+
+    monkeypatch.setattr(dataset, "TEETH_SHARE", 0.25)
+    ds = AvatarDataset(toothed[0], "small", split="train", teeth=True)
+    pool = [int(f) for f in ds.teeth_pool]
+    assert len(pool) >= 5 and pool[0] == toothed[1] and pool != sorted(pool)  # best first, not in order
+    drawn = {f: {ds.teeth_for(f, ds.rng(f, epoch)) for epoch in range(20)} for f in pool}
+    assert all(f not in got and got <= set(pool) for f, got in drawn.items()), drawn
+
+
 def test_training_engine_and_checkpoint_with_a_teeth_reference(toothed, tmp_path):
     from synctalk.engine import LipSyncEngine
 
