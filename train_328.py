@@ -61,7 +61,6 @@ from synctalk.trainkit import (
     tensorboard_writer,
 )
 from unet_328 import (
-    FIRST_CONV,
     IMAGE_INPUTS,
     CheckpointError,
     Model,
@@ -720,7 +719,7 @@ def start_from(model: Model, path: str, mode: str, size: str) -> None:
     if meta.get("size", "328") != size:
         raise TrainError(f"--init_checkpoint: {path} is a size {meta.get('size')} model, training size {size}")
     state = init.state_dict()
-    if model.state_dict()[FIRST_CONV].shape != state[FIRST_CONV].shape:
+    if model.n_channels != init.n_channels:
         if init.n_channels != IMAGE_INPUTS:
             raise TrainError(f"--init_checkpoint: {path} takes a teeth reference; train it with --teeth_reference")
         state = with_teeth_inputs(state, model.size.inner)

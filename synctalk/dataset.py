@@ -363,12 +363,11 @@ def inner_mouth_mask(polygon: np.ndarray, side: int, grow: int = INNER_MOUTH_GRO
     return cv2.dilate(inside.astype(np.uint8), kernel)[None].astype(np.float32)
 
 
-def teeth_frames(dataset_dir: str | Path, train_frames: np.ndarray, crops: np.ndarray,
-                 size: ModelSize) -> np.ndarray:
+def teeth_frames(polygons: np.ndarray, train_frames: np.ndarray, crops: np.ndarray, size: ModelSize) -> np.ndarray:
     """The TEETH_SHARE of `train_frames` (at least one) whose open mouth shows the largest teeth-bright area
-    (metrics.teeth_share x metrics.mouth_area, in the model's interior of `crops`), most first. Only the
-    four times as many frames with the widest mouths are scored."""
-    polygons = inner_lip_polygons(dataset_dir, int(train_frames.max()) + 1, size)[train_frames]
+    (metrics.teeth_share x metrics.mouth_area, in the model's interior of `crops`; `polygons` the frames'
+    `inner_lip_polygons`), most first. Only the four times as many frames with the widest mouths are scored."""
+    polygons = polygons[train_frames]
     area = np.array([metrics.mouth_area(p) for p in polygons])
     keep = max(1, int(round(TEETH_SHARE * len(train_frames))))
     widest = np.argsort(-np.nan_to_num(area, nan=0.0), kind="stable")[:4 * keep]
@@ -449,11 +448,15 @@ class AvatarDataset(Dataset):
         self._poses = frame_poses(self.dataset_dir, self.n_frames) if reference == "nearest" else None
         self.voice_aug = float(voice_aug)
         self.voices = self._load_voices() if self.voice_aug > 0 else []
-        self._lips = inner_lip_polygons(self.dataset_dir, self.n_frames, self.size) if inner_mouth else None
-        self.teeth_pool = (teeth_frames(self.dataset_dir, self.train_frames, self.crops, self.size)
-                            if teeth else None)
-        self.teeth_frame = None if self.teeth_pool is None else int(self.teeth_pool[0])
-        self._teeth_sorted = None if self.teeth_pool is None else np.sort(self.teeth_pool)  # for _draw_other
+        lips = inner_lip_polygons(self.dataset_dir, self.n_frames, self.size) if inner_mouth or teeth else None
+        self._lips = lips if inner_mouth else None
+        self.teeth_pool = (teeth_frames(lips, self.train_frames, self.crops, self.size)
+                           if teeth and lips is not None else None)
+
+    @property
+    def teeth_frame(self) -> int | None:
+        """The teeth reference of held-out samples and inference: the pool's first (None without one)."""
+        return None if self.teeth_pool is None else int(self.teeth_pool[0])
 
     def _load_voices(self) -> list[np.ndarray]:
         """The voice variants' features (rows checked against the recorded voice's)."""
@@ -522,21 +525,22 @@ class AvatarDataset(Dataset):
 
     @staticmethod
     def _draw_other(pool: np.ndarray, frame: int, rng: np.random.Generator) -> int:
-        """A uniformly drawn frame of `pool` other than `frame` (any, when there is only one)."""
-        pos = int(np.searchsorted(pool, frame))
-        if pos < len(pool) and pool[pos] == frame and len(pool) > 1:
+        """A uniformly drawn frame of `pool` (distinct frames, in any order) other than `frame` (any, when
+        there is only one)."""
+        at = np.flatnonzero(pool == frame)
+        if len(at) and len(pool) > 1:
             k = int(rng.integers(len(pool) - 1))
-            return int(pool[k + (k >= pos)])
+            return int(pool[k + (k >= at[0])])
         return int(pool[rng.integers(len(pool))])
 
     def teeth_for(self, frame: int, rng: np.random.Generator) -> int | None:
         """The teeth reference of `frame` (None without one): drawn from the pool in `train`, else the
         inference frame (no draw when off)."""
-        if self._teeth_sorted is None:
+        if self.teeth_pool is None:
             return None
         if self.split != "train":
             return self.teeth_frame
-        return self._draw_other(self._teeth_sorted, frame, rng)
+        return self._draw_other(self.teeth_pool, frame, rng)
 
     def interior(self, frame: int) -> np.ndarray:
         """uint8 [S, S, 3] BGR interior of a frame's crop."""
