@@ -4,17 +4,8 @@ from __future__ import annotations
 import socket
 import subprocess
 from pathlib import Path
-from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench_inference() -> ModuleType:
-    """bench/inference.py as a module (its avatar and audio builders are reused); the benchmarks run
-    as scripts from bench/, so it is a sibling import."""
-    import inference  # bench/inference.py (a script folder, not a package)
-
-    return inference
 
 
 def free_port() -> int:

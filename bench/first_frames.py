@@ -25,9 +25,9 @@ import threading
 import time
 from collections.abc import Callable
 
+import fixtures  # bench/fixtures.py (sibling)
 import numpy as np
 import torch
-from common import load_bench_inference  # bench/common.py
 
 from config import settings
 from services.admission import calibration_audio
@@ -39,8 +39,8 @@ from synctalk.timing import FUTURE_ROWS
 
 
 def speech() -> np.ndarray:
-    """4 s of speech (bench/inference.py's default clip when ../shared has it, else the calibration buzz)."""
-    path = load_bench_inference().default_audio()
+    """4 s of speech (bench/fixtures.py's default clip when ../shared has it, else the calibration buzz)."""
+    path = fixtures.default_audio()
     if path is not None:
         return audio_io.load_audio(str(path), sr=16000)[: 4 * 16000]
     return np.tile(calibration_audio(), 2)

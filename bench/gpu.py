@@ -25,14 +25,14 @@ import threading
 import time
 from pathlib import Path
 
-import inference as bench_inference  # bench/inference.py: avatar and audio builders (sibling script)
+import fixtures  # bench/fixtures.py: avatar and audio builders (sibling)
 import numpy as np
 import torch
 import training as training_bench  # bench/training.py: the training steps (sibling script)
 
-from synctalk.audio import load_audio
+from config import settings
 from synctalk.engine import LipSyncEngine
-from synctalk.features import StreamingFeatures, extract_features, load_whisper_encoder
+from synctalk.features import FeatureConfig, StreamingFeatures, extract_features, load_whisper_encoder
 from synctalk.scheduler import FrameScheduler
 from synctalk.timing import FPS, SAMPLE_RATE
 from unet_328 import build_unet
@@ -76,10 +76,10 @@ def bench_unet(device: torch.device, seconds: float, quick: bool) -> dict:
 
 
 def build_avatar(work: Path, size: str) -> tuple[Path, Path, np.ndarray]:
-    """A temporary avatar (bench/inference.py's builder) and 10 s of speech at 16 kHz."""
-    ds, ckpt = bench_inference.make_avatar(bench_inference.default_video(), work / size, size, "whisper", 125)
-    wav = bench_inference.make_audio(bench_inference.default_audio(), 10.0, work)
-    return ds, ckpt, load_audio(str(wav), sr=SAMPLE_RATE)
+    """A temporary avatar of 125 generated 512x512 frames (bench/fixtures.py; no video decoding, so no
+    PyAV needed) and 10 s of 16 kHz speech (the shared clip when ../shared exists, else synthetic)."""
+    ds, ckpt = fixtures.make_avatar(None, work / size, size, "whisper", 125)
+    return ds, ckpt, fixtures.speech(fixtures.default_audio(), 10.0)
 
 
 def bench_pipeline(engines: dict, audio: np.ndarray, device: torch.device) -> dict:
@@ -134,17 +134,17 @@ def bench_streams(engine: LipSyncEngine, audio: np.ndarray, seconds: float) -> d
         sched.close()
 
 
-def bench_features(device: torch.device, audio: np.ndarray) -> dict:
+def bench_features(device: torch.device, audio: np.ndarray, config: FeatureConfig) -> dict:
     """Whisper streaming features: ms of compute per 40 ms of audio (streaming) and offline batched."""
-    encoder = load_whisper_encoder(device=device)
-    stream = StreamingFeatures(encoder, device=device)
+    encoder = load_whisper_encoder(config.whisper_path, device=device)
+    stream = StreamingFeatures(encoder, device=device, config=config)
     start = time.perf_counter()
     rows = sum(len(stream.push(audio[i:i + stream.hop])) for i in range(0, len(audio), stream.hop))
     rows += len(stream.flush())
     sync(device)
     streaming = 1000 * (time.perf_counter() - start) / rows
     start = time.perf_counter()
-    n = len(extract_features(audio, "whisper", device=device, batch_size=16))
+    n = len(extract_features(audio, "whisper", device=device, config=config, batch_size=16))
     sync(device)
     return {"streaming_ms_per_40ms": round(streaming, 3),
             "offline_batched_ms_per_40ms": round(1000 * (time.perf_counter() - start) / n, 3)}
@@ -161,8 +161,9 @@ def bench_training(device: torch.device, quick: bool) -> dict:
     return out
 
 
-def run(device: torch.device, quick: bool) -> dict:
-    """Every section on `device`; a failing section reports its error instead of stopping the run."""
+def run(device: torch.device, quick: bool, config: FeatureConfig) -> dict:
+    """Every section on `device`, speech features per `config`; a failing section reports its error
+    instead of stopping the run."""
     seconds = 0.3 if quick else 2.0
     result: dict = {"device": str(device), "quick": quick}
     if device.type == "cuda":
@@ -178,12 +179,13 @@ def run(device: torch.device, quick: bool) -> dict:
                 ds, ckpt, audio = build_avatar(Path(tmp), size)
                 engines[size] = LipSyncEngine.load(ds, ckpt, backend="torch", device=str(device),
                                                    dtype="float32" if device.type == "cpu" else "float16",
-                                                   batch_size=8 if quick else 32, threads=1)
+                                                   batch_size=8 if quick else 32, threads=1,
+                                                   feature_config=config)
             return {"avatars": sorted(engines)}
 
         sections.update(avatars=load, pipeline=lambda: bench_pipeline(engines, audio, device),
                         streams=lambda: bench_streams(engines["small"], audio, seconds * 3),
-                        features=lambda: bench_features(device, audio[: 4 * SAMPLE_RATE] if quick else audio),
+                        features=lambda: bench_features(device, audio[: 4 * SAMPLE_RATE] if quick else audio, config),
                         training=lambda: bench_training(device, quick))
         for name, section in sections.items():
             start = time.perf_counter()
@@ -205,7 +207,7 @@ def main() -> int:
         print(json.dumps({**base, "skipped": "no CUDA device on this machine: every section skipped"}, indent=1))
         return 0
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
-    print(json.dumps({**base, **run(torch.device(args.device), args.quick)}, indent=1))
+    print(json.dumps({**base, **run(torch.device(args.device), args.quick, settings.audio.feature_config())}, indent=1))
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python bench/live.py [--sizes small 328] [--seconds 20] [--chunk_ms 20] [--threads 1] [--workdir DIR]
 
-For each model size an avatar is built in a temp folder (bench/inference.py's `make_avatar`: frames of
+For each model size an avatar is built in a temp folder (bench/fixtures.py's `make_avatar`: frames of
 the shared May clip or the synthetic fixture, a randomly initialised checkpoint: speed does not depend
 on the weights) and `python api.py` is started on it in a subprocess. One client then plays
 `--seconds` of speech (the shared musetalk clip, else a synthetic voiced signal) like a microphone:
@@ -28,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import fixtures  # bench/fixtures.py (sibling)
 import httpx
 import numpy as np
-from common import free_port, load_bench_inference, stop_process  # bench/common.py
+from common import free_port, stop_process  # bench/common.py
 
 from synctalk import audio as audio_io
 
@@ -131,19 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     if not 2 <= args.seconds <= 600 or not 5 <= args.chunk_ms <= 1000:
         sys.stderr.write("error: --seconds must be in 2..600 and --chunk_ms in 5..1000\n")
         return 2
-    bi = load_bench_inference()
 
     result: dict = {"seconds": args.seconds, "chunk_ms": args.chunk_ms, "threads": args.threads,
                     "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        audio = audio_io.load_audio(str(bi.make_audio(bi.default_audio(), args.seconds, work)))
-        result["audio"] = "musetalk_eng.wav" if bi.default_audio() else "synthetic"
+        audio = audio_io.load_audio(str(fixtures.make_audio(fixtures.default_audio(), args.seconds, work)))
+        result["audio"] = "musetalk_eng.wav" if fixtures.default_audio() else "synthetic"
         for size in args.sizes:
             root = work / f"avatar_{size}"
             if not (root / "checkpoint" / "bench" / "1.pth").is_file():
-                bi.make_avatar(bi.default_video(), root, size, "whisper")
+                fixtures.make_avatar(fixtures.default_video(), root, size, "whisper")
             log_path = work / f"server_{size}.log"
             proc, port = start_server(root, args.threads, log_path)
             try:

