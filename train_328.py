@@ -604,7 +604,7 @@ class Run:
         if self.ema is not None:
             self.ema.update(self.model)
         if adversarial is not None and gan_scale > 0:
-            terms["critic"] = torch.tensor(adversarial.critic_step(pred, label))
+            terms["critic"] = torch.tensor(adversarial.critic_step(pred, label), device=loss.device)
         self.budget.stop()
         self.step += 1
         return loss, terms, len(image)
