@@ -97,6 +97,7 @@ DEFAULTS = dict(
     temporal_weight=0.0,   # adjacent-frame term (trains on consecutive pairs: twice the frames per step)
     gan_weight=0.0,        # patch critic on the mouth region, hinge loss
     gan_start=0.25,        # the critic's term starts after this share of the run and ramps up over 10 %
+    fm_weight=0.0,         # feature matching: L1 between the critic's activations of generated and real mouth
     reference="random",    # reference frame of a training sample: random, nearest (head pose), closed
     teeth_reference=False,  # a third input crop: a training frame that shows the teeth (9-channel U-Net)
     voice_aug=0.0,         # share of samples heard in a voice variant of the track (aud_whisper_voice*.npy)
@@ -157,7 +158,7 @@ class GeneratorLoss(nn.Module):
                  sync_head: tuple[float, float] | None = None, vgg: nn.Module | None = None,
                  mouth_weight: float = 1.0, grad_weight: float = 0.0, temporal_weight: float = 0.0,
                  gan_weight: float = 0.0, adversarial: losses.AdversarialTerm | None = None,
-                 inner_mouth_weight: float = 1.0):
+                 inner_mouth_weight: float = 1.0, fm_weight: float = 0.0):
         super().__init__()
         if ssim_kind == "auto":
             ssim_kind = "msssim" if inner > 160 else "ssim"
@@ -165,7 +166,8 @@ class GeneratorLoss(nn.Module):
             raise TrainError(f"MS-SSIM needs images larger than 160 px (model side {inner}); use --ssim ssim")
         self.w = {"l1": l1_weight, "ssim": ssim_weight, "sync": sync_weight if syncnet is not None else 0.0,
                   "perceptual": perceptual_weight if vgg is not None else 0.0, "grad": grad_weight,
-                  "temporal": temporal_weight, "gan": gan_weight if adversarial is not None else 0.0}
+                  "temporal": temporal_weight, "gan": gan_weight if adversarial is not None else 0.0,
+                  "fm": fm_weight if adversarial is not None else 0.0}
         self.mouth_weight, self.inner_mouth_weight, self.adversarial = mouth_weight, inner_mouth_weight, adversarial
         self.register_buffer("pixel_weights", losses.region_weights(inner, mouth_weight), persistent=False)
         self.ssim_kind = ssim_kind
@@ -207,8 +209,12 @@ class GeneratorLoss(nn.Module):
             terms["grad"] = losses.gradient_l1(pred.float(), label.float(), weights)
         if self.w["temporal"] > 0 and pairs:
             terms["temporal"] = losses.temporal_l1(pred.float(), label.float())
-        if self.w["gan"] > 0 and gan_scale > 0 and self.adversarial is not None:
-            terms["gan"] = gan_scale * self.adversarial.generator_loss(pred)
+        if (self.w["gan"] > 0 or self.w["fm"] > 0) and gan_scale > 0 and self.adversarial is not None:
+            hinge, fm = self.adversarial.generator_terms(pred, label if self.w["fm"] > 0 else None)
+            if self.w["gan"] > 0:
+                terms["gan"] = gan_scale * hinge
+            if fm is not None:
+                terms["fm"] = gan_scale * fm
         if self.w["ssim"] > 0:
             fn = ms_ssim if self.ssim_kind == "msssim" else ssim
             terms["ssim"] = 1.0 - fn(pred.float(), label.float(), data_range=1.0, size_average=True)
@@ -474,12 +480,13 @@ class Run:
                          if args.use_syncnet or args.require_syncnet else (None, None))
         vgg_file = vgg19_weights_file() if args.perceptual_weight > 0 else None
         vgg = VGGFeatures(vgg_file).to(device) if vgg_file else None
-        adversarial = losses.AdversarialTerm(device, args.gan_start) if args.gan_weight > 0 else None
+        critic = args.gan_weight > 0 or args.fm_weight > 0
+        adversarial = losses.AdversarialTerm(device, args.gan_start) if critic else None
         loss_fn = GeneratorLoss(size.inner, args.l1_weight, args.ssim_weight, args.ssim, args.sync_weight,
                                 args.perceptual_weight, syncnet, head, vgg, mouth_weight=args.mouth_weight,
                                 grad_weight=args.grad_weight, temporal_weight=args.temporal_weight,
                                 gan_weight=args.gan_weight, adversarial=adversarial,
-                                inner_mouth_weight=args.inner_mouth_weight).to(device)
+                                inner_mouth_weight=args.inner_mouth_weight, fm_weight=args.fm_weight).to(device)
         if self.dist.is_main:
             log.info("dataset %s: mode %s, size %s, %d training / %d held-out frames", self.train_ds.name, mode,
                      size.name, len(self.train_ds), len(self.val_ds))
@@ -767,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gan_weight", type=float, default=d["gan_weight"], help="patch critic on the mouth region")
     p.add_argument("--gan_start", type=float, default=d["gan_start"],
                    help="share of the run before the critic's term starts")
+    p.add_argument("--fm_weight", type=float, default=d["fm_weight"],
+                   help="feature matching: L1 between the patch critic's hidden activations of the generated and "
+                        "the real mouth (trains the critic even with --gan_weight 0; follows --gan_start)"),
     p.add_argument("--reference", default=d["reference"], choices=list(REFERENCE_POLICIES),
                    help="reference frame of a training sample: random, nearest head pose, closed mouth")
     p.add_argument("--teeth_reference", action="store_true", default=d["teeth_reference"],
@@ -798,8 +808,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--lr must be > 0, got {args.lr}")
     if min(args.max_steps, args.latest_every, args.val_every) < 0:
         raise TrainError("--max_steps, --latest_every and --val_every must be >= 0")
-    if min(args.mouth_weight, args.grad_weight, args.temporal_weight, args.gan_weight, args.cpu_budget_s) < 0:
-        raise TrainError("--mouth_weight, --grad_weight, --temporal_weight, --gan_weight and --cpu_budget_s "
+    if min(args.mouth_weight, args.grad_weight, args.temporal_weight, args.gan_weight, args.fm_weight,
+           args.cpu_budget_s) < 0:
+        raise TrainError("--mouth_weight, --grad_weight, --temporal_weight, --gan_weight, --fm_weight and --cpu_budget_s "
                          "must be >= 0")
     if args.inner_mouth_weight <= 0:
         raise TrainError(f"--inner_mouth_weight must be > 0, got {args.inner_mouth_weight}")

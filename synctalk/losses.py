@@ -6,6 +6,8 @@
   a blurred mouth and missing teeth edges more than plain L1 does.
 - `PatchDiscriminator` + `hinge_d` / `hinge_g`: a small patch discriminator trained from scratch on the
   mouth region, with its own optimizer and start step (`AdversarialTerm`).
+- `feature_matching_l1`: L1 between the critic's hidden activations of the generated and the real mouth
+  (pix2pixHD's feature matching): a perceptual term learned on this person, no downloaded weights.
 - `temporal_l1`: the adjacent-frame term: the change between two consecutive generated frames must match
   the change between the real ones (punishes flicker and a mouth that moves in silence).
 
@@ -80,8 +82,17 @@ class PatchDiscriminator(nn.Module):
         self.net = nn.Sequential(*blocks)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.features(image)[-1]
+
+    def features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The activation after each hidden layer, then the patch logits (last)."""
         rows, cols = mouth_slices(image.shape[-1])
-        return self.net(image[..., rows, cols] * 2.0 - 1.0)
+        x, out = image[..., rows, cols] * 2.0 - 1.0, []
+        for layer in self.net:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                out.append(x)
+        return out + [x]
 
 
 def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -92,6 +103,13 @@ def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tenso
 def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
     """Hinge loss of the generator against the critic."""
     return -fake_logits.mean()
+
+
+def feature_matching_l1(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the critic's hidden layers (the logits left out) of L1(fake activation, real activation);
+    the real side carries no gradient."""
+    pairs = list(zip(fake[:-1], real[:-1]))
+    return sum(F.l1_loss(f, r.detach()) for f, r in pairs) / len(pairs)
 
 
 class AdversarialTerm:
@@ -110,10 +128,22 @@ class AdversarialTerm:
 
     def generator_loss(self, pred: torch.Tensor) -> torch.Tensor:
         """Hinge loss of the generated batch (gradients flow into the generator, not the critic)."""
+        return self.generator_terms(pred)[0]
+
+    def generator_terms(self, pred: torch.Tensor, label: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hinge loss of the generated batch, feature-matching L1 against `label` or None without one);
+        gradients flow into the generator, not the critic. Generated and real go through the critic in one
+        batch: its spectral norm's power iteration runs once per call, so both sides see the same weights."""
         self.critic.requires_grad_(False)
-        loss = hinge_g(self.critic(pred.float()))
-        self.critic.requires_grad_(True)
-        return loss
+        try:
+            if label is None:
+                return hinge_g(self.critic(pred.float())), None
+            both = self.critic.features(torch.cat([pred.float(), label.detach().float()]))
+            fake, real = [f[:len(pred)] for f in both], [f[len(pred):] for f in both]
+            return hinge_g(fake[-1]), feature_matching_l1(fake, real)
+        finally:
+            self.critic.requires_grad_(True)
 
     def critic_step(self, pred: torch.Tensor, label: torch.Tensor) -> float:
         """One critic update on (detached generated, real); returns its loss."""

@@ -192,6 +192,43 @@ def test_generator_loss_with_every_study_term():
     assert set(terms) == {"l1", "ssim", "grad"}  # no pairs, critic not started
 
 
+def test_feature_matching_pulls_the_generated_activations_to_the_real_ones():
+    torch.manual_seed(0)
+    adv = losses.AdversarialTerm(torch.device("cpu"), start=0.0)
+    real = torch.rand(4, 3, 64, 64)
+    feats = adv.critic.features(real)
+    assert len(feats) == 4 and feats[-1].shape[1] == 1  # three hidden layers, then the patch logits
+    _, same = adv.generator_terms(real.clone(), real)
+    assert float(same) == 0.0
+    fake = (real * 0.5 + 0.25).requires_grad_(True)  # the same mouth with less contrast
+    hinge, fm = adv.generator_terms(fake, real)
+    assert float(fm) > 0 and hinge.shape == ()
+    fm.backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    assert all(p.grad is None for p in adv.critic.parameters()), "the generator step leaves the critic alone"
+    assert all(p.requires_grad for p in adv.critic.parameters()), "the critic trains again afterwards"
+    with torch.no_grad():  # a step along the term's gradient brings the activations closer
+        _, after = adv.generator_terms(fake - 0.5 * fake.grad / fake.grad.abs().max(), real)
+    assert float(after) < float(fm)
+    assert adv.generator_terms(fake)[1] is None  # without a real batch: the hinge term only
+
+
+def test_training_with_feature_matching_alone_trains_a_critic(tracked_dataset, tmp_path):
+    d, _, _ = tracked_dataset
+    save = tmp_path / "fm"
+    res = run_py(["train_328.py", "--dataset_dir", str(d), "--save_dir", str(save), *FAST, "--batchsize", "2",
+                  "--max_steps", "3", "--log_every", "1", "--val_frames", "2", "--lmd_frames", "0",
+                  "--fm_weight", "5", "--gan_start", "0"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fm x5" in res.stderr and "gan x" not in res.stderr
+    logged = jsonl(save / "train_log.jsonl")
+    assert all("fm" in e and "critic" in e for e in logged[1:]), logged
+    assert torch.load(save / "latest.pth", weights_only=True)["adversarial"] is not None
+    bad = run_py(["train_328.py", "--dataset_dir", str(d), "--save_dir", str(tmp_path / "bad"), *FAST,
+                  "--fm_weight", "-1"])
+    assert bad.returncode != 0 and "--fm_weight" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_closed_policy_draws_only_the_most_closed_training_frames(tracked_dataset):
     d, opening, _ = tracked_dataset
     ds = AvatarDataset(d, "small", split="train", reference="closed")
