@@ -12,7 +12,11 @@ Sections (each a key of the JSON object; `docs/deployment.md` documents the sche
 - `streams`: real-time streams one `FrameScheduler` holds at 25 fps: the scheduler's full-batch throughput
   / 25, then a check run with that many paced streams reporting each stream's delivered fps;
 - `features`: Whisper streaming features, milliseconds of compute per 40 ms of audio;
-- `training`: U-Net and SyncNet training steps, samples/s (bench/training.py's steps).
+- `training`: U-Net and SyncNet training steps, samples/s (bench/training.py's steps);
+- `parity`: the bundled demo checkpoint on 16 held-out samples of the bundled demo avatar, run as training
+  runs it on the device (channels-last, autocast fp32 / fp16 / bf16) against the CPU's fp32 output:
+  largest and mean absolute difference, and each output's L1 to the real crops (a device or precision
+  that breaks the network shows here before a training run is spent on it).
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ import torch
 import training as training_bench  # bench/training.py: the training steps (sibling script)
 
 from config import settings
+from synctalk.dataset import AvatarDataset
 from synctalk.engine import LipSyncEngine
 from synctalk.features import FeatureConfig, StreamingFeatures, extract_features, load_whisper_encoder
 from synctalk.scheduler import FrameScheduler
 from synctalk.timing import FPS, SAMPLE_RATE
-from unet_328 import build_unet
+from synctalk.trainkit import autocast
+from unet_328 import build_unet, load_unet_checkpoint
 
 SIZES = ("328", "small")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -161,6 +167,38 @@ def bench_training(device: torch.device, quick: bool) -> dict:
     return out
 
 
+def demo_samples(work: Path, count: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image, audio, label) of the first `count` held-out samples of the bundled demo avatar; its crop
+    cache is built in `work` (the frames are linked, not copied), never in the repository."""
+    src, ds_dir = fixtures.REPO / "demo_avatar" / "dataset" / "demo", work / "demo"
+    ds_dir.mkdir(parents=True)
+    for item in src.iterdir():
+        (ds_dir / item.name).symlink_to(item)
+    ds = AvatarDataset(ds_dir, "small", split="val", seed=0)
+    image, audio, label = (torch.stack(t) for t in zip(*(ds[i] for i in range(min(count, len(ds))))))
+    return image, audio, label
+
+
+def bench_parity(device: torch.device, work: Path) -> dict:
+    """The demo U-Net on `device` per autocast dtype vs the CPU's fp32 output on the same samples."""
+    image, audio, label = demo_samples(work)
+    model, _ = load_unet_checkpoint(fixtures.REPO / "demo_avatar" / "checkpoint" / "demo" / "3.pth")
+    model = model.float().eval()
+    with torch.inference_mode():
+        ref = model(image, audio).float()
+    out = {"samples": len(image), "cpu_fp32_l1_to_real": round(float((ref - label).abs().mean()), 5)}
+    model = model.to(device)
+    x = image.to(device).contiguous(memory_format=torch.channels_last) if device.type == "cuda" else image.to(device)
+    for name in (("float32",) if device.type == "cpu" else DTYPES):
+        dtype = None if name == "float32" else getattr(torch, name)
+        with torch.inference_mode(), autocast(device, dtype):
+            pred = model(x, audio.to(device)).float().cpu()
+        out[name] = {"max_abs_diff": round(float((pred - ref).abs().max()), 5),
+                     "mean_abs_diff": round(float((pred - ref).abs().mean()), 6),
+                     "l1_to_real": round(float((pred - label).abs().mean()), 5)}
+    return out
+
+
 def run(device: torch.device, quick: bool, config: FeatureConfig) -> dict:
     """Every section on `device`, speech features per `config`; a failing section reports its error
     instead of stopping the run."""
@@ -186,7 +224,8 @@ def run(device: torch.device, quick: bool, config: FeatureConfig) -> dict:
         sections.update(avatars=load, pipeline=lambda: bench_pipeline(engines, audio, device),
                         streams=lambda: bench_streams(engines["small"], audio, seconds * 3),
                         features=lambda: bench_features(device, audio[: 4 * SAMPLE_RATE] if quick else audio, config),
-                        training=lambda: bench_training(device, quick))
+                        training=lambda: bench_training(device, quick),
+                        parity=lambda: bench_parity(device, Path(tmp)))
         for name, section in sections.items():
             start = time.perf_counter()
             try:
