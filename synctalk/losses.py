@@ -108,8 +108,7 @@ def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
 def feature_matching_l1(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
     """Mean over the critic's hidden layers (the logits left out) of L1(fake activation, real activation);
     the real side carries no gradient."""
-    pairs = list(zip(fake[:-1], real[:-1]))
-    return sum(F.l1_loss(f, r.detach()) for f, r in pairs) / len(pairs)
+    return torch.stack([F.l1_loss(f, r.detach()) for f, r in zip(fake[:-1], real[:-1])]).mean()
 
 
 class AdversarialTerm:
