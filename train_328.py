@@ -130,6 +130,9 @@ class VGGFeatures(nn.Module):
     """VGG19 conv1_1 .. conv3_3 (features[0:15], output before the last ReLU, as upstream), frozen.
     Input BGR [0, 1]; converted to ImageNet-normalised RGB (upstream fed raw BGR)."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, weights: Path):
         super().__init__()
         from torchvision.models.vgg import cfgs, make_layers
@@ -152,6 +155,8 @@ class VGGFeatures(nn.Module):
 
 class GeneratorLoss(nn.Module):
     """Weighted sum of the active terms; returns (total, {term: detached value})."""
+
+    pixel_weights: torch.Tensor  # buffer
 
     def __init__(self, inner: int, l1_weight: float, ssim_weight: float, ssim_kind: str,
                  sync_weight: float, perceptual_weight: float, syncnet: nn.Module | None = None,
@@ -187,6 +192,9 @@ class GeneratorLoss(nn.Module):
         return self
 
     def sync_logits(self, pred: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """The frozen SyncNet's logit for (generated, audio); only with a SyncNet."""
+        if self.syncnet is None:
+            raise TrainError("sync_logits needs a SyncNet (--use_syncnet)")
         a, v = self.syncnet(pred, audio)
         scale, bias = self.sync_head
         return scale * (a.float() * v.float()).sum(1) + bias
@@ -221,7 +229,7 @@ class GeneratorLoss(nn.Module):
         if self.w["sync"] > 0:
             logits = self.sync_logits(pred, audio)
             terms["sync"] = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-        if self.w["perceptual"] > 0:
+        if self.w["perceptual"] > 0 and self.vgg is not None:
             terms["perceptual"] = F.mse_loss(self.vgg(pred).float(), self.vgg(label).float())
         total = sum(self.w[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}
@@ -247,8 +255,8 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        for avg, live in zip(self.model.buffers(), model.buffers()):
+            avg.copy_(live)
 
     def state_dict(self) -> dict:
         return {"weights": self.model.state_dict(), "updates": self.updates}
@@ -301,7 +309,9 @@ class Validator:
                 torch.cat(conf).numpy() if conf else None)
 
     def lip_points(self, frame_bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
-
+        """Lip landmarks of `frame_bgr` in crop coordinates of `box` (NaN where no face); needs the mesh."""
+        if self._mesh is None:
+            raise TrainError("the mouth-landmark distance needs mediapipe's face mesh")
         lm = self._mesh(frame_bgr)[None]
         return metrics.to_crop_coords(metrics.lip_points(lm), np.asarray(box)[None], self.ds.size.crop)[0]
 
