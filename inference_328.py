@@ -236,6 +236,8 @@ def run(args: argparse.Namespace) -> tuple[Path | None, int, float]:
             print(ensure_onnx(checkpoint, force=True))
             if audio is None:
                 return None, 0, 0.0
+        if audio is None:  # parse_args asks for --audio_path unless --export-onnx
+            raise InferenceError("--audio_path is required")
         engine = LipSyncEngine.load(dataset_dir, checkpoint, backend=args.backend, device=device,
                                     dtype=args.dtype, batch_size=args.batch_size, threads=args.threads,
                                     blend=args.blend, color_match=args.color_match,

@@ -56,7 +56,8 @@ class SyncNet_color(nn.Module):
             Conv2d(c512, c512, 1, 1, 0),
         )
         cin = audio_input_shape(mode)[0]
-        stride = {"hubert": 2, "wenet": (1, 2)}.get(mode, 1)  # brings every mode to 16 x 16
+        strides: dict[str, int | tuple[int, int]] = {"hubert": 2, "wenet": (1, 2)}
+        stride = strides.get(mode, 1)  # brings every mode to 16 x 16
         self.audio_encoder = nn.Sequential(
             Conv2d(cin, c128, 3, 1, 1),
             Conv2d(c128, c128, 3, 1, 1, True), Conv2d(c128, c128, 3, 1, 1, True),

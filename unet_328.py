@@ -117,6 +117,7 @@ class AudioConv(nn.Module):
         super().__init__()
         cin = audio_input_shape(mode)[0]
         w8, w4, w2 = width // 8, width // 4, width // 2
+        stride3: int | tuple[int, int]
         if mode == "wenet":  # 256 x 16 x 32: residual IRs, then halve the time axis
             self.conv1 = InvertedResidual(cin, cin, 1, residual=True)
             self.conv2 = InvertedResidual(cin, cin, 1, residual=True)

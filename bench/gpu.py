@@ -43,6 +43,8 @@ from synctalk.timing import FPS, SAMPLE_RATE
 from synctalk.trainkit import autocast
 from unet_328 import build_unet, load_unet_checkpoint
 
+SECTIONS = ("unet", "avatars", "pipeline", "streams", "features", "training", "parity")
+NEEDS_AVATARS = {"pipeline", "streams", "features"}  # these run on the avatars (and audio) that `avatars` builds
 SIZES = ("328", "small")
 DTYPES = ("float32", "float16", "bfloat16")
 BATCHES = (1, 8, 32)
@@ -199,9 +201,12 @@ def bench_parity(device: torch.device, work: Path) -> dict:
     return out
 
 
-def run(device: torch.device, quick: bool, config: FeatureConfig) -> dict:
-    """Every section on `device`, speech features per `config`; a failing section reports its error
-    instead of stopping the run."""
+def run(device: torch.device, quick: bool, config: FeatureConfig, only: set[str] | None = None) -> dict:
+    """The sections in `only` (default all, plus `avatars` when a section needs them) on `device`, speech
+    features per `config`; a failing section reports its error instead of stopping the run."""
+    wanted = set(only or SECTIONS)
+    if wanted & NEEDS_AVATARS:
+        wanted.add("avatars")
     seconds = 0.3 if quick else 2.0
     result: dict = {"device": str(device), "quick": quick}
     if device.type == "cuda":
@@ -227,6 +232,8 @@ def run(device: torch.device, quick: bool, config: FeatureConfig) -> dict:
                         training=lambda: bench_training(device, quick),
                         parity=lambda: bench_parity(device, Path(tmp)))
         for name, section in sections.items():
+            if name not in wanted:
+                continue
             start = time.perf_counter()
             try:
                 result[name] = section()
@@ -240,13 +247,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description="GPU benchmark (JSON).")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (smoke run of the same code)")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run, numbers not comparable)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     args = p.parse_args()
+    only = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not only or only - set(SECTIONS):
+        p.error(f"--sections: unknown {sorted(only - set(SECTIONS)) or 'empty list'}; choose from {', '.join(SECTIONS)}")
     base = {"host": platform.node(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(json.dumps({**base, "skipped": "no CUDA device on this machine: every section skipped"}, indent=1))
         return 0
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
-    print(json.dumps({**base, **run(torch.device(args.device), args.quick, settings.audio.feature_config())}, indent=1))
+    print(json.dumps({**base, **run(torch.device(args.device), args.quick, settings.audio.feature_config(), only)}, indent=1))
     return 0
 
 

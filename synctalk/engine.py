@@ -391,7 +391,7 @@ class LipSyncEngine:
         """Where this engine's audio features run: CUDA when the U-Net runs there, else the CPU."""
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
-    def audio_windows(self, features: np.ndarray, indices: Sequence[int], out: np.ndarray | None = None,
+    def audio_windows(self, features: np.ndarray, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None,
                       speaking: np.ndarray | None = None) -> np.ndarray:
         """Network audio inputs [len(indices), C, H, W] for output frames `indices`; a frame that
         `speaking` (per frame, see `speaking`) marks as a pause gets the window of silence."""
@@ -520,7 +520,7 @@ class LipSyncEngine:
                     self.paste(slot.crops[k], int(idx[k]), out[s + k])
         return list(out)
 
-    def run(self, features: np.ndarray, frame_indices: Sequence[int], sink: Callable[[np.ndarray], None],
+    def run(self, features: np.ndarray, frame_indices: Sequence[int] | np.ndarray, sink: Callable[[np.ndarray], None],
             first_frame: int = 0, progress: Callable[[int], None] | None = None,
             speaking: np.ndarray | None = None) -> int:
         """Generate output frames first_frame, first_frame+1, ... on source frames `frame_indices`
