@@ -184,7 +184,8 @@ def demo_samples(work: Path, count: int = 16) -> tuple[torch.Tensor, torch.Tenso
 def bench_parity(device: torch.device, work: Path) -> dict:
     """The demo U-Net on `device` per autocast dtype vs the CPU's fp32 output on the same samples."""
     image, audio, label = demo_samples(work)
-    model, _ = load_unet_checkpoint(fixtures.REPO / "demo_avatar" / "checkpoint" / "demo" / "3.pth")
+    ckpt = max((fixtures.REPO / "demo_avatar" / "checkpoint" / "demo").glob("*.pth"), key=lambda p: int(p.stem))
+    model, _ = load_unet_checkpoint(ckpt)
     model = model.float().eval()
     with torch.inference_mode():
         ref = model(image, audio).float()
