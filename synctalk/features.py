@@ -308,6 +308,18 @@ def encoder_from_ct2(path: str | Path) -> WhisperEncoder:
     return enc
 
 
+# (our WhisperEncoder name, the openai-whisper name under "encoder."): the encoder's own tensors and, per
+# block (prefix "blocks.<i>."), the ones besides the query/key/value projections (packed as our `qkv`)
+OPENAI_NAMES = (("conv1.weight", "conv1.weight"), ("conv1.bias", "conv1.bias"), ("conv2.weight", "conv2.weight"),
+                ("conv2.bias", "conv2.bias"), ("positions", "positional_embedding"),
+                ("ln_post.weight", "ln_post.weight"), ("ln_post.bias", "ln_post.bias"))
+OPENAI_BLOCK_NAMES = (("attn_ln.weight", "attn_ln.weight"), ("attn_ln.bias", "attn_ln.bias"),
+                      ("out.weight", "attn.out.weight"), ("out.bias", "attn.out.bias"),
+                      ("mlp_ln.weight", "mlp_ln.weight"), ("mlp_ln.bias", "mlp_ln.bias"),
+                      ("fc1.weight", "mlp.0.weight"), ("fc1.bias", "mlp.0.bias"),
+                      ("fc2.weight", "mlp.2.weight"), ("fc2.bias", "mlp.2.bias"))
+
+
 def encoder_from_openai(path: str | Path) -> WhisperEncoder:
     """Build a `WhisperEncoder` from an openai-whisper checkpoint (`{"dims", "model_state_dict"}`)."""
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
@@ -323,23 +335,14 @@ def encoder_from_openai(path: str | Path) -> WhisperEncoder:
             raise WhisperWeightsError(f"{path}: missing encoder.{key}")
         return sd[f"encoder.{key}"].float()
 
-    state = {"conv1.weight": g("conv1.weight"), "conv1.bias": g("conv1.bias"),
-             "conv2.weight": g("conv2.weight"), "conv2.bias": g("conv2.bias"),
-             "positions": g("positional_embedding"),
-             "ln_post.weight": g("ln_post.weight"), "ln_post.bias": g("ln_post.bias")}
+    state = {ours: g(theirs) for ours, theirs in OPENAI_NAMES}
     for i in range(layers):
         b = f"blocks.{i}."
-        state.update({
-            b + "attn_ln.weight": g(b + "attn_ln.weight"), b + "attn_ln.bias": g(b + "attn_ln.bias"),
-            b + "qkv.weight": torch.cat([g(b + "attn.query.weight"), g(b + "attn.key.weight"),
-                                         g(b + "attn.value.weight")]),
-            b + "qkv.bias": torch.cat([g(b + "attn.query.bias"), torch.zeros(dim),  # key has no bias
-                                       g(b + "attn.value.bias")]),
-            b + "out.weight": g(b + "attn.out.weight"), b + "out.bias": g(b + "attn.out.bias"),
-            b + "mlp_ln.weight": g(b + "mlp_ln.weight"), b + "mlp_ln.bias": g(b + "mlp_ln.bias"),
-            b + "fc1.weight": g(b + "mlp.0.weight"), b + "fc1.bias": g(b + "mlp.0.bias"),
-            b + "fc2.weight": g(b + "mlp.2.weight"), b + "fc2.bias": g(b + "mlp.2.bias"),
-        })
+        state.update({b + ours: g(b + theirs) for ours, theirs in OPENAI_BLOCK_NAMES})
+        state[b + "qkv.weight"] = torch.cat([g(b + "attn.query.weight"), g(b + "attn.key.weight"),
+                                             g(b + "attn.value.weight")])
+        state[b + "qkv.bias"] = torch.cat([g(b + "attn.query.bias"), torch.zeros(dim),  # key has no bias
+                                           g(b + "attn.value.bias")])
     enc.load_state_dict(state)
     log.info("Whisper encoder from openai checkpoint %s: %d layers, width %d", path, layers, dim)
     return enc
@@ -349,20 +352,14 @@ def openai_checkpoint(encoder: WhisperEncoder, dtype: torch.dtype = torch.float1
     """`encoder` as an encoder-only openai-whisper checkpoint (`{"dims", "model_state_dict"}`, no
     decoder), the inverse of `encoder_from_openai`; fp16 like the released checkpoints by default."""
     d, sd = encoder.dim, encoder.state_dict()
-    out = {"encoder.positional_embedding": sd["positions"]}
-    for k in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "ln_post.weight", "ln_post.bias"):
-        out[f"encoder.{k}"] = sd[k]
+    out = {f"encoder.{theirs}": sd[ours] for ours, theirs in OPENAI_NAMES}
     for i in range(encoder.n_layers):
         b, p = f"blocks.{i}.", f"encoder.blocks.{i}."
         w, bias = sd[b + "qkv.weight"], sd[b + "qkv.bias"]
         out.update({p + "attn.query.weight": w[:d], p + "attn.query.bias": bias[:d],
                     p + "attn.key.weight": w[d:2 * d],  # the key projection has no bias
                     p + "attn.value.weight": w[2 * d:], p + "attn.value.bias": bias[2 * d:]})
-        out.update({p + theirs: sd[b + ours] for ours, theirs in (
-            ("out.weight", "attn.out.weight"), ("out.bias", "attn.out.bias"), ("attn_ln.weight", "attn_ln.weight"),
-            ("attn_ln.bias", "attn_ln.bias"), ("mlp_ln.weight", "mlp_ln.weight"), ("mlp_ln.bias", "mlp_ln.bias"),
-            ("fc1.weight", "mlp.0.weight"), ("fc1.bias", "mlp.0.bias"), ("fc2.weight", "mlp.2.weight"),
-            ("fc2.bias", "mlp.2.bias"))})
+        out.update({p + theirs: sd[b + ours] for ours, theirs in OPENAI_BLOCK_NAMES})
     dims = {"n_mels": encoder.n_mels, "n_audio_ctx": encoder.n_ctx, "n_audio_state": d,
             "n_audio_head": encoder.heads, "n_audio_layer": encoder.n_layers}
     return {"dims": dims, "model_state_dict": {k: v.detach().to(dtype).contiguous().clone() for k, v in out.items()}}

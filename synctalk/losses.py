@@ -125,10 +125,6 @@ class AdversarialTerm:
         """The weight factor in [0, 1] at `progress` (share of the run done)."""
         return min(1.0, max(0.0, (progress - self.start) / self.ramp))
 
-    def generator_loss(self, pred: torch.Tensor) -> torch.Tensor:
-        """Hinge loss of the generated batch (gradients flow into the generator, not the critic)."""
-        return self.generator_terms(pred)[0]
-
     def generator_terms(self, pred: torch.Tensor, label: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hinge loss of the generated batch, feature-matching L1 against `label` or None without one);
