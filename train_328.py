@@ -24,6 +24,7 @@ import argparse
 import copy
 import logging
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -492,6 +493,8 @@ class Run:
         vgg = VGGFeatures(vgg_file).to(device) if vgg_file else None
         critic = args.gan_weight > 0 or args.fm_weight > 0
         adversarial = losses.AdversarialTerm(device, args.gan_start) if critic else None
+        if adversarial is not None and args.init_critic and not args.resume:
+            carry_critic(adversarial, args.init_critic, device)
         loss_fn = GeneratorLoss(size.inner, args.l1_weight, args.ssim_weight, args.ssim, args.sync_weight,
                                 args.perceptual_weight, syncnet, head, vgg, mouth_weight=args.mouth_weight,
                                 grad_weight=args.grad_weight, temporal_weight=args.temporal_weight,
@@ -744,6 +747,21 @@ def start_from(model: Model, path: str, mode: str, size: str) -> None:
     log.info("starting from the weights of %s (epoch %s, step %s)", path, meta.get("epoch"), meta.get("step"))
 
 
+def carry_critic(adversarial: losses.AdversarialTerm, path: str, device: torch.device) -> None:
+    """Load the patch critic and its optimizer from another run's `latest.pth` (a continuation keeps the
+    critic the generator was trained against); TrainError when the file holds none."""
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise TrainError(f"--init_critic: cannot read {path} ({exc})") from None
+    state = blob.get("adversarial") if isinstance(blob, dict) else None
+    if state is None:
+        raise TrainError(f"--init_critic: {path} holds no patch critic (give the latest.pth of a run trained with "
+                         f"--gan_weight or --fm_weight)")
+    adversarial.load_state_dict(state)
+    log.info("patch critic carried over from %s (step %s)", path, blob.get("step"))
+
+
 def unet_meta(ds: AvatarDataset, epoch: int, step: int, ema: bool) -> dict:
     meta = {"kind": "unet", "mode": ds.mode, "size": ds.size.name, "epoch": epoch, "step": step,
             "dataset": ds.name, "ema": ema, "val_fraction": 0.1}
@@ -807,6 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=f"continue from SAVE_DIR/{LATEST}")
     p.add_argument("--init_checkpoint", default=None,
                    help="start from this U-Net checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
+    p.add_argument("--init_critic", default=None,
+                   help=f"start the patch critic (and its optimizer) from another run's {LATEST} instead of fresh")
     return p
 
 
@@ -830,6 +850,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if not 0.0 <= args.voice_aug <= 1.0:
         raise TrainError(f"--voice_aug must be in [0, 1], got {args.voice_aug}")
+    if args.init_critic and args.gan_weight == 0 and args.fm_weight == 0:
+        raise TrainError("--init_critic needs the critic: give --gan_weight or --fm_weight")
 
 
 def main(argv: list[str] | None = None) -> int:

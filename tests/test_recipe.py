@@ -227,6 +227,30 @@ def test_training_with_feature_matching_alone_trains_a_critic(tracked_dataset, t
     bad = run_py(["train_328.py", "--dataset_dir", str(d), "--save_dir", str(tmp_path / "bad"), *FAST,
                   "--fm_weight", "-1"])
     assert bad.returncode != 0 and "--fm_weight" in bad.stderr.strip().splitlines()[-1]
+    carried_critic_continues(d, save, tmp_path)
+
+
+def carried_critic_continues(d, first, tmp_path) -> None:
+    """`--init_critic` starts the second stage's critic from the first stage's, not fresh; a file without a
+    critic or a run without one is one readable error."""
+    critic = torch.load(first / "latest.pth", weights_only=True)["adversarial"]["critic"]
+    common = [*FAST, "--batchsize", "2", "--max_steps", "1", "--val_frames", "2", "--lmd_frames", "0",
+              "--gan_start", "0", "--init_checkpoint", str(first / "1.pth")]
+    runs, logs = {}, {}
+    for name, extra in (("carried", ["--init_critic", str(first / "latest.pth")]), ("fresh", [])):
+        res = run_py(["train_328.py", "--dataset_dir", str(d), "--save_dir", str(tmp_path / name), *common,
+                      "--fm_weight", "5", *extra])
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs[name] = torch.load(tmp_path / name / "latest.pth", weights_only=True)["adversarial"]["critic"]
+        logs[name] = res.stderr
+    assert "critic carried over" in logs["carried"] and "carried over" not in logs["fresh"]
+    gap = {k: float((runs["carried"][k].float() - critic[k].float()).abs().max()) for k in critic if "weight" in k}
+    fresh = {k: float((runs["fresh"][k].float() - critic[k].float()).abs().max()) for k in critic if "weight" in k}
+    assert max(gap.values()) < 0.05 < max(fresh.values()), (gap, fresh)  # one Adam step from the carried critic
+    for extra, word in ((["--fm_weight", "5", "--init_critic", str(first / "1.pth")], "holds no patch critic"),
+                        (["--init_critic", str(first / "latest.pth")], "needs the critic")):
+        bad = run_py(["train_328.py", "--dataset_dir", str(d), "--save_dir", str(tmp_path / "bad2"), *common, *extra])
+        assert bad.returncode != 0 and word in bad.stderr.strip().splitlines()[-1], bad.stderr[-500:]
 
 
 def test_closed_policy_draws_only_the_most_closed_training_frames(tracked_dataset):
