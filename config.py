@@ -94,6 +94,9 @@ class AudioConfig(BaseModel):
     lookahead_s: float = Field(0.2, ge=0.0, le=2.0)  # future audio each hop waits for
     silence_gate: bool = True  # pauses (server.vad_threshold_db) get the model's silent mouth in every path
     gate_hangover_ms: int = Field(80, ge=0, le=2000)  # a pause frame is speech this long after the last voiced one
+    gate_preroll_ms: int = Field(0, ge=0, le=1000)  # ... and this long before the next (0: see docs/inference.md)
+    speech_vad: Literal["silero", "energy"] = "silero"  # silero: noise and breaths are pauses; energy: the level
+    vad_threshold: float = Field(0.5, gt=0.0, lt=1.0)  # Silero speech probability above which a frame is voiced
 
     def feature_config(self) -> FeatureConfig:
         """The library's feature settings (`synctalk.features.FeatureConfig`)."""
@@ -197,12 +200,15 @@ class Settings(BaseSettings):
     paths: PathsConfig = PathsConfig()
 
     def speech_gate(self) -> SpeechGate | None:
-        """The engine's speech gate: the live path's level rule (`server.vad_threshold_db`) with its own
-        hangover (`audio.gate_hangover_ms`: the live path holds speech longer before it cross-fades to the
-        idle loop), or None with `audio.silence_gate` off."""
+        """The engine's speech gate: the Silero VAD (`audio.speech_vad`; or the live path's level rule,
+        `server.vad_threshold_db`) with its own hangover and preroll (`audio.gate_hangover_ms`,
+        `audio.gate_preroll_ms`: the live path holds speech longer before it cross-fades to the idle loop),
+        or None with `audio.silence_gate` off."""
         if not self.audio.silence_gate:
             return None
-        return SpeechGate(self.server.vad_threshold_db, self.audio.gate_hangover_ms)
+        a = self.audio
+        return SpeechGate(self.server.vad_threshold_db, a.gate_hangover_ms, a.speech_vad, a.vad_threshold,
+                          a.gate_preroll_ms)
 
 
 def load_settings() -> Settings:

@@ -8,15 +8,17 @@ readable line.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
 import os
+import threading
 import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -319,21 +321,57 @@ def segments_to_mask(segments: Sequence[tuple[int, int]], n: int, trim: int = 0)
 # Speech gate (the live path's, the offline CLI's, /generate's and evaluation's)
 
 
+VADS = ("energy", "silero")
+SILERO_WARMUP_FRAMES = 25  # audio before the first asked-for frame that Silero's recurrent state hears first
+
+
 @dataclass(frozen=True)
 class SpeechGate:
-    """Speech vs silence by energy: a 40 ms frame is voiced above `threshold_db` dBFS; speech lasts
-    `hangover_ms` past the last voiced frame (short pauses between words keep the lips going)."""
+    """Speech vs silence per 40 ms frame. `vad="energy"`: a frame is voiced above `threshold_db` dBFS (fine
+    for synthetic speech, whose pauses are digital silence; a room's noise floor is often above it);
+    `vad="silero"`: above that level and the Silero VAD's speech probability (the `silero-vad` package's
+    bundled ONNX model) above `vad_threshold`, so room noise and breaths are pauses too. Speech lasts `hangover_ms` past the
+    last voiced frame (short pauses between words keep the lips going) and starts `preroll_ms` before the
+    first (the lips part before the sound; it needs that much audio past a frame, and frames near the end
+    of the audio given get the preroll of what there is)."""
 
     threshold_db: float = -45.0
     hangover_ms: int = 240
+    vad: str = "energy"
+    vad_threshold: float = 0.5
+    preroll_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.vad not in VADS:
+            raise ValueError(f"unknown voice activity detector {self.vad!r} (one of {', '.join(VADS)})")
 
     @property
     def hangover_frames(self) -> int:
         return int(round(self.hangover_ms * FPS / 1000))
 
+    @property
+    def preroll_frames(self) -> int:
+        return int(round(self.preroll_ms * FPS / 1000))
+
+    @property
+    def context_frames(self) -> int:
+        """Frames of audio before the first asked-for one that `speaking` looks at (hangover, warm-up)."""
+        return self.hangover_frames + (SILERO_WARMUP_FRAMES if self.vad == "silero" else 0)
+
+    def voiced(self, audio16k: np.ndarray) -> np.ndarray:
+        """Bool per 40 ms frame of `audio16k` (a last partial frame measured on what there is)."""
+        loud = frame_levels_with_tail(audio16k) > self.threshold_db
+        if self.vad == "silero":  # and loud: the VAD's own state runs on into short digital silences
+            return loud & (silero_speech_prob(audio16k) > self.vad_threshold)
+        return loud
+
     def speaking(self, audio16k: np.ndarray, n_frames: int) -> np.ndarray:
-        """`speaking_frames` of `audio16k` under this gate."""
-        return speaking_frames(audio16k, n_frames, self.threshold_db, self.hangover_frames)
+        """Bool `[n_frames]`: frame a of `audio16k` is speech under this gate (frames past the end of the
+        audio are silent unless the hangover reaches them). Audio past frame `n_frames` is read only for the
+        preroll."""
+        frame = SAMPLE_RATE // FPS
+        pcm = np.asarray(audio16k, np.float32).reshape(-1)[: (max(0, n_frames) + self.preroll_frames) * frame]
+        return spread_speech(self.voiced(pcm), n_frames, self.hangover_frames, self.preroll_frames)
 
 
 def frame_levels_db(pcm: np.ndarray, frame: int = SAMPLE_RATE // FPS) -> np.ndarray:
@@ -343,23 +381,65 @@ def frame_levels_db(pcm: np.ndarray, frame: int = SAMPLE_RATE // FPS) -> np.ndar
     return 20.0 * np.log10(np.maximum(np.sqrt(np.mean(blocks * blocks, axis=1)), 1e-10))
 
 
+def frame_levels_with_tail(audio16k: np.ndarray) -> np.ndarray:
+    """`frame_levels_db` per 40 ms frame, a last partial frame measured on its own samples."""
+    frame = SAMPLE_RATE // FPS
+    pcm = np.asarray(audio16k, np.float32).reshape(-1)
+    levels = frame_levels_db(pcm, frame)
+    if len(pcm) % frame:
+        tail = pcm[len(levels) * frame:]
+        levels = np.append(levels, frame_levels_db(tail, len(tail))[0])
+    return levels
+
+
+def spread_speech(voiced: np.ndarray, n_frames: int, hangover: int, preroll: int = 0) -> np.ndarray:
+    """Bool `[n_frames]`: frame a is speech when one of frames [a - hangover, a + preroll] of `voiced`
+    is (frames past `voiced`'s end count as unvoiced)."""
+    if n_frames <= 0:
+        return np.zeros(0, bool)
+    v = np.zeros(n_frames + preroll, np.int32)
+    m = min(len(voiced), len(v))
+    v[:m] = np.asarray(voiced[:m], bool)
+    # any voiced frame in [a - hangover, a + preroll]: a running count over hangover + preroll + 1 frames
+    counts = np.convolve(v, np.ones(hangover + preroll + 1, np.int32))[preroll: preroll + n_frames]
+    return counts > 0
+
+
 def speaking_frames(audio16k: np.ndarray, n_frames: int, threshold_db: float, hangover: int) -> np.ndarray:
     """Bool `[n_frames]`: video frame a is speech when the RMS of its 40 ms of audio, or of one of the
     `hangover` frames before it, is above `threshold_db` dBFS (the live path's `EnergyGate` rule); frames
     past the end of the audio are silent (a last partial frame is measured on what there is)."""
     frame = SAMPLE_RATE // FPS
-    if n_frames <= 0:
-        return np.zeros(0, bool)
-    pcm = np.asarray(audio16k, np.float32).reshape(-1)[: n_frames * frame]
-    levels = np.full(n_frames, -200.0)
-    whole = frame_levels_db(pcm, frame)
-    levels[: len(whole)] = whole
-    if len(pcm) % frame and len(whole) < n_frames:
-        tail = pcm[len(whole) * frame:]
-        levels[len(whole)] = frame_levels_db(tail, len(tail))[0]
-    voiced = levels > threshold_db
-    if hangover <= 0:
-        return voiced
-    # any voiced frame in [a - hangover, a]: a running count over a window of hangover + 1 frames
-    counts = np.convolve(voiced.astype(np.int32), np.ones(hangover + 1, np.int32))[:n_frames]
-    return counts > 0
+    pcm = np.asarray(audio16k, np.float32).reshape(-1)[: max(0, n_frames) * frame]
+    return spread_speech(frame_levels_with_tail(pcm) > threshold_db, n_frames, hangover)
+
+
+SILERO_WINDOW = 512  # samples per Silero VAD step at 16 kHz
+
+
+@functools.lru_cache(maxsize=1)
+def _silero() -> tuple[Any, threading.Lock]:
+    """The Silero VAD (ONNX, from the `silero-vad` package; loaded once) and the lock its state needs."""
+    from silero_vad import load_silero_vad
+
+    return load_silero_vad(onnx=True), threading.Lock()
+
+
+def silero_speech_prob(audio16k: np.ndarray) -> np.ndarray:
+    """Silero VAD speech probability per 40 ms frame of `audio16k` (16 kHz mono): the highest of the
+    512-sample steps that overlap the frame; the state starts fresh at the first sample."""
+    import torch
+
+    frame = SAMPLE_RATE // FPS
+    pcm = np.asarray(audio16k, np.float32).reshape(-1)
+    n_frames = -(-len(pcm) // frame)
+    if n_frames == 0:
+        return np.zeros(0, np.float32)
+    padded = np.zeros(max(SILERO_WINDOW, len(pcm)), np.float32)
+    padded[: len(pcm)] = pcm
+    model, lock = _silero()
+    with lock:
+        steps = model.audio_forward(torch.from_numpy(padded)[None], SAMPLE_RATE)[0].numpy()
+    first = np.arange(n_frames) * frame // SILERO_WINDOW
+    last = np.minimum((np.arange(1, n_frames + 1) * frame - 1) // SILERO_WINDOW, len(steps) - 1)
+    return np.array([steps[a:b + 1].max() for a, b in zip(first, last)], np.float32)

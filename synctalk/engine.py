@@ -470,7 +470,7 @@ class LipSyncEngine:
         if self.speech_gate is None or self.mode != "whisper":
             return None
         frame = SAMPLE_RATE // FPS
-        start = max(0, first_frame - self.speech_gate.hangover_frames)  # the hangover looks back this far
+        start = max(0, first_frame - self.speech_gate.context_frames)  # hangover and VAD warm-up look back
         audio = np.asarray(audio16k, np.float32).reshape(-1)[start * frame:]
         return self.speech_gate.speaking(audio, first_frame - start + int(n_frames))[first_frame - start:]
 
