@@ -92,7 +92,7 @@ class AudioConfig(BaseModel):
     window_s: float = Field(2.0, gt=0.2, le=30.0)  # encoder context per call
     hop_s: float = Field(0.2, gt=0.0, le=2.0)  # new audio per encoder call
     lookahead_s: float = Field(0.2, ge=0.0, le=2.0)  # future audio each hop waits for
-    silence_gate: bool = True  # pauses (server.vad_threshold_db) get the model's silent mouth in every path
+    silence_gate: bool = True  # pauses (audio.speech_vad) get the model's silent mouth in every path
     gate_hangover_ms: int = Field(80, ge=0, le=2000)  # a pause frame is speech this long after the last voiced one
     gate_preroll_ms: int = Field(0, ge=0, le=1000)  # ... and this long before the next (0: see docs/inference.md)
     speech_vad: Literal["silero", "energy"] = "silero"  # silero: noise and breaths are pauses; energy: the level

@@ -330,10 +330,10 @@ class SpeechGate:
     """Speech vs silence per 40 ms frame. `vad="energy"`: a frame is voiced above `threshold_db` dBFS (fine
     for synthetic speech, whose pauses are digital silence; a room's noise floor is often above it);
     `vad="silero"`: above that level and the Silero VAD's speech probability (the `silero-vad` package's
-    bundled ONNX model) above `vad_threshold`, so room noise and breaths are pauses too. Speech lasts `hangover_ms` past the
-    last voiced frame (short pauses between words keep the lips going) and starts `preroll_ms` before the
-    first (the lips part before the sound; it needs that much audio past a frame, and frames near the end
-    of the audio given get the preroll of what there is)."""
+    bundled ONNX model) above `vad_threshold`, so room noise and breaths are pauses too. Speech lasts
+    `hangover_ms` past the last voiced frame (short pauses between words keep the lips going) and starts
+    `preroll_ms` before the first (it reads that much audio past a frame; frames near the end of the
+    audio given get the preroll of what there is)."""
 
     threshold_db: float = -45.0
     hangover_ms: int = 240
