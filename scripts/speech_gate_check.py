@@ -22,14 +22,8 @@ FRAME = SAMPLE_RATE // FPS
 
 
 def chunked(gate: SpeechGate, audio: np.ndarray, n: int, step: int = 13) -> np.ndarray:
-    """`gate.speaking` asked `step` frames at a time, as `LipSyncEngine.speaking` asks it."""
-    out, first = np.zeros(n, bool), 0
-    while first < n:
-        k = min(step, n - first)
-        start = max(0, first - gate.context_frames)
-        out[first:first + k] = gate.speaking(audio[start * FRAME:], first - start + k)[first - start:]
-        first += k
-    return out
+    """`gate.speaking_at` asked `step` frames at a time, as the streaming paths ask it."""
+    return np.concatenate([gate.speaking_at(audio, min(step, n - first), first) for first in range(0, n, step)])
 
 
 def check(gate: SpeechGate, audio: np.ndarray, silent: np.ndarray) -> dict:

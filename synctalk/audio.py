@@ -373,6 +373,14 @@ class SpeechGate:
         pcm = np.asarray(audio16k, np.float32).reshape(-1)[: (max(0, n_frames) + self.preroll_frames) * frame]
         return spread_speech(self.voiced(pcm), n_frames, self.hangover_frames, self.preroll_frames)
 
+    def speaking_at(self, audio16k: np.ndarray, n_frames: int, first_frame: int = 0) -> np.ndarray:
+        """`speaking` for frames `first_frame`, `first_frame + 1`, ... of `audio16k`, reading only the
+        `context_frames` before them (hangover, VAD warm-up): how streaming callers ask, a few at a time."""
+        frame = SAMPLE_RATE // FPS
+        start = max(0, first_frame - self.context_frames)
+        audio = np.asarray(audio16k, np.float32).reshape(-1)[start * frame:]
+        return self.speaking(audio, first_frame - start + int(n_frames))[first_frame - start:]
+
 
 def frame_levels_db(pcm: np.ndarray, frame: int = SAMPLE_RATE // FPS) -> np.ndarray:
     """RMS level in dBFS of each whole `frame`-sample block of `pcm` (a partial tail is left out)."""

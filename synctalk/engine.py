@@ -32,7 +32,7 @@ from synctalk.audio import SpeechGate
 from synctalk.face import BLEND_MODES, Paster
 from synctalk.features import FILE_BATCH, FeatureConfig, extract_features
 from synctalk.sizes import audio_input_shape, audio_window, get_size
-from synctalk.timing import FPS, SAMPLE_RATE
+from synctalk.timing import SAMPLE_RATE
 from unet_328 import export_onnx, load_unet_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -469,10 +469,7 @@ class LipSyncEngine:
         under the engine's `speech_gate` (None without a gate or outside whisper mode: all speech)."""
         if self.speech_gate is None or self.mode != "whisper":
             return None
-        frame = SAMPLE_RATE // FPS
-        start = max(0, first_frame - self.speech_gate.context_frames)  # hangover and VAD warm-up look back
-        audio = np.asarray(audio16k, np.float32).reshape(-1)[start * frame:]
-        return self.speech_gate.speaking(audio, first_frame - start + int(n_frames))[first_frame - start:]
+        return self.speech_gate.speaking_at(audio16k, n_frames, first_frame)
 
     def gate(self, features: np.ndarray, speaking: np.ndarray | None) -> np.ndarray:
         """`features` with the rows of pause frames (`speaking` False, from `speaking`) replaced by the row

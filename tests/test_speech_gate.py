@@ -4,14 +4,12 @@ them, and the settings that build it."""
 from __future__ import annotations
 
 import importlib.util
-import types
 
 import numpy as np
 import pytest
 from conftest import MEDIA, REPO, need_shared
 
 from synctalk.audio import SpeechGate, speaking_frames, spread_speech
-from synctalk.engine import LipSyncEngine
 from synctalk.timing import FPS, SAMPLE_RATE
 
 FRAME = SAMPLE_RATE // FPS
@@ -86,15 +84,9 @@ def test_engine_speaking_in_chunks_agrees_with_the_whole_clip(mic_wav):
     one pass over the whole clip."""
     audio, _ = noisy_speech(mic_wav)
     gate = SpeechGate(-45.0, 80, "silero", 0.5, 80)
-    engine = types.SimpleNamespace(speech_gate=gate, mode="whisper")
     n = len(audio) // FRAME
-    whole = LipSyncEngine.speaking(engine, audio, n)  # type: ignore[arg-type]
-    parts, first = [], 0
-    while first < n:
-        k = min(13, n - first)
-        parts.append(LipSyncEngine.speaking(engine, audio, k, first_frame=first))  # type: ignore[arg-type]
-        first += k
-    chunked = np.concatenate(parts)
+    whole = gate.speaking(audio, n)
+    chunked = np.concatenate([gate.speaking_at(audio, min(13, n - first), first) for first in range(0, n, 13)])
     assert chunked.shape == whole.shape and (chunked == whole).mean() > 0.97
 
 
