@@ -98,6 +98,7 @@ DEFAULTS = dict(
     temporal_weight=0.0,   # adjacent-frame term (trains on consecutive pairs: twice the frames per step)
     gan_weight=0.0,        # patch critic on the mouth region, hinge loss
     gan_start=0.25,        # the critic's term starts after this share of the run and ramps up over 10 %
+    critic_warmup=0,       # critic-only updates against the starting U-Net before the first step
     fm_weight=0.0,         # feature matching: L1 between the critic's activations of generated and real mouth
     reference="random",    # reference frame of a training sample: random, nearest (head pose), closed
     teeth_reference=False,  # a third input crop: a training frame that shows the teeth (9-channel U-Net)
@@ -206,27 +207,14 @@ class GeneratorLoss(nn.Module):
         (the temporal term is computed only then); `gan_scale`: the critic term's ramp factor;
         `mouth_mask` `[B, 1, S, S]`: the targets' open mouths, counted `inner_mouth_weight` times in the
         L1 and gradient terms."""
-        from pytorch_msssim import ms_ssim, ssim
-
-        terms: dict[str, torch.Tensor] = {}
-        weights = self.pixel_weights if self.mouth_weight != 1.0 else None
-        if mouth_mask is not None and self.inner_mouth_weight != 1.0:
-            weights = losses.with_mask_weight(weights, mouth_mask.float(), self.inner_mouth_weight)
-        terms["l1"] = (losses.weighted_l1(pred.float(), label.float(), weights) if weights is not None
-                       else F.l1_loss(pred.float(), label.float()))
-        if self.w["grad"] > 0:
-            terms["grad"] = losses.gradient_l1(pred.float(), label.float(), weights)
-        if self.w["temporal"] > 0 and pairs:
-            terms["temporal"] = losses.temporal_l1(pred.float(), label.float())
+        with torch.autocast(pred.device.type, enabled=False):  # SSIM's local variances need fp32 (bf16: 7x off)
+            terms = self.pixel_terms(pred.float(), label.float(), pairs, mouth_mask)
         if (self.w["gan"] > 0 or self.w["fm"] > 0) and gan_scale > 0 and self.adversarial is not None:
             hinge, fm = self.adversarial.generator_terms(pred, label if self.w["fm"] > 0 else None)
             if self.w["gan"] > 0:
                 terms["gan"] = gan_scale * hinge
             if fm is not None:
                 terms["fm"] = gan_scale * fm
-        if self.w["ssim"] > 0:
-            fn = ms_ssim if self.ssim_kind == "msssim" else ssim
-            terms["ssim"] = 1.0 - fn(pred.float(), label.float(), data_range=1.0, size_average=True)
         if self.w["sync"] > 0:
             logits = self.sync_logits(pred, audio)
             terms["sync"] = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
@@ -234,6 +222,27 @@ class GeneratorLoss(nn.Module):
             terms["perceptual"] = F.mse_loss(self.vgg(pred).float(), self.vgg(label).float())
         total = sum(self.w[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}
+
+    def pixel_terms(self, pred: torch.Tensor, label: torch.Tensor, pairs: bool,
+                    mouth_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """L1, image-gradient, adjacent-frame and SSIM terms of fp32 images (`forward` runs them outside
+        autocast)."""
+        from pytorch_msssim import ms_ssim, ssim
+
+        terms: dict[str, torch.Tensor] = {}
+        weights = self.pixel_weights if self.mouth_weight != 1.0 else None
+        if mouth_mask is not None and self.inner_mouth_weight != 1.0:
+            weights = losses.with_mask_weight(weights, mouth_mask.float(), self.inner_mouth_weight)
+        terms["l1"] = (losses.weighted_l1(pred, label, weights) if weights is not None
+                       else F.l1_loss(pred, label))
+        if self.w["grad"] > 0:
+            terms["grad"] = losses.gradient_l1(pred, label, weights)
+        if self.w["temporal"] > 0 and pairs:
+            terms["temporal"] = losses.temporal_l1(pred, label)
+        if self.w["ssim"] > 0:
+            fn = ms_ssim if self.ssim_kind == "msssim" else ssim
+            terms["ssim"] = 1.0 - fn(pred, label, data_range=1.0, size_average=True)
+        return terms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,16 +608,8 @@ class Run:
         `mouth_mask`: the targets' open-mouth masks (datasets built with `inner_mouth`)."""
         device, args, adversarial = self.device, self.args, self.adversarial
         self.budget.start()
-        pairs = image.dim() == 5  # temporal pairs [B, 2, ...] -> consecutive rows [2B, ...]
-        if pairs:
-            image, audio, label = (t.flatten(0, 1) for t in (image, audio, label))
-            mouth_mask = mouth_mask.flatten(0, 1) if mouth_mask is not None else None
-        image = image.to(device, non_blocking=True)
-        audio = audio.to(device, non_blocking=True)
-        label = label.to(device, non_blocking=True)
-        mouth_mask = mouth_mask.to(device, non_blocking=True) if mouth_mask is not None else None
-        if device.type == "cuda":
-            image = image.contiguous(memory_format=torch.channels_last)
+        pairs = image.dim() == 5  # temporal pairs: consecutive rows once on the device
+        image, audio, label, mouth_mask = self._on_device(image, audio, label, mouth_mask)
         self.optimizer.zero_grad(set_to_none=True)  # upstream's SyncNet forgot this; we never do
         gan_scale = adversarial.scale(max(self.step / self.total, self.budget.fraction)) if adversarial else 0.0
         with autocast(device, self.amp):
@@ -628,6 +629,48 @@ class Run:
         self.budget.stop()
         self.step += 1
         return loss, terms, len(image)
+
+    def _on_device(self, image: torch.Tensor, audio: torch.Tensor, label: torch.Tensor,
+                   mouth_mask: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A loader batch on the training device: temporal pairs [B, 2, ...] become consecutive rows [2B, ...],
+        the image channels-last on CUDA."""
+        if image.dim() == 5:
+            image, audio, label = (t.flatten(0, 1) for t in (image, audio, label))
+            mouth_mask = mouth_mask.flatten(0, 1) if mouth_mask is not None else None
+        device = self.device
+        image, audio, label = (t.to(device, non_blocking=True) for t in (image, audio, label))
+        mouth_mask = mouth_mask.to(device, non_blocking=True) if mouth_mask is not None else None
+        if device.type == "cuda":
+            image = image.contiguous(memory_format=torch.channels_last)
+        return image, audio, label, mouth_mask
+
+    def warm_critic(self, steps: int) -> None:
+        """`steps` updates of the patch critic alone against the starting U-Net (frozen, no optimizer step),
+        so a continued stage's critic knows generated from real before the generator hears from it (a stage
+        restarted with an untrained critic gives back detail first). Its CPU time is logged, not budgeted."""
+        adversarial = self.adversarial
+        if adversarial is None or steps <= 0:
+            return
+        t0, done, losses_seen = time.process_time(), 0, []
+        self.indices.set(self.epoch, 0)
+        self.net.eval()
+        while done < steps:
+            for image, audio, label, *rest in self.loader:
+                image, audio, label, _ = self._on_device(image, audio, label, rest[0] if rest else None)
+                with torch.no_grad(), autocast(self.device, self.amp):
+                    pred = self.net(image, audio)
+                losses_seen.append(adversarial.critic_step(pred, label))
+                done += 1
+                if done % 50 == 0 or done == steps:
+                    log.info("critic warm-up %d/%d: critic loss %.3f (mean of the last 50)", done, steps,
+                             float(np.mean(losses_seen[-50:])))
+                if done >= steps:
+                    break
+        self.net.train()
+        self.train_log.write({"step": 0, "critic_warmup_steps": steps,
+                              "critic_warmup_loss": float(np.mean(losses_seen[-50:])),
+                              "critic_warmup_cpu_s": round(time.process_time() - t0, 1)})
 
     def log_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], pbar) -> None:
         """Loss terms and learning rate -> train_log.jsonl / TensorBoard (averaged over processes)."""
@@ -711,6 +754,8 @@ class Run:
         self.t_start, self.samples = time.perf_counter(), 0
         self.progress = ProgressLine(self.total, "train_328", start_step=self.step,
                                      enabled=None if self.dist.is_main else False, budget=self.budget)
+        if not self.args.resume and self.step == 0:
+            self.warm_critic(self.args.critic_warmup)
         while not done and self.epoch < self.args.epochs:
             done = self.run_epoch()
         if self.writer is not None:
@@ -827,6 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this U-Net checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
     p.add_argument("--init_critic", default=None,
                    help=f"start the patch critic (and its optimizer) from another run's {LATEST} instead of fresh")
+    p.add_argument("--critic_warmup", type=int, default=d["critic_warmup"],
+                   help="before the first step, train the patch critic alone for this many batches against the "
+                        "starting U-Net (a continued stage whose critic was not kept; its CPU time is not budgeted)")
     return p
 
 
@@ -850,8 +898,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if not 0.0 <= args.voice_aug <= 1.0:
         raise TrainError(f"--voice_aug must be in [0, 1], got {args.voice_aug}")
-    if args.init_critic and args.gan_weight == 0 and args.fm_weight == 0:
-        raise TrainError("--init_critic needs the critic: give --gan_weight or --fm_weight")
+    for flag, value in (("--init_critic", args.init_critic), ("--critic_warmup", args.critic_warmup)):
+        if value and args.gan_weight == 0 and args.fm_weight == 0:
+            raise TrainError(f"{flag} needs the critic: give --gan_weight or --fm_weight")
+    if args.critic_warmup < 0:
+        raise TrainError(f"--critic_warmup must be >= 0, got {args.critic_warmup}")
 
 
 def main(argv: list[str] | None = None) -> int:

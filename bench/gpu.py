@@ -15,8 +15,9 @@ Sections (each a key of the JSON object; `docs/deployment.md` documents the sche
 - `training`: U-Net and SyncNet training steps, samples/s (bench/training.py's steps);
 - `parity`: the bundled demo checkpoint on 16 held-out samples of the bundled demo avatar, run as training
   runs it on the device (channels-last, autocast fp32 / fp16 / bf16) against the CPU's fp32 output:
-  largest and mean absolute difference, and each output's L1 to the real crops (a device or precision
-  that breaks the network shows here before a training run is spent on it).
+  largest and mean absolute difference, each output's L1 to the real crops, and the training loss's pixel
+  terms as the training step computes them under that autocast (a device or precision that breaks the
+  network or the loss shows here before a training run is spent on it).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from synctalk.features import FeatureConfig, StreamingFeatures, extract_features
 from synctalk.scheduler import FrameScheduler
 from synctalk.timing import FPS, SAMPLE_RATE
 from synctalk.trainkit import autocast
+from train_328 import GeneratorLoss
 from unet_328 import build_unet, load_unet_checkpoint
 
 SECTIONS = ("unet", "avatars", "pipeline", "streams", "features", "training", "parity")
@@ -187,19 +189,31 @@ def bench_parity(device: torch.device, work: Path) -> dict:
     ckpt = max((fixtures.REPO / "demo_avatar" / "checkpoint" / "demo").glob("*.pth"), key=lambda p: int(p.stem))
     model, _ = load_unet_checkpoint(ckpt)
     model = model.float().eval()
+    loss_fn = GeneratorLoss(int(image.shape[-1]), 1.0, 0.2, "auto", 0.0, 0.0, mouth_weight=4.0, grad_weight=2.0)
     with torch.inference_mode():
         ref = model(image, audio).float()
-    out = {"samples": len(image), "cpu_fp32_l1_to_real": round(float((ref - label).abs().mean()), 5)}
+        ref_terms = loss_terms(loss_fn, ref, label)
+    out = {"samples": len(image), "cpu_fp32_l1_to_real": round(float((ref - label).abs().mean()), 5),
+           "cpu_fp32_loss_terms": ref_terms}
+    loss_fn = loss_fn.to(device)
     model = model.to(device)
     x = image.to(device).contiguous(memory_format=torch.channels_last) if device.type == "cuda" else image.to(device)
     for name in (("float32",) if device.type == "cpu" else DTYPES):
         dtype = None if name == "float32" else getattr(torch, name)
         with torch.inference_mode(), autocast(device, dtype):
-            pred = model(x, audio.to(device)).float().cpu()
+            raw = model(x, audio.to(device))
+            terms = loss_terms(loss_fn, raw, label.to(device))  # as the training step computes them
+        pred = raw.float().cpu()
         out[name] = {"max_abs_diff": round(float((pred - ref).abs().max()), 5),
                      "mean_abs_diff": round(float((pred - ref).abs().mean()), 6),
-                     "l1_to_real": round(float((pred - label).abs().mean()), 5)}
+                     "l1_to_real": round(float((pred - label).abs().mean()), 5), "loss_terms": terms}
     return out
+
+
+def loss_terms(loss_fn: GeneratorLoss, pred: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+    """The training loss's pixel terms of (generated, real), rounded, for the parity comparison."""
+    _, terms = loss_fn(pred, label, torch.zeros(1, device=pred.device))
+    return {k: round(float(v), 5) for k, v in terms.items()}
 
 
 def run(device: torch.device, quick: bool, config: FeatureConfig, only: set[str] | None = None) -> dict:
