@@ -133,7 +133,7 @@ class ServerConfig(BaseModel):
     jpeg_quality: int = Field(85, ge=10, le=100)
     ws_jpeg_quality: int = Field(70, ge=10, le=100)
     idle_seconds: float = Field(1.0, gt=0.0, le=30.0)
-    # live mic (WS /ws/live, live.py): energy gate, idle cross-fade, scheduling margin, slow-client cutoff
+    # live mic (WS /ws/live, live.py): speech gate level and hangover, idle cross-fade, scheduling margin, slow-client cutoff
     vad_threshold_db: float = Field(-45.0, ge=-100.0, le=0.0)  # RMS dBFS per 40 ms above which audio is speech
     vad_hangover_ms: int = Field(240, ge=0, le=2000)  # speech continues this long after the last voiced frame
     idle_blend_frames: int = Field(4, ge=0, le=25)  # cross-fade length from speech back to the idle loop

@@ -229,7 +229,8 @@ class LiveConnection:
                               "sample_rate": SAMPLE_RATE, "avatar": self.avatar, "width": int(frame_w),
                               "height": int(frame_h), "idle_frames": self.timeline.idle.count,
                               "jpeg_quality": self.opts.ws_jpeg_quality,
-                              "vad_threshold_db": self.opts.vad_threshold_db})
+                              "vad_threshold_db": self.opts.vad_threshold_db,
+                              "vad": "energy" if self.opts.vad_probability is None else "silero"})
         self.clock.t0 = time.monotonic()
         self.timeline.start_threads()
         receiver = asyncio.create_task(self.receive())

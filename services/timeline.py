@@ -12,9 +12,10 @@ t0 + k/25 on the server's monotonic clock):
   covers the feature look-ahead (StreamingFeatures hop + look-ahead, and the U-Net's audio window reaching
   7 feature rows past the frame) plus a compute margin (`server.ws_margin_ms`); it is announced in the
   `ready` event.
-- Speech vs silence is an energy gate on the session audio: audio frame a (40 ms) is voiced when its RMS
-  is above `server.vad_threshold_db` dBFS; frame a is *speaking* when any frame in
-  [a - hangover, a] is voiced (`server.vad_hangover_ms` of hangover).
+- Speech vs silence is a gate on the session audio (`LiveGate`): audio frame a (40 ms) is voiced when its
+  RMS is above `server.vad_threshold_db` dBFS and, with `audio.speech_vad = "silero"` (the default), the
+  session's own Silero VAD gives it a speech probability above `audio.vad_threshold`; frame a is
+  *speaking* when any frame in [a - hangover, a] is voiced (`server.vad_hangover_ms` of hangover).
 - Speaking frames are rendered by the avatar's engine from the session's streaming Whisper features; the
   first starts on the source frame the idle loop was on and later ones walk the source frames (ping-pong,
   or stay on that frame with `server.motion = "template"`). Silent frames show the idle loop (the first
@@ -45,7 +46,7 @@ import numpy as np
 
 from config import Settings
 from services.streaming import encode_jpeg
-from synctalk.audio import frame_levels_db
+from synctalk.audio import SileroStream, frame_levels_db
 from synctalk.engine import LipSyncEngine, pingpong_step
 from synctalk.features import StreamingFeatures
 from synctalk.scheduler import FrameScheduler
@@ -83,6 +84,7 @@ class LiveOptions:
     motion: str
     vad_threshold_db: float
     vad_hangover_frames: int
+    vad_probability: float | None  # Silero speech probability a voiced frame needs too (None: the level alone)
     blend_frames: int
     margin_ms: float
     send_timeout_s: float
@@ -97,6 +99,8 @@ class LiveOptions:
                    ws_jpeg_quality=int(s.ws_jpeg_quality), motion=str(s.motion),
                    vad_threshold_db=float(s.vad_threshold_db),
                    vad_hangover_frames=int(round(s.vad_hangover_ms * FPS / 1000)),
+                   vad_probability=(float(settings.audio.vad_threshold) if settings.audio.speech_vad == "silero"
+                                    else None),
                    blend_frames=int(s.idle_blend_frames), margin_ms=float(s.ws_margin_ms),
                    send_timeout_s=float(s.ws_send_timeout_s), max_ahead_s=float(s.ws_max_ahead_s))
 
@@ -147,7 +151,7 @@ def idle_loop(engine: LipSyncEngine, seconds: float, fps: int) -> IdleLoop:
 
 
 # ---------------------------------------------------------------------------------------------
-# Live session pieces: latency, energy gate, PCM decoding
+# Live session pieces: latency, speech gate, PCM decoding
 
 
 def feature_delay_samples(hop: int, lookahead: int, frame: int = SAMPLES_PER_FRAME,
@@ -165,15 +169,21 @@ def feature_delay_samples(hop: int, lookahead: int, frame: int = SAMPLES_PER_FRA
     return worst
 
 
-class EnergyGate:
-    """Speech vs silence per audio frame (640 samples): voiced when the RMS exceeds `threshold_db`
-    dBFS; frame a is speaking when any frame in [a - hangover, a + ahead] is voiced."""
+class LiveGate:
+    """Speech vs silence per audio frame (640 samples) of one live session: voiced when the RMS exceeds
+    `threshold_db` dBFS and, with `vad_threshold`, the session's Silero VAD probability (a `SileroStream`)
+    exceeds it too, so a room's noise floor is a pause; frame a is speaking when any frame in
+    [a - hangover, a + ahead] is voiced. Every decision is a function of the samples, not their chunking."""
 
-    def __init__(self, threshold_db: float, hangover: int, ahead: int = VAD_AHEAD_FRAMES, frame: int = SAMPLES_PER_FRAME):
+    def __init__(self, threshold_db: float, hangover: int, ahead: int = VAD_AHEAD_FRAMES, frame: int = SAMPLES_PER_FRAME,
+                 vad_threshold: float | None = None):
         self.threshold = float(threshold_db)
         self.hangover, self.ahead, self.frame = int(hangover), int(ahead), int(frame)
+        self._prob_min = -1.0 if vad_threshold is None else float(vad_threshold)
+        self.vad = SileroStream() if vad_threshold is not None else None
         self.voiced: list[bool] = []
         self.levels_db: list[float] = []
+        self._probs: list[float] = []
         self._tail = np.zeros(0, np.float32)
         self.ended = False
 
@@ -181,24 +191,33 @@ class EnergyGate:
         """Add samples (any chunking)."""
         buf = np.concatenate([self._tail, pcm]) if self._tail.size else pcm
         n = len(buf) // self.frame
+        if self.vad is not None:
+            self._probs.extend(float(x) for x in self.vad.push(pcm))
         if n:
-            self._add(frame_levels_db(buf[: n * self.frame], self.frame))
+            self.levels_db.extend(float(x) for x in frame_levels_db(buf[: n * self.frame], self.frame))
         self._tail = np.array(buf[n * self.frame:], dtype=np.float32)
+        self._decide()
 
     def end(self, total_frames: int) -> None:
         """The audio ended; frames up to `total_frames` exist (a last partial frame counts if needed)."""
-        if len(self.voiced) < total_frames and self._tail.size:
-            self._add(frame_levels_db(self._tail, len(self._tail)))
+        if len(self.levels_db) < total_frames and self._tail.size:
+            self.levels_db.append(float(frame_levels_db(self._tail, len(self._tail))[0]))
+        if self.vad is not None:
+            self._probs.extend(float(x) for x in self.vad.finish())
+        for values in (self.levels_db, self._probs):  # past the audio: silent
+            del values[total_frames:]
+            values.extend([-math.inf if values is self.levels_db else 0.0] * (total_frames - len(values)))
         del self.voiced[total_frames:]
-        del self.levels_db[total_frames:]
-        while len(self.voiced) < total_frames:
-            self._add(frame_levels_db(np.zeros(1), 1))
+        self._decide()
         self._tail = np.zeros(0, np.float32)
         self.ended = True
 
-    def _add(self, db: np.ndarray) -> None:
-        self.levels_db.extend(float(x) for x in db)
-        self.voiced.extend(bool(x) for x in db > self.threshold)
+    def _decide(self) -> None:
+        """Extend `voiced` over the frames whose level (and VAD probability) are in."""
+        n = len(self.levels_db) if self.vad is None else min(len(self.levels_db), len(self._probs))
+        for a in range(len(self.voiced), n):
+            loud = self.levels_db[a] > self.threshold
+            self.voiced.append(loud and (self.vad is None or self._probs[a] > self._prob_min))
 
     def speaking(self, a: int) -> bool | None:
         """Whether audio frame a is speech; None while undecided (frames up to a + ahead not in yet)."""
@@ -269,11 +288,11 @@ class Clock:
 
 @dataclass
 class Session:
-    """One stretch of continuous audio: its anchor, energy gate and feature rows (a growing buffer
+    """One stretch of continuous audio: its anchor, speech gate and feature rows (a growing buffer
     from which rows no longer needed are discarded)."""
 
     anchor: int  # output frame showing audio frame 0
-    gate: EnergyGate
+    gate: LiveGate
     samples: int = 0
     stopping: bool = False  # a stop is queued: no more audio joins this session
     ended: bool = False
@@ -388,6 +407,7 @@ class LiveTimeline:
         self._announce_idle = False
         self.last_speech_frame: np.ndarray | None = None
         self.sessions: collections.deque[Session] = collections.deque()
+        self._spare_gate: LiveGate | None = None  # the audio thread's next session gate (built off the lock)
         self.sessions_started = 0
         self.k_sent = -1
         self.last_audio_posted = -math.inf  # arrival time of the latest audio chunk
@@ -513,6 +533,8 @@ class LiveTimeline:
     def run_features(self) -> None:
         """Thread body: inbox messages in order -> sessions, gate levels, feature rows."""
         while True:
+            if self._spare_gate is None:  # the next session's gate, made outside the lock (the VAD loads)
+                self._spare_gate = self._new_gate()
             with self._cv:
                 while not self._inbox and not self._closed:
                     self._cv.wait()
@@ -554,6 +576,10 @@ class LiveTimeline:
             return self.sessions[-1]
         return None
 
+    def _new_gate(self) -> LiveGate:
+        return LiveGate(self.opts.vad_threshold_db, self.opts.vad_hangover_frames,
+                        vad_threshold=self.opts.vad_probability)
+
     def _open_session(self, at: float) -> Session:
         d = self.delay_frames
         if self.sessions_started == 0 and self.k_next <= d and self.clock.frame_at(at) < d:
@@ -565,7 +591,8 @@ class LiveTimeline:
                 prev_end = prev.anchor + (prev.total_frames if prev.total_frames is not None
                                           else len(prev.gate.voiced) + 1)
                 start = max(start, prev_end - d)
-        session = Session(anchor=start + d, gate=EnergyGate(self.opts.vad_threshold_db, self.opts.vad_hangover_frames))
+        gate, self._spare_gate = self._spare_gate or self._new_gate(), None
+        session = Session(anchor=start + d, gate=gate)
         session.last_audio_at = at
         self.sessions.append(session)
         self.sessions_started += 1

@@ -4,7 +4,7 @@ A session opened with `"mode": "mic"` (`services/webrtc.py`) receives the client
 audio track. `MicFrames.consume` takes its decoded frames (aiortc: 48 kHz PCM16), mixes them to mono,
 resamples them to 16 kHz with `services.timeline.PCMDecoder` (soxr, as `/ws/live` does for other rates), fills
 the gaps left by lost packets with silence (by their RTP timestamps, so the audio clock never slips), and
-pushes them into a `services.timeline.LiveTimeline`: the same sessions, energy gate, streamed Whisper features,
+pushes them into a `services.timeline.LiveTimeline`: the same sessions, speech gate, streamed Whisper features,
 frame plan, announced latency and rendering as `WS /ws/live`. `PixelTimeline` only hands the frames out
 as BGR arrays instead of JPEGs, since the video track encodes them itself.
 

@@ -415,7 +415,7 @@ def spread_speech(voiced: np.ndarray, n_frames: int, hangover: int, preroll: int
 
 def speaking_frames(audio16k: np.ndarray, n_frames: int, threshold_db: float, hangover: int) -> np.ndarray:
     """Bool `[n_frames]`: video frame a is speech when the RMS of its 40 ms of audio, or of one of the
-    `hangover` frames before it, is above `threshold_db` dBFS (the live path's `EnergyGate` rule); frames
+    `hangover` frames before it, is above `threshold_db` dBFS (the live path's `LiveGate` level rule); frames
     past the end of the audio are silent (a last partial frame is measured on what there is)."""
     frame = SAMPLE_RATE // FPS
     pcm = np.asarray(audio16k, np.float32).reshape(-1)[: max(0, n_frames) * frame]
@@ -433,6 +433,70 @@ def _silero() -> tuple[Any, threading.Lock]:
     return load_silero_vad(onnx=True), threading.Lock()
 
 
+def frame_windows(frame: int) -> tuple[int, int]:
+    """(first, last) Silero step overlapping 40 ms frame `frame` of a stream that starts at step 0."""
+    size = SAMPLE_RATE // FPS
+    return frame * size // SILERO_WINDOW, ((frame + 1) * size - 1) // SILERO_WINDOW
+
+
+class SileroStream:
+    """Silero VAD speech probability per 40 ms frame of one audio stream fed in any chunking: the same
+    512-sample steps from sample 0 and the same rule as `silero_speech_prob` over the whole stream (the
+    highest step overlapping the frame), so the result never depends on the chunking. It holds its own
+    model and recurrent state (one per stream; about 0.2 ms of one core per step)."""
+
+    def __init__(self) -> None:
+        from silero_vad import load_silero_vad
+
+        self.model = load_silero_vad(onnx=True)
+        self.frames = 0  # frames decided so far
+        self.samples = 0
+        self._pending = np.zeros(0, np.float32)
+        self._steps: list[float] = []  # step probabilities from step `_first` on
+        self._first = 0
+
+    def push(self, pcm: np.ndarray) -> np.ndarray:
+        """Probabilities of the frames this chunk completes (a frame waits for the step past its end)."""
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        self.samples += len(pcm)
+        buf = np.concatenate([self._pending, pcm])
+        n = len(buf) // SILERO_WINDOW
+        for i in range(n):
+            self._step(buf[i * SILERO_WINDOW:(i + 1) * SILERO_WINDOW])
+        self._pending = buf[n * SILERO_WINDOW:]
+        return self._decide()
+
+    def finish(self) -> np.ndarray:
+        """The end of the stream: the last partial step (zero-padded, as `silero_speech_prob` pads) and the
+        probabilities of the frames not yet decided, the last partial frame included."""
+        if len(self._pending):
+            tail = np.zeros(SILERO_WINDOW, np.float32)
+            tail[: len(self._pending)] = self._pending
+            self._step(tail)
+            self._pending = np.zeros(0, np.float32)
+        return self._decide(limit=-(-self.samples // (SAMPLE_RATE // FPS)))
+
+    def _step(self, window: np.ndarray) -> None:
+        import torch
+
+        self._steps.append(float(self.model(torch.from_numpy(np.ascontiguousarray(window)), SAMPLE_RATE)))
+
+    def _decide(self, limit: int | None = None) -> np.ndarray:
+        """Frames whose steps are all in (with `limit`: every frame below it, on the steps there are)."""
+        out, steps_done = [], self._first + len(self._steps)
+        while limit is None or self.frames < limit:
+            first, last = frame_windows(self.frames)
+            last = min(last, steps_done - 1) if limit is not None else last
+            if last >= steps_done or last < first:
+                break
+            out.append(max(self._steps[first - self._first:last - self._first + 1]))
+            self.frames += 1
+        keep = frame_windows(self.frames)[0]  # steps before the next frame's first are no longer needed
+        del self._steps[: max(0, keep - self._first)]
+        self._first = max(self._first, keep)
+        return np.asarray(out, np.float32)
+
+
 def silero_speech_prob(audio16k: np.ndarray) -> np.ndarray:
     """Silero VAD speech probability per 40 ms frame of `audio16k` (16 kHz mono): the highest of the
     512-sample steps that overlap the frame; the state starts fresh at the first sample."""
@@ -448,6 +512,5 @@ def silero_speech_prob(audio16k: np.ndarray) -> np.ndarray:
     model, lock = _silero()
     with lock:
         steps = model.audio_forward(torch.from_numpy(padded)[None], SAMPLE_RATE)[0].numpy()
-    first = np.arange(n_frames) * frame // SILERO_WINDOW
-    last = np.minimum((np.arange(1, n_frames + 1) * frame - 1) // SILERO_WINDOW, len(steps) - 1)
-    return np.array([steps[a:b + 1].max() for a, b in zip(first, last)], np.float32)
+    spans = (frame_windows(f) for f in range(n_frames))
+    return np.array([steps[a:min(b, len(steps) - 1) + 1].max() for a, b in spans], np.float32)

@@ -1,6 +1,6 @@
 """Live paths without a browser: `GET /idle` and `WS /ws/live` against a real server process (`api.py` on a
 free port, the fixture avatar) driven by the `websockets` client, plus unit tests of the pieces (ping-pong
-walk, energy gate, PCM decoding, control messages, latency arithmetic).
+walk, the live speech gate, PCM decoding, control messages, latency arithmetic).
 
 Timing checks use a separate server process so that the client's clock is not disturbed by the server's
 threads; tolerances are the acceptance criteria's (25 +- 1 fps while idle, latency within 80 ms)."""
@@ -285,15 +285,15 @@ def test_pingpong_walk_never_repeats_at_turns():
     assert pingpong_step(0, 1, 1) == (0, 1)
 
 
-def test_energy_gate_is_chunking_independent_with_hangover():
-    from services.timeline import EnergyGate
+def test_level_gate_is_chunking_independent_with_hangover():
+    from services.timeline import LiveGate
 
     rng = np.random.default_rng(0)
     audio = np.zeros(16000 * 2, np.float32)
     audio[8000:16000] = rng.normal(0, 0.1, 8000)  # 0.5-1.0 s loud
     results = []
     for chunk in (7, 160, 640, 16000, 32000):
-        gate = EnergyGate(-45.0, hangover=3, ahead=0)
+        gate = LiveGate(-45.0, hangover=3, ahead=0)
         for i in range(0, len(audio), chunk):
             gate.push(audio[i:i + chunk])
         gate.end(50)
@@ -301,9 +301,40 @@ def test_energy_gate_is_chunking_independent_with_hangover():
     assert all(r == results[0] for r in results)
     speaking = np.flatnonzero(results[0])
     assert speaking[0] == 12 and speaking[-1] == 24 + 3  # frames 12.5..25 loud, 3 frames of hangover
-    undecided = EnergyGate(-45.0, hangover=3, ahead=1)
+    undecided = LiveGate(-45.0, hangover=3, ahead=1)
     undecided.push(audio[:640 * 5])
     assert undecided.speaking(3) is False and undecided.speaking(4) is None
+
+
+def test_silero_live_gate_hears_words_not_room_noise_in_any_chunking(mic_wav):
+    """With the Silero VAD the live gate calls white room noise at -35 dBFS (above the level threshold) a
+    pause and the words speech, decides each frame the same whatever the chunking, and agrees with the
+    offline gate's rule over the whole recording (`silero_speech_prob`)."""
+    from test_speech_gate import away_from, noisy_speech
+
+    from services.timeline import LiveGate
+    from synctalk.audio import silero_speech_prob
+
+    audio, speech = noisy_speech(mic_wav)
+    n = len(speech)
+    runs = []
+    for chunk in (333, 640, 4000, len(audio)):
+        gate = LiveGate(-45.0, hangover=0, ahead=0, vad_threshold=0.5)
+        for i in range(0, len(audio), chunk):
+            gate.push(audio[i:i + chunk])
+        gate.end(n)
+        runs.append(np.array([gate.speaking(a) for a in range(n)]))
+    assert all(np.array_equal(r, runs[0]) for r in runs[1:])
+    pauses = away_from(speech, 8)
+    assert pauses.sum() > 100 and runs[0][pauses].mean() < 0.05, runs[0][pauses].mean()
+    assert runs[0][speech].mean() > 0.85, runs[0][speech].mean()
+    level = LiveGate(-45.0, hangover=0, ahead=0)
+    level.push(audio)
+    level.end(n)
+    assert np.mean([level.speaking(a) for a in np.flatnonzero(pauses)]) > 0.99  # the level rule alone: noise
+    offline = silero_speech_prob(audio[: n * 640])[:n] > 0.5
+    loud = np.array(gate.levels_db) > -45.0
+    assert np.array_equal(runs[0], offline & loud)
 
 
 def test_pcm_decoder_handles_odd_chunks_and_resamples():
