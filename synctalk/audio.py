@@ -443,7 +443,7 @@ class SileroStream:
     """Silero VAD speech probability per 40 ms frame of one audio stream fed in any chunking: the same
     512-sample steps from sample 0 and the same rule as `silero_speech_prob` over the whole stream (the
     highest step overlapping the frame), so the result never depends on the chunking. It holds its own
-    model and recurrent state (one per stream; about 0.2 ms of one core per step)."""
+    model and recurrent state (one per stream)."""
 
     def __init__(self) -> None:
         from silero_vad import load_silero_vad
