@@ -650,9 +650,9 @@ class Run:
         so a continued stage's critic knows generated from real before the generator hears from it (a stage
         restarted with an untrained critic gives back detail first). Its CPU time is logged, not budgeted."""
         adversarial = self.adversarial
-        if adversarial is None or steps <= 0:
+        if adversarial is None or steps <= 0 or len(self.loader) == 0:
             return
-        t0, done, losses_seen = time.process_time(), 0, []
+        t0, done, losses_seen, shown = time.process_time(), 0, [], time.monotonic()
         self.indices.set(self.epoch, 0)
         self.net.eval()
         while done < steps:
@@ -662,7 +662,8 @@ class Run:
                     pred = self.net(image, audio)
                 losses_seen.append(adversarial.critic_step(pred, label))
                 done += 1
-                if done % 50 == 0 or done == steps:
+                if time.monotonic() - shown >= 20 or done == steps:  # a line at least every 30 s
+                    shown = time.monotonic()
                     log.info("critic warm-up %d/%d: critic loss %.3f (mean of the last 50)", done, steps,
                              float(np.mean(losses_seen[-50:])))
                 if done >= steps:

@@ -204,9 +204,9 @@ class LiveGate:
             self.levels_db.append(float(frame_levels_db(self._tail, len(self._tail))[0]))
         if self.vad is not None:
             self._probs.extend(float(x) for x in self.vad.finish())
-        for values in (self.levels_db, self._probs):  # past the audio: silent
-            del values[total_frames:]
-            values.extend([-math.inf if values is self.levels_db else 0.0] * (total_frames - len(values)))
+        del self.levels_db[total_frames:], self._probs[total_frames:]
+        self.levels_db.extend([-math.inf] * (total_frames - len(self.levels_db)))  # past the audio: silent
+        self._probs.extend([0.0] * (total_frames - len(self._probs)))
         del self.voiced[total_frames:]
         self._decide()
         self._tail = np.zeros(0, np.float32)
