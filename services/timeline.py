@@ -533,13 +533,18 @@ class LiveTimeline:
     def run_features(self) -> None:
         """Thread body: inbox messages in order -> sessions, gate levels, feature rows."""
         while True:
-            if self._spare_gate is None:  # the next session's gate, made outside the lock (the VAD loads)
-                self._spare_gate = self._new_gate()
             with self._cv:
                 while not self._inbox and not self._closed:
                     self._cv.wait()
                 if self._closed:
                     return
+            if self._spare_gate is None:  # once messages come: the next session's gate, off the lock (VAD loads)
+                self._spare_gate = self._new_gate()
+            with self._cv:
+                if self._closed:
+                    return
+                if not self._inbox:
+                    continue
                 kind, pcm, at = self._inbox.popleft()
                 if kind == "reset":  # after `interrupt`: new audio is a new stream
                     self.features.reset()
