@@ -843,7 +843,19 @@ def cross_table(report: dict) -> tuple[list[str], list[list], list[str]]:
         if len(numeric) > 1:
             footer.append(f"{label}: mean |offset| over {len(numeric)} files = {np.mean(numeric):.1f} frames "
                           "(mean of absolute values; signed offsets are not averaged)")
-    return heads, rows, footer
+    return heads, rows, footer + real_scale_line(report)
+
+
+def real_scale_line(report: dict) -> list[str]:
+    """The real video's own envelope figures on the held-out frames (its own audio), the scale for the
+    cross-driven envelope columns: a file without pauses compares with the speech-only one. Empty when the
+    report has no such figures."""
+    real = report["self_reconstruction"].get("real", {})
+    whole, speech = real.get("envelope_corr"), real.get("envelope_corr_speech")
+    if not (_finite(whole) and _finite(speech)):
+        return []
+    return [f"for scale, the real video on its held-out frames: env. corr {whole:.3f}, in speech {speech:.3f}, "
+            f"closed in silence {_fmt(real.get('closure_in_silence'))}"]
 
 
 def split_text(split: dict) -> str:

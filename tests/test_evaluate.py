@@ -454,6 +454,20 @@ def test_signed_offsets_of_two_files_are_never_averaged():
     assert ">-13<" in page and ">+15<" in page and "mean |offset| over 2 files = 14.0" in page
 
 
+def test_the_cross_table_gives_the_real_videos_envelope_figures_for_scale():
+    import evaluate
+
+    report = fake_report([2])
+    assert evaluate.cross_table(report)[2] == []  # no real envelope figures, no line
+    report["self_reconstruction"]["real"].update(envelope_corr=0.5514, envelope_corr_speech=0.331,
+                                                 closure_in_silence=0.9)
+    _, rows, footer = evaluate.cross_table(report)
+    assert len(rows) == 1
+    assert footer == ["for scale, the real video on its held-out frames: env. corr 0.551, in speech 0.331, "
+                      "closed in silence 0.900"]
+    assert footer[0] in evaluate.summary_text(report)
+
+
 def test_a_chance_level_syncnet_makes_sync_numbers_not_measurable():
     import evaluate
 
