@@ -46,7 +46,7 @@ import numpy as np
 
 from config import Settings
 from services.streaming import encode_jpeg
-from synctalk.audio import SileroStream, frame_levels_db
+from synctalk.audio import SileroStream, frame_levels_db, voiced_frames
 from synctalk.engine import LipSyncEngine, pingpong_step
 from synctalk.features import StreamingFeatures
 from synctalk.scheduler import FrameScheduler
@@ -215,9 +215,10 @@ class LiveGate:
     def _decide(self) -> None:
         """Extend `voiced` over the frames whose level (and VAD probability) are in."""
         n = len(self.levels_db) if self.vad is None else min(len(self.levels_db), len(self._probs))
-        for a in range(len(self.voiced), n):
-            loud = self.levels_db[a] > self.threshold
-            self.voiced.append(loud and (self.vad is None or self._probs[a] > self._prob_min))
+        a = len(self.voiced)
+        if n > a:
+            probs = None if self.vad is None else self._probs[a:n]
+            self.voiced.extend(voiced_frames(self.levels_db[a:n], self.threshold, probs, self._prob_min).tolist())
 
     def speaking(self, a: int) -> bool | None:
         """Whether audio frame a is speech; None while undecided (frames up to a + ahead not in yet)."""

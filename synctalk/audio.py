@@ -360,10 +360,8 @@ class SpeechGate:
 
     def voiced(self, audio16k: np.ndarray) -> np.ndarray:
         """Bool per 40 ms frame of `audio16k` (a last partial frame measured on what there is)."""
-        loud = frame_levels_with_tail(audio16k) > self.threshold_db
-        if self.vad == "silero":  # and loud: the VAD's own state runs on into short digital silences
-            return loud & (silero_speech_prob(audio16k) > self.vad_threshold)
-        return loud
+        probs = silero_speech_prob(audio16k) if self.vad == "silero" else None
+        return voiced_frames(frame_levels_with_tail(audio16k), self.threshold_db, probs, self.vad_threshold)
 
     def speaking(self, audio16k: np.ndarray, n_frames: int) -> np.ndarray:
         """Bool `[n_frames]`: frame a of `audio16k` is speech under this gate (frames past the end of the
@@ -380,6 +378,17 @@ class SpeechGate:
         start = max(0, first_frame - self.context_frames)
         audio = np.asarray(audio16k, np.float32).reshape(-1)[start * frame:]
         return self.speaking(audio, first_frame - start + int(n_frames))[first_frame - start:]
+
+
+def voiced_frames(levels_db: np.ndarray, threshold_db: float, probs: np.ndarray | None = None,
+                  vad_threshold: float = 0.5) -> np.ndarray:
+    """The voiced rule of every speech gate, per frame: louder than `threshold_db` dBFS and, given Silero
+    VAD probabilities `probs` (one per frame), more likely speech than `vad_threshold` too (both: the VAD's
+    own state runs on into short digital silences, and a room's noise floor can be loud)."""
+    loud = np.asarray(levels_db, np.float64) > threshold_db
+    if probs is None:
+        return loud
+    return loud & (np.asarray(probs, np.float64)[: len(loud)] > vad_threshold)
 
 
 def frame_levels_db(pcm: np.ndarray, frame: int = SAMPLE_RATE // FPS) -> np.ndarray:
