@@ -1,0 +1,80 @@
+"""Trial: does matching a foreign voice's Whisper features to the avatar's training voice help the lips
+follow it? (docs/training-guide.md, "Matching a foreign voice's feature statistics".)
+
+    python scripts/voice_match_trial.py --match {none,mean,meanstd} -- EVALUATE_ARGS...
+
+Runs `evaluate.py` with EVALUATE_ARGS, the cross-driven files' features (per channel, over their speech
+frames under the engine's speech gate) shifted (`mean`) or shifted and scaled (`meanstd`) to the training
+voice's statistics (its speech frames in the dataset's `aud_whisper.npy`). The held-out rows use the
+dataset's own features and are not touched; `none` is plain `evaluate.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import evaluate
+from synctalk.audio import load_audio
+from synctalk.engine import LipSyncEngine
+
+log = logging.getLogger("voice_match_trial")
+
+
+def speech_stats(features: np.ndarray, speaking: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of `features` `[n, rows, C]` over the speaking frames."""
+    rows = features if speaking is None else features[np.asarray(speaking, bool)[: len(features)]]
+    flat = rows.reshape(-1, features.shape[-1]).astype(np.float64)
+    return flat.mean(0), flat.std(0) + 1e-6
+
+
+def matched(features: np.ndarray, speaking: np.ndarray | None, target: tuple[np.ndarray, np.ndarray],
+            scale: bool) -> np.ndarray:
+    """`features` whose speaking frames have the `target` (mean, std) per channel (the std only if `scale`)."""
+    keep = np.ones(len(features), bool) if speaking is None else np.asarray(speaking, bool)[: len(features)]
+    if not keep.any():
+        return features
+    mu, sd = speech_stats(features, keep)
+    mu_t, sd_t = target
+    out = np.array(features, copy=True)
+    x = features[keep].astype(np.float64)
+    out[keep] = ((x - mu) / sd * sd_t + mu_t) if scale else (x - mu + mu_t)
+    return out
+
+
+def install(dataset_dir: Path, scale: bool) -> None:
+    """Patch `LipSyncEngine.features` so clips (not the 2 s silence) come out matched to the dataset's voice."""
+    plain = LipSyncEngine.features
+    target: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def features(self: LipSyncEngine, audio16k: np.ndarray) -> np.ndarray:
+        out = plain(self, audio16k)
+        if not target:
+            train = np.load(dataset_dir / "aud_whisper.npy").astype(np.float32)
+            target.append(speech_stats(train, self.speaking(load_audio(str(dataset_dir / "aud.wav")), len(train))))
+        speaking = self.speaking(audio16k, len(out))
+        log.info("matching %d of %d frames to %s's voice", len(out) if speaking is None else int(speaking.sum()),
+                 len(out), dataset_dir.name)
+        return matched(out, speaking, target[0], scale)
+
+    LipSyncEngine.features = features  # type: ignore[method-assign]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--match", choices=("none", "mean", "meanstd"), required=True)
+    p.add_argument("--dataset_dir", default="dataset/grid_s1", help="the training voice's dataset")
+    p.add_argument("evaluate_args", nargs=argparse.REMAINDER, help="after --: evaluate.py's arguments")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.match != "none":
+        install(Path(args.dataset_dir), scale=args.match == "meanstd")
+    rest = args.evaluate_args[1:] if args.evaluate_args[:1] == ["--"] else args.evaluate_args
+    return evaluate.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
