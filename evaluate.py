@@ -846,6 +846,17 @@ def cross_table(report: dict) -> tuple[list[str], list[list], list[str]]:
     return heads, rows, footer + real_scale_line(report)
 
 
+def distinct_labels(report: dict) -> None:
+    """A compared run labelled like the model (the same avatar and epoch) and the model are relabelled
+    `name@folder/epoch` after their checkpoints' folders, so the tables' columns can be told apart."""
+    other = report.get("compare")
+    if not other or other["label"] != report["label"]:
+        return
+    for run in (report, other):
+        path = Path(run["checkpoint"])
+        run["label"] = f"{run['name']}@{path.parent.name}/{path.stem}"
+
+
 def real_scale_line(report: dict) -> list[str]:
     """The real video's own envelope figures on the held-out frames (its own audio), the scale for the
     cross-driven envelope columns: a file without pauses compares with the speech-only one. Empty when the
@@ -1172,6 +1183,7 @@ def run(args: argparse.Namespace) -> tuple[dict, Path]:
                                                    args.seed)
     finally:
         mesh.close()
+    distinct_labels(report)
     report.update(created=_dt.datetime.now().isoformat(timespec="seconds"), notes=list(NOTES),
                   settings={"max_frames": args.max_frames, "backend": args.backend, "device": args.device,
                             "vshift": VSHIFT, "fps": FPS, "silence_min_ms": SILENCE_MS,

@@ -468,6 +468,20 @@ def test_the_cross_table_gives_the_real_videos_envelope_figures_for_scale():
     assert footer[0] in evaluate.summary_text(report)
 
 
+def test_a_compared_checkpoint_of_the_same_epoch_gets_a_column_of_its_own():
+    import evaluate
+
+    report = fake_report([2])
+    report.update(name="x", checkpoint="checkpoint/x_new/1.pth")
+    report["compare"] = dict(fake_report([1]), name="x", checkpoint="demo/checkpoint/demo/1.pth")
+    evaluate.distinct_labels(report)
+    assert (report["label"], report["compare"]["label"]) == ("x@x_new/1", "x@demo/1")
+    assert evaluate.run_columns(report)[:2] == ["x@x_new/1", "x@demo/1"]
+    report["compare"].update(label="y@1")
+    evaluate.distinct_labels(report)  # labels that differ already stay as they are
+    assert report["compare"]["label"] == "y@1"
+
+
 def test_a_chance_level_syncnet_makes_sync_numbers_not_measurable():
     import evaluate
 
