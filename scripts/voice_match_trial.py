@@ -1,12 +1,13 @@
-"""Trial: does matching a foreign voice's Whisper features to the avatar's training voice help the lips
-follow it? (docs/training-guide.md, "Matching a foreign voice's feature statistics".)
+"""Trial: does matching a foreign voice's Whisper features to the avatar's training voice, or amplifying
+them, help the lips follow it? (docs/training-guide.md, "Matching a foreign voice's feature statistics".)
 
-    python scripts/voice_match_trial.py --match {none,mean,meanstd} -- EVALUATE_ARGS...
+    python scripts/voice_match_trial.py --match {none,mean,meanstd,gain} [--gain G] -- EVALUATE_ARGS...
 
 Runs `evaluate.py` with EVALUATE_ARGS, the cross-driven files' features (per channel, over their speech
 frames under the engine's speech gate) shifted (`mean`) or shifted and scaled (`meanstd`) to the training
 voice's statistics (its speech frames in the dataset's `aud_whisper.npy`). The held-out rows use the
-dataset's own features and are not touched; `none` is plain `evaluate.py`.
+dataset's own features and are not touched; `none` is plain `evaluate.py`. `gain` moves every frame's
+features `G` times as far from the engine's row of digital silence (G > 1: articulate more).
 """
 from __future__ import annotations
 
@@ -45,6 +46,22 @@ def matched(features: np.ndarray, speaking: np.ndarray | None, target: tuple[np.
     return out
 
 
+def install_gain(gain: float) -> None:
+    """Patch `LipSyncEngine.features` so clips (not digital silence) come out `gain` times as far from the
+    features of digital silence."""
+    plain = LipSyncEngine.features
+
+    def features(self: LipSyncEngine, audio16k: np.ndarray) -> np.ndarray:
+        out = plain(self, audio16k)
+        if not np.any(audio16k):  # the engine's own silence features
+            return out
+        silence = self._silence_features()
+        rest = silence[len(silence) // 2]
+        return (rest + gain * (out - rest)).astype(np.float32)
+
+    LipSyncEngine.features = features  # type: ignore[method-assign]
+
+
 def install(dataset_dir: Path, scale: bool) -> None:
     """Patch `LipSyncEngine.features` so clips (not the 2 s silence) come out matched to the dataset's voice."""
     plain = LipSyncEngine.features
@@ -65,12 +82,15 @@ def install(dataset_dir: Path, scale: bool) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--match", choices=("none", "mean", "meanstd"), required=True)
+    p.add_argument("--match", choices=("none", "mean", "meanstd", "gain"), required=True)
+    p.add_argument("--gain", type=float, default=2.0, help="with --match gain: the factor")
     p.add_argument("--dataset_dir", default="dataset/grid_s1", help="the training voice's dataset")
     p.add_argument("evaluate_args", nargs=argparse.REMAINDER, help="after --: evaluate.py's arguments")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.match != "none":
+    if args.match == "gain":
+        install_gain(args.gain)
+    elif args.match != "none":
         install(Path(args.dataset_dir), scale=args.match == "meanstd")
     rest = args.evaluate_args[1:] if args.evaluate_args[:1] == ["--"] else args.evaluate_args
     return evaluate.main(rest)
