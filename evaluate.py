@@ -855,6 +855,9 @@ def distinct_labels(report: dict) -> None:
     for run in (report, other):
         path = Path(run["checkpoint"])
         run["label"] = f"{run['name']}@{path.parent.name}/{path.stem}"
+    if other["label"] == report["label"]:  # the same folder name too: the whole paths
+        for run in (report, other):
+            run["label"] = f"{run['name']}@{run['checkpoint']}"
 
 
 def real_scale_line(report: dict) -> list[str]:

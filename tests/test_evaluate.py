@@ -480,6 +480,11 @@ def test_a_compared_checkpoint_of_the_same_epoch_gets_a_column_of_its_own():
     report["compare"].update(label="y@1")
     evaluate.distinct_labels(report)  # labels that differ already stay as they are
     assert report["compare"]["label"] == "y@1"
+    report.update(label="x@1")
+    report["compare"].update(label="x@1", checkpoint="old/checkpoint/x_new/1.pth")  # same folder name too
+    evaluate.distinct_labels(report)
+    assert (report["label"], report["compare"]["label"]) == ("x@checkpoint/x_new/1.pth",
+                                                             "x@old/checkpoint/x_new/1.pth")
 
 
 def test_a_chance_level_syncnet_makes_sync_numbers_not_measurable():
