@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -477,7 +478,7 @@ def _open_mean(values: list, open_: np.ndarray) -> float:
     return _nanmean(np.asarray(values, np.float64)[open_])
 
 
-def _nanmean(values: np.ndarray) -> float:
+def _nanmean(values: np.ndarray | list) -> float:
     """Mean of the finite values; NaN when there is none."""
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
@@ -541,13 +542,17 @@ def held_out_candidates(av: Avatar, idx: np.ndarray, policies: tuple[str, ...],
     """The held-out table's columns: the mean crop, and per policy the model and its copy-reference."""
     mean_crop = mean_training_crop(av)
     border = av.engine.size.border
+    def model(ref: np.ndarray) -> Callable[[int, int, np.ndarray], np.ndarray]:
+        return lambda s, e, real: render_crops(av, av.gated, idx[s:e], idx[s:e], ref[s:e], av.speaking)
+
+    def copy(ref: np.ndarray) -> Callable[[int, int, np.ndarray], np.ndarray]:
+        return lambda s, e, real: with_interior(real, np.stack([av.crop_of(int(r)) for r in ref[s:e]]), border)
+
     cands = [Candidate("mean_crop", lambda s, e, real: with_interior(real, mean_crop[None], border))]
     for p in policies:
-        cands.append(Candidate(f"{p}:model", lambda s, e, real, p=p: render_crops(
-            av, av.gated, idx[s:e], idx[s:e], refs[p][s:e], av.speaking)))
+        cands.append(Candidate(f"{p}:model", model(refs[p])))
         if p != "same":  # copying the target's own crop is the real video
-            cands.append(Candidate(f"{p}:copy_reference", lambda s, e, real, p=p: with_interior(
-                real, np.stack([av.crop_of(int(r)) for r in refs[p][s:e]]), border)))
+            cands.append(Candidate(f"{p}:copy_reference", copy(refs[p])))
     return cands
 
 
@@ -1013,8 +1018,8 @@ def build_html(report: dict, page: dict) -> str:
     parts.append("<p>Frame rows: " + esc(", ".join(page["strip_rows"])) + ".</p>")
     parts.append(f"<img src='data:image/jpeg;base64,{page['self_strip']}'>")
     if report["cross_driven"]:
-        heads, rows, footer = cross_table(report)
-        parts.append("<h2>Cross-driven (one row per file)</h2>" + _html_table(heads, rows))
+        heads, cross_rows, footer = cross_table(report)
+        parts.append("<h2>Cross-driven (one row per file)</h2>" + _html_table(heads, cross_rows))
         parts += [f"<p>{esc(line)}</p>" for line in footer]
         for i, cd in enumerate(report["cross_driven"]):
             parts.append(f"<h3>{esc(Path(cd['audio']).name)} ({cd['frames']} frames)</h3>")
@@ -1032,10 +1037,10 @@ def build_page(report: dict, arts: dict, audio_files: list[Path]) -> dict:
     strips = sa["strips"]
     names = ["real"] + [n for n in ("closed:copy_reference", "closed:model", "random:model", "same:model")
                         if strips.get(n)]
-    page = {"self_plot": plot_opening(sa, "held-out: mouth opening, real vs model per reference policy",
-                                      sr["closed_mouth_max"]),
-            "self_strip": strip_jpeg([sa["real_strip"]] + [strips[n] for n in names[1:]]),
-            "strip_rows": names, "cross_plots": [], "cross_strips": []}
+    title = "held-out: mouth opening, real vs model per reference policy"
+    page: dict[str, Any] = {"self_plot": plot_opening(sa, title, sr["closed_mouth_max"]),
+                            "self_strip": strip_jpeg([sa["real_strip"]] + [strips[n] for n in names[1:]]),
+                            "strip_rows": names, "cross_plots": [], "cross_strips": []}
     for path, art in zip(audio_files, arts["cross"]):
         page["cross_plots"].append(plot_opening(dict(art, real_label="source unchanged"),
                                                 f"{Path(path).name}: mouth opening", sr["closed_mouth_max"]))
@@ -1136,10 +1141,11 @@ def parse_policies(value: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     # defaults (one block)
-    defaults = dict(checkpoint=None, audio=[], compare=None, dataset_root=settings.paths.dataset_root,
-                    checkpoint_root=settings.paths.checkpoint_root, syncnet_root=settings.paths.syncnet_root,
-                    out=None, max_frames=None, backend=settings.models.backend,
-                    device=settings.models.resolved_device(), references=DEFAULT_POLICIES, seed=0, strict=False)
+    defaults: dict[str, Any] = dict(
+        checkpoint=None, audio=[], compare=None, dataset_root=settings.paths.dataset_root,
+        checkpoint_root=settings.paths.checkpoint_root, syncnet_root=settings.paths.syncnet_root,
+        out=None, max_frames=None, backend=settings.models.backend,
+        device=settings.models.resolved_device(), references=DEFAULT_POLICIES, seed=0, strict=False)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--name", required=True, help="avatar name (dataset/<name>, checkpoint/<name>)")
