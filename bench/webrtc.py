@@ -119,7 +119,7 @@ class BenchPeer:
         while (await client.get(f"/sessions/{self.session_id}")).json()["synthesizing"]:
             await asyncio.sleep(0.05)  # a sentence being synthesised when interrupted is finished first
         await asyncio.sleep(1.0)  # back to the idle loop; sound still arriving by now would be counted
-        sound = [t for _, _, t, rms in self.audio if t > cut and rms > SOUND_RMS]
+        sound = [t for _, _, t, rms in self.audio if t > cut and rms > SOUND_RMS]  # none: 0 (it stopped before)
         return {"first_video_s": video - start, "first_audio_s": audio - start,
                 "last_sound_s": (max(sound) if sound else cut) - cut}
 
