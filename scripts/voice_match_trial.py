@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,38 +47,44 @@ def matched(features: np.ndarray, speaking: np.ndarray | None, target: tuple[np.
     return out
 
 
-def install_gain(gain: float) -> None:
-    """Patch `LipSyncEngine.features` so clips (not digital silence) come out `gain` times as far from the
-    features of digital silence."""
+Change = Callable[[LipSyncEngine, np.ndarray, np.ndarray], np.ndarray]  # (engine, audio, features) -> features
+
+
+def patch_features(change: Change) -> None:
+    """Patch `LipSyncEngine.features` so every clip's features (not the engine's own digital silence) pass
+    through `change`."""
     plain = LipSyncEngine.features
 
     def features(self: LipSyncEngine, audio16k: np.ndarray) -> np.ndarray:
         out = plain(self, audio16k)
-        if not np.any(audio16k):  # the engine's own silence features
-            return out
-        silence = self._silence_features()
-        rest = silence[len(silence) // 2]
-        return (rest + gain * (out - rest)).astype(np.float32)
+        return change(self, audio16k, out) if np.any(audio16k) else out
 
     LipSyncEngine.features = features  # type: ignore[method-assign]
 
 
-def install(dataset_dir: Path, scale: bool) -> None:
-    """Patch `LipSyncEngine.features` so clips (not the 2 s silence) come out matched to the dataset's voice."""
-    plain = LipSyncEngine.features
+def amplified(gain: float) -> Change:
+    """Features moved `gain` times as far from the features of digital silence."""
+    def change(engine: LipSyncEngine, audio16k: np.ndarray, out: np.ndarray) -> np.ndarray:
+        silence = engine._silence_features()
+        rest = silence[len(silence) // 2]
+        return (rest + gain * (out - rest)).astype(np.float32)
+    return change
+
+
+def matched_to(dataset_dir: Path, scale: bool) -> Change:
+    """Features whose speaking frames are matched (`matched`) to the dataset's voice."""
     target: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def features(self: LipSyncEngine, audio16k: np.ndarray) -> np.ndarray:
-        out = plain(self, audio16k)
+    def change(engine: LipSyncEngine, audio16k: np.ndarray, out: np.ndarray) -> np.ndarray:
         if not target:
             train = np.load(dataset_dir / "aud_whisper.npy").astype(np.float32)
-            target.append(speech_stats(train, self.speaking(load_audio(str(dataset_dir / "aud.wav")), len(train))))
-        speaking = self.speaking(audio16k, len(out))
+            voice = load_audio(str(dataset_dir / "aud.wav"))
+            target.append(speech_stats(train, engine.speaking(voice, len(train))))
+        speaking = engine.speaking(audio16k, len(out))
         log.info("matching %d of %d frames to %s's voice", len(out) if speaking is None else int(speaking.sum()),
                  len(out), dataset_dir.name)
         return matched(out, speaking, target[0], scale)
-
-    LipSyncEngine.features = features  # type: ignore[method-assign]
+    return change
 
 
 def main() -> int:
@@ -89,9 +96,9 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.match == "gain":
-        install_gain(args.gain)
+        patch_features(amplified(args.gain))
     elif args.match != "none":
-        install(Path(args.dataset_dir), scale=args.match == "meanstd")
+        patch_features(matched_to(Path(args.dataset_dir), scale=args.match == "meanstd"))
     rest = args.evaluate_args[1:] if args.evaluate_args[:1] == ["--"] else args.evaluate_args
     return evaluate.main(rest)
 

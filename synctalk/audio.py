@@ -388,7 +388,7 @@ def voiced_frames(levels_db: np.ndarray, threshold_db: float, probs: np.ndarray 
     loud = np.asarray(levels_db, np.float64) > threshold_db
     if probs is None:
         return loud
-    return loud & (np.asarray(probs, np.float64)[: len(loud)] > vad_threshold)
+    return loud & (np.asarray(probs, np.float64) > vad_threshold)
 
 
 def frame_levels_db(pcm: np.ndarray, frame: int = SAMPLE_RATE // FPS) -> np.ndarray:
