@@ -748,9 +748,10 @@ def create_app(services: Services | None = None, settings: Settings | None = Non
         yield
 
     protected_docs = bool(settings.server.auth_token)  # FastAPI's own docs routes skip app dependencies
+    hidden_docs: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="SyncTalk 2D", version="1.0", lifespan=lifespan, dependencies=[Depends(require_token)],
                   description="Lip-synced talking-head video from text or audio, streamed as MJPEG.",
-                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if protected_docs else {}))
+                  **(hidden_docs if protected_docs else {}))
     app.state.services = services
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.server.body_timeout_s)
     if settings.server.cors_origins:

@@ -35,7 +35,7 @@ class Services:
     settings: Settings
     models: ModelService
     tts: FallbackTTS
-    generator_cls: type[FrameGenerationService] | None = None  # FrameGenerationService subclass; None = from settings
+    generator_cls: type[FrameGenerationService] = field(init=False)  # from settings.server.motion
     stats: StreamStats = field(default_factory=StreamStats)
     debug: DebugRecorder | None = None
     admission: Admission = field(default_factory=Admission)
@@ -46,9 +46,8 @@ class Services:
             self.debug = DebugRecorder(self.settings.debug)
         if self.settings.server.max_streams and self.admission.capacity is None:
             self.admission.capacity = self.settings.server.max_streams
-        if self.generator_cls is None:
-            motion = self.settings.server.motion
-            self.generator_cls = EnhancedFrameGenerationService if motion == "enhanced" else FrameGenerationService
+        enhanced = self.settings.server.motion == "enhanced"
+        self.generator_cls = EnhancedFrameGenerationService if enhanced else FrameGenerationService
 
 
 def build_services(settings: Settings) -> Services:

@@ -210,13 +210,20 @@ class LiveConnection:
         except asyncio.TimeoutError:
             raise SlowClient() from None
 
+    @property
+    def running(self) -> LiveTimeline:
+        """The connection's timeline (made when `run` starts, before any handler that uses it)."""
+        if self.timeline is None:
+            raise RuntimeError("the live timeline has not started")
+        return self.timeline
+
     async def stop_speech(self) -> None:
         """The client's `stop`: drop all audio not yet shown and go back to the idle loop with the next
         frame; answered with `stopped` before any frame after it."""
         self.decoder = PCMDecoder(self.decoder.rate)  # the next audio is a new stream
         self.ahead = AheadMeter()  # nothing is buffered any more
         async with self.send_lock:  # the sender is between frames: `committed` is the last one out
-            info = self.timeline.interrupt(self.committed + 1)
+            info = self.running.interrupt(self.committed + 1)
             await self._send_locked(text=json.dumps({"type": "stopped", **info}))
 
     async def run(self) -> None:
@@ -296,7 +303,7 @@ class LiveConnection:
                     raise AudioAhead()  # run() closes the socket (1008) before the sender is stopped
                 pcm = self.decoder.decode(data)
                 if pcm.size:
-                    self.timeline.push_audio(pcm, now)
+                    self.running.push_audio(pcm, now)
                 continue
             if text is None:
                 continue
@@ -310,21 +317,21 @@ class LiveConnection:
                 if "sample_rate" in control and control["sample_rate"] != self.decoder.rate:
                     tail = self.decoder.finish()
                     if tail.size:
-                        self.timeline.push_audio(tail, now)
+                        self.running.push_audio(tail, now)
                     self.decoder = PCMDecoder(control["sample_rate"])
                 if "realtime" in control:
-                    self.timeline.realtime = control["realtime"]
+                    self.running.realtime = control["realtime"]
                 if "frame_events" in control:
                     self.frame_events = control["frame_events"]
             elif kind == "start":
-                self.timeline.start(now)
+                self.running.start(now)
             elif kind == "stop":
                 await self.stop_speech()
             else:  # end: the audio so far plays out
                 tail = self.decoder.finish()
                 if tail.size:
-                    self.timeline.push_audio(tail, now)
-                self.timeline.stop(now)
+                    self.running.push_audio(tail, now)
+                self.running.stop(now)
 
     async def send_frames(self) -> None:
         """Send the worker's frames (and their events) at their due times, never faster than fps."""
@@ -334,35 +341,35 @@ class LiveConnection:
         while True:
             item = await self._next_item()
             if item is None:
-                err = self.timeline.error
+                err = self.running.error
                 await self.error("internal", f"frame generation failed: {err}")
                 raise RuntimeError(f"timeline failed: {err}")
-            if item.epoch != self.timeline.epoch:
+            if item.epoch != self.running.epoch:
                 continue  # planned before a stop: never shown
             for event in item.events:
                 await self.send_json(event)
             if item.jpeg is None:
                 self.frames_dropped += 1
                 self.committed = item.k
-                self.timeline.sent(item.k)
+                self.running.sent(item.k)
                 continue
             deadline = self.clock.deadline(item.k)
             send_at = max(deadline, time.monotonic())
             if last_at is not None:  # never faster than fps (a skipped slot lets the stream catch up)
                 send_at = max(send_at, last_at + period - 0.002)
             late = send_at - deadline
-            if self.timeline.realtime and late >= period and self._successor_due(send_at):
+            if self.running.realtime and late >= period and self._successor_due(send_at):
                 self.frames_dropped += 1  # a newer frame is already due: skip this stale one
                 self.committed = item.k
-                self.timeline.sent(item.k)
+                self.running.sent(item.k)
                 continue
-            if not self.timeline.realtime and late > 0.002:
+            if not self.running.realtime and late > 0.002:
                 self.clock.shift(late)
             delay = send_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             async with self.send_lock:  # the frame event and its frame together, never split by a stop
-                if item.epoch != self.timeline.epoch:
+                if item.epoch != self.running.epoch:
                     continue  # a stop came while it waited
                 self.committed = item.k
                 if self.frame_events:
@@ -372,7 +379,7 @@ class LiveConnection:
                 await self._send_locked(data=item.jpeg)
             last_at = send_at
             self.frames_sent += 1
-            self.timeline.sent(item.k)
+            self.running.sent(item.k)
 
 
 def forget_frames(exc: BaseException) -> None:

@@ -259,9 +259,10 @@ class SpeechTimeline:
         k = self.k_committed + 1
         if self.interrupt_requested:
             self._cut(k)
-        seg = self.segments[0] if self.segments and self.segments[0].anchor is not None else None
-        if seg is not None and k >= seg.anchor:
-            slot = self._speech(k, seg)
+        seg = self.segments[0] if self.segments else None
+        anchor = None if seg is None else seg.anchor  # None until the segment is prepared
+        if seg is not None and anchor is not None and k >= anchor:
+            slot = self._speech(k, seg, anchor)
         else:
             if self.last_played is not None:  # speech just ended: cross-fade back to the idle loop
                 self.idle_pos, self.idle_dir = self.last_played.idle_state
@@ -273,8 +274,8 @@ class SpeechTimeline:
         self.slots.pop(k - KEPT_SLOTS, None)
         self.k_committed = k
 
-    def _speech(self, k: int, seg: Segment) -> Slot:
-        a = k - seg.anchor
+    def _speech(self, k: int, seg: Segment, anchor: int) -> Slot:
+        a = k - anchor
         utt = seg.utterance
         if self.current is not utt:
             if self.current is not None:
@@ -442,13 +443,13 @@ class SpeechTimeline:
     def _prepare(self, seg: Segment) -> None:
         """Render a segment's first frames and anchor it on the clock."""
         with self._cv:
-            before = [s for s in self.segments
+            before = [(s, s.anchor) for s in self.segments
                       if s.anchor is not None and s is not seg and not s.utterance.cancel.is_set()]
-            prev = before[-1] if before else None
+            prev, prev_anchor = before[-1] if before else (None, 0)
             now = self.clock.now_frame()
             soon = int(math.ceil(now + (self.prepare_s + self.margin_s) * FPS)) + self._catch_up(seg.total)
             if prev is not None:
-                tentative = max(prev.anchor + prev.total, self.k_committed + 1)
+                tentative = max(prev_anchor + prev.total, self.k_committed + 1)
                 seg.idle_state = prev.idle_state
             else:
                 tentative = max(soon, self.k_committed + 1)
@@ -484,6 +485,8 @@ class SpeechTimeline:
         features = seg.feed.ensure(hi + FUTURE_ROWS, seg.utterance.cancel)
         if seg.utterance.cancel.is_set():
             return
+        if seg.order is None:
+            raise RuntimeError("a segment is rendered before its frame order is set (`_prepare`)")
         windows = self.engine.audio_windows(features, range(lo, hi), speaking=seg.feed.speaking)
         if self.scheduler is not None and seg.anchor is not None and self.clock.t0 is not None:
             frames = self.scheduler.render(windows, seg.order[lo:hi], self.clock.deadline(seg.anchor + lo))

@@ -217,8 +217,8 @@ class LiveGate:
         n = len(self.levels_db) if self.vad is None else min(len(self.levels_db), len(self._probs))
         a = len(self.voiced)
         if n > a:
-            probs = None if self.vad is None else self._probs[a:n]
-            self.voiced.extend(voiced_frames(self.levels_db[a:n], self.threshold, probs, self._prob_min).tolist())
+            probs = None if self.vad is None else np.asarray(self._probs[a:n], np.float32)
+            self.voiced.extend(voiced_frames(np.asarray(self.levels_db[a:n]), self.threshold, probs, self._prob_min).tolist())
 
     def speaking(self, a: int) -> bool | None:
         """Whether audio frame a is speech; None while undecided (frames up to a + ahead not in yet)."""
@@ -324,6 +324,10 @@ class Session:
             held = self.n_rows - self._base
             self._rows[: held - drop] = self._rows[drop:held].copy()
             self._base += drop
+
+    def played_out(self, k: int) -> bool:
+        """Whether output frame `k` comes after this (ended) session's last frame."""
+        return self.ended and self.total_frames is not None and k >= self.anchor + self.total_frames
 
     def window(self, a: int, mode: str) -> np.ndarray:
         """The network's audio input for session audio frame `a`: `synctalk.sizes.audio_window` of the
@@ -632,7 +636,7 @@ class LiveTimeline:
         Called with the lock held."""
         k = self.k_next
         now = time.monotonic()
-        while self.sessions and self.sessions[0].ended and k >= self.sessions[0].anchor + self.sessions[0].total_frames:
+        while self.sessions and self.sessions[0].played_out(k):
             self.sessions.popleft()  # played out
         session = self.sessions[0] if self.sessions and k >= self.sessions[0].anchor else None
         speaking = False
@@ -659,7 +663,7 @@ class LiveTimeline:
         plan.epoch = self.epoch
         if plan.kind != "idle" or plan.events:
             self.last_active_k = k
-        if speaking:
+        if speaking and session is not None and a is not None:  # (speaking implies both)
             plan.window = session.window(a, self.mode)
             session.discard_before(a - WINDOW)
         self.k_next += 1
@@ -669,6 +673,8 @@ class LiveTimeline:
         """Advance the walk state by one output frame."""
         events: list[dict] = []
         if speaking:
+            if a is None:
+                raise ValueError(f"frame {k} is planned as speech without its session audio frame")
             if self.state != "speech":
                 # start on the frame the idle loop would show now
                 self.speech_pos, self.speech_dir = pingpong_step(self.idle_pos, self.idle_dir, self.idle.count)
@@ -709,7 +715,9 @@ class LiveTimeline:
         return self.realtime and time.monotonic() > self.clock.deadline(k) + 1.0 / FPS
 
     def _render_speech(self, plan: Planned) -> None:
-        audio_time = int(plan.a) / FPS
+        if plan.a is None or plan.window is None:
+            raise ValueError(f"frame {plan.k} is planned as speech without its audio")
+        audio_time = plan.a / FPS
         if self._late(plan.k):  # realtime and already a frame interval late: skip the work
             self.emit(Item(plan.k, None, plan.kind, audio_time, plan.events, plan.epoch))
             return

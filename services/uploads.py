@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 import numpy as np
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
@@ -23,6 +23,15 @@ FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries on top of the file
 LIMIT_SETTING = "server.max_audio_seconds"
 
 
+def uploaded_file(form: FormData) -> UploadFile | None:
+    """The form's audio file: the first of `UPLOAD_FIELDS` that holds a file."""
+    for name in UPLOAD_FIELDS:
+        value = form.get(name)
+        if isinstance(value, UploadFile):
+            return value
+    return None
+
+
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
     """The uploaded audio file's bytes and its extension; the size cap is enforced before parsing."""
     length = request.headers.get("content-length")
@@ -32,7 +41,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
         raise APIError(413, "upload_too_large", f"upload is {length} bytes, the limit is {max_bytes}")
     try:
         async with request.form(max_files=1, max_fields=8) as form:
-            upload = next((form[f] for f in UPLOAD_FIELDS if isinstance(form.get(f), UploadFile)), None)
+            upload = uploaded_file(form)
             if upload is None:
                 raise APIError(400, "missing_file", "send the audio as multipart form field 'audio_file'")
             extension = Path(upload.filename or "").suffix.lower()
