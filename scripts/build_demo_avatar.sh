@@ -51,23 +51,23 @@ OMP_WAIT_POLICY=PASSIVE $PY train_328.py "${COMMON[@]}" --save_dir "checkpoint/$
 TEMPORAL=(--mouth_weight 4 --grad_weight 1 --gan_weight 0.05 --temporal_weight 1)
 OMP_WAIT_POLICY=PASSIVE $PY train_328.py "${COMMON[@]}" --save_dir "checkpoint/${NAME}_temporal" --lr 5e-4 \
   --cpu_budget_s 8400 "${TEMPORAL[@]}" --init_checkpoint "$(final "checkpoint/$NAME/metrics.jsonl")"
-FM=(--lr 2.5e-4 --cpu_budget_s 4500 --mouth_weight 4 --grad_weight 2 --gan_weight 0.05 --gan_start 0
+FM=(--lr 2.5e-4 --mouth_weight 4 --grad_weight 2 --gan_weight 0.05 --gan_start 0
     --temporal_weight 1)
 OMP_WAIT_POLICY=PASSIVE $PY train_328.py "${COMMON[@]}" --save_dir "checkpoint/${NAME}_fm" "${FM[@]}" --fm_weight 5 \
-  --init_checkpoint "$(final "checkpoint/${NAME}_temporal/metrics.jsonl")"
+  --cpu_budget_s 4500 --init_checkpoint "$(final "checkpoint/${NAME}_temporal/metrics.jsonl")"
 OMP_WAIT_POLICY=PASSIVE $PY train_328.py "${COMMON[@]}" --save_dir "checkpoint/${NAME}_fmc" "${FM[@]}" --fm_weight 5 \
-  --init_checkpoint "$(final "checkpoint/${NAME}_fm/metrics.jsonl")" --init_critic "checkpoint/${NAME}_fm/latest.pth"
+  --cpu_budget_s 4500 --init_checkpoint "$(final "checkpoint/${NAME}_fm/metrics.jsonl")" --init_critic "checkpoint/${NAME}_fm/latest.pth"
 OMP_WAIT_POLICY=PASSIVE $PY train_328.py "${COMMON[@]}" --save_dir "checkpoint/${NAME}_fmc10" "${FM[@]}" --fm_weight 10 \
-  --init_checkpoint "$(final "checkpoint/${NAME}_fmc/metrics.jsonl")" --init_critic "checkpoint/${NAME}_fmc/latest.pth"
+  --cpu_budget_s 4500 --init_checkpoint "$(final "checkpoint/${NAME}_fmc/metrics.jsonl")" --init_critic "checkpoint/${NAME}_fmc/latest.pth"
 # then as the shipped demo went on from fmc10 without its critic: a fresh critic warmed up for 500 batches,
 # carried through two more stages (feature matching x10 for 4,500 and 3,000 CPU s, then x15 for 4,500)
 OMP_WAIT_POLICY=PASSIVE $PY train_328.py "${COMMON[@]}" --save_dir "checkpoint/${NAME}_fmw" "${FM[@]}" --fm_weight 10 \
-  --init_checkpoint "$(final "checkpoint/${NAME}_fmc10/metrics.jsonl")" --critic_warmup 500
+  --cpu_budget_s 4500 --init_checkpoint "$(final "checkpoint/${NAME}_fmc10/metrics.jsonl")" --critic_warmup 500
 OMP_WAIT_POLICY=PASSIVE $PY train_328.py "${COMMON[@]}" --save_dir "checkpoint/${NAME}_fmwc" "${FM[@]}" --fm_weight 10 \
   --cpu_budget_s 3000 --init_checkpoint "$(final "checkpoint/${NAME}_fmw/metrics.jsonl")" \
   --init_critic "checkpoint/${NAME}_fmw/latest.pth"
 OMP_WAIT_POLICY=PASSIVE $PY train_328.py "${COMMON[@]}" --save_dir "checkpoint/${NAME}_fmwc2" "${FM[@]}" --fm_weight 15 \
-  --init_checkpoint "$(final "checkpoint/${NAME}_fmwc/metrics.jsonl")" --init_critic "checkpoint/${NAME}_fmwc/latest.pth"
+  --cpu_budget_s 4500 --init_checkpoint "$(final "checkpoint/${NAME}_fmwc/metrics.jsonl")" --init_critic "checkpoint/${NAME}_fmwc/latest.pth"
 CKPT=$(final "checkpoint/${NAME}_fmwc2/metrics.jsonl")
 
 echo "== 5/7 evaluation (held-out cross-reference; a Piper voice, espeak-ng and a female speaker)"
