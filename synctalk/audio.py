@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -434,12 +435,20 @@ def speaking_frames(audio16k: np.ndarray, n_frames: int, threshold_db: float, ha
 SILERO_WINDOW = 512  # samples per Silero VAD step at 16 kHz
 
 
-@functools.lru_cache(maxsize=1)
-def _silero() -> tuple[Any, threading.Lock]:
-    """The Silero VAD (ONNX, from the `silero-vad` package; loaded once) and the lock its state needs."""
+def load_silero() -> Any:
+    """A fresh Silero VAD (ONNX, from the `silero-vad` package, with its own recurrent state). The package
+    locates its model through a deprecated `importlib.resources` call; that warning is not ours to show."""
     from silero_vad import load_silero_vad
 
-    return load_silero_vad(onnx=True), threading.Lock()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="silero_vad")
+        return load_silero_vad(onnx=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _silero() -> tuple[Any, threading.Lock]:
+    """The shared Silero VAD (loaded once) and the lock its state needs."""
+    return load_silero(), threading.Lock()
 
 
 def frame_windows(frame: int) -> tuple[int, int]:
@@ -455,9 +464,7 @@ class SileroStream:
     model and recurrent state (one per stream)."""
 
     def __init__(self) -> None:
-        from silero_vad import load_silero_vad
-
-        self.model = load_silero_vad(onnx=True)
+        self.model = load_silero()
         self.frames = 0  # frames decided so far
         self.samples = 0
         self._pending = np.zeros(0, np.float32)
