@@ -103,6 +103,7 @@ DEFAULTS = dict(
     reference="random",    # reference frame of a training sample: random, nearest (head pose), closed
     teeth_reference=False,  # a third input crop: a training frame that shows the teeth (9-channel U-Net)
     voice_aug=0.0,         # share of samples heard in a voice variant of the track (aud_whisper_voice*.npy)
+    context_drop=0.0,      # share of samples whose audio window keeps only its centre (outer rows from elsewhere)
     cpu_budget_s=0.0,      # stop after this many CPU seconds of training steps (0 = no budget)
     ema=False,             # keep an exponential moving average of the weights (saved checkpoints use it)
     ema_decay=0.999,
@@ -477,7 +478,8 @@ class Run:
         dist.barrier()
         train_ds = AvatarDataset(args.dataset_dir, args.size, args.mode, "train", seed=args.seed, build_cache=False,
                                  reference=args.reference, pairs=args.temporal_weight > 0, voice_aug=args.voice_aug,
-                                 inner_mouth=args.inner_mouth_weight != 1.0, teeth=args.teeth_reference)
+                                 inner_mouth=args.inner_mouth_weight != 1.0, teeth=args.teeth_reference,
+                                 context_drop=args.context_drop)
         val_ds = AvatarDataset(args.dataset_dir, args.size, train_ds.mode, "val", seed=args.seed, build_cache=False,
                                teeth=args.teeth_reference)
         if train_ds.teeth_pool is not None and self.dist.is_main:
@@ -858,6 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model; the crop of the first such frame is saved in the checkpoint and used at inference)")
     p.add_argument("--voice_aug", type=float, default=d["voice_aug"],
                    help="share of samples heard in one of the dataset's voice variants (aud_whisper_voice*.npy)")
+    p.add_argument("--context_drop", type=float, default=d["context_drop"],
+                   help="share of samples whose audio window keeps only the 7 frames round the target, its outer "
+                        "rows taken from another training frame (the mouth cannot lean on the surrounding words)")
     p.add_argument("--cpu_budget_s", type=float, default=d["cpu_budget_s"],
                    help="stop after this many CPU seconds spent in training steps (0 = no budget)")
     p.add_argument("--ema", action="store_true", default=d["ema"])
@@ -899,6 +904,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if not 0.0 <= args.voice_aug <= 1.0:
         raise TrainError(f"--voice_aug must be in [0, 1], got {args.voice_aug}")
+    if not 0.0 <= args.context_drop <= 1.0:
+        raise TrainError(f"--context_drop must be in [0, 1], got {args.context_drop}")
     for flag, value in (("--init_critic", args.init_critic), ("--critic_warmup", args.critic_warmup)):
         if value and args.gan_weight == 0 and args.fm_weight == 0:
             raise TrainError(f"{flag} needs the critic: give --gan_weight or --fm_weight")

@@ -304,6 +304,7 @@ def ensure_crop_cache(dataset_dir: str | Path, size: str | ModelSize = "328", wo
 
 REFERENCE_POLICIES = ("random", "nearest", "closed")  # how a training sample's reference frame is drawn
 NEAREST_CANDIDATES = 32  # 'nearest': random candidates searched for the closest head pose
+CONTEXT_KEEP = 3  # context_drop: frames each side of the centre whose audio rows a sample keeps
 NEAREST_MIN_GAP = 13     # 'nearest': candidates at least this many frames (0.5 s) away from the target
 CLOSED_SHARE = 0.10      # 'closed': the training frames with the smallest mouth opening, this share
 INNER_MOUTH_GROW = 1     # px the inner-mouth loss mask reaches beyond the inner-lip polygon
@@ -407,16 +408,23 @@ class AvatarDataset(Dataset):
     `voice_aug` p (whisper mode): a sample's audio window comes, with probability p, from one of the
     dataset's voice variants (`voice_variant_paths`, drawn uniformly) instead of the recorded voice, so
     the mouth learns to follow the words rather than this one voice.
+
+    `context_drop` p: with probability p a sample's audio window keeps only its centre (CONTEXT_KEEP
+    frames each side of the target) and takes its outer rows from another training frame's window (both
+    frames of a temporal pair from the same shift), so the mouth cannot lean on the surrounding words.
     """
 
     def __init__(self, dataset_dir: str | Path, size: str | ModelSize = "328", mode: str | None = None,
                  split: str = "train", seed: int = 0, val_fraction: float = VAL_FRACTION,
                  build_cache: bool = True, reference: str = "random", pairs: bool = False,
-                 voice_aug: float = 0.0, inner_mouth: bool = False, teeth: bool = False):
+                 voice_aug: float = 0.0, inner_mouth: bool = False, teeth: bool = False,
+                 context_drop: float = 0.0):
         if reference not in REFERENCE_POLICIES:
             raise DatasetError(f"unknown reference policy {reference!r}; choose from {REFERENCE_POLICIES}")
         if not 0.0 <= voice_aug <= 1.0:
             raise DatasetError(f"voice_aug is a probability in [0, 1], got {voice_aug}")
+        if not 0.0 <= context_drop <= 1.0:
+            raise DatasetError(f"context_drop is a probability in [0, 1], got {context_drop}")
         self.dataset_dir = check_dataset(dataset_dir)
         self.name = self.dataset_dir.name
         self.size = size if isinstance(size, ModelSize) else get_size(size)
@@ -448,6 +456,7 @@ class AvatarDataset(Dataset):
         self._poses = frame_poses(self.dataset_dir, self.n_frames) if reference == "nearest" else None
         self.voice_aug = float(voice_aug)
         self.voices = self._load_voices() if self.voice_aug > 0 else []
+        self.context_drop = float(context_drop)
         lips = inner_lip_polygons(self.dataset_dir, self.n_frames, self.size) if inner_mouth or teeth else None
         self._lips = lips if inner_mouth else None
         self.teeth_pool = (teeth_frames(lips, self.train_frames, self.crops, self.size)
@@ -547,9 +556,25 @@ class AvatarDataset(Dataset):
         b, s = self.size.border, self.size.inner
         return np.asarray(self.crops[frame, b:b + s, b:b + s])
 
-    def audio(self, frame: int, voice: int | None = None) -> np.ndarray:
-        """The network audio window of `frame`: the recorded voice, or voice variant `voice`."""
-        return audio_window(self.features if voice is None else self.voices[voice], frame, self.mode)
+    def audio(self, frame: int, voice: int | None = None, shift: int | None = None) -> np.ndarray:
+        """The network audio window of `frame`: the recorded voice, or voice variant `voice`; with a
+        context `shift`, the rows outside the centre come from the window of frame + shift."""
+        features = self.features if voice is None else self.voices[voice]
+        own = audio_window(features, frame, self.mode)
+        if shift is None:
+            return own
+        lender = int(np.clip(frame + shift, 0, self.n_frames - 1))
+        mixed = audio_window(features, lender, self.mode).reshape(WINDOW, -1)
+        centre = slice(WINDOW // 2 - CONTEXT_KEEP, WINDOW // 2 + CONTEXT_KEEP + 1)
+        mixed[centre] = own.reshape(WINDOW, -1)[centre]
+        return mixed.reshape(own.shape)
+
+    def context_for(self, frame: int, rng: np.random.Generator) -> int | None:
+        """A sample's context shift under `context_drop`: None (its own context) or the offset of the
+        training frame that lends the outer rows (no draw when off)."""
+        if self.context_drop <= 0 or rng.random() >= self.context_drop:
+            return None
+        return self._draw_other(self.train_frames, frame, rng) - frame
 
     def voice_for(self, rng: np.random.Generator) -> int | None:
         """A sample's voice under `voice_aug`: None (recorded) or a variant's index (no draw when off)."""
@@ -557,16 +582,17 @@ class AvatarDataset(Dataset):
             return None
         return int(rng.integers(len(self.voices)))
 
-    def unet_sample(self, frame: int, ref: int, voice: int | None = None,
-                    teeth: int | None = None) -> tuple[torch.Tensor, ...]:
+    def unet_sample(self, frame: int, ref: int, voice: int | None = None, teeth: int | None = None,
+                    shift: int | None = None) -> tuple[torch.Tensor, ...]:
         """(image, audio window, label) of `frame` with reference `ref` (and teeth reference `teeth`),
-        heard in `voice`; with `inner_mouth`, the target's open-mouth mask as a fourth tensor."""
+        heard in `voice` with context `shift` (`audio`); with `inner_mouth`, the target's open-mouth mask
+        as a fourth tensor."""
         target = np.asarray(self.crops[frame])
         teeth_crop = None if teeth is None else np.asarray(self.crops[teeth])
         image = face_crop.make_unet_input(target, np.asarray(self.crops[ref]), self.size.name, teeth_crop)
         label = self.interior(frame).transpose(2, 0, 1).astype(np.float32) / 255.0
         sample = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-                  torch.from_numpy(self.audio(frame, voice)), torch.from_numpy(np.ascontiguousarray(label)))
+                  torch.from_numpy(self.audio(frame, voice, shift)), torch.from_numpy(np.ascontiguousarray(label)))
         if self._lips is None:
             return sample
         return sample + (torch.from_numpy(inner_mouth_mask(self._lips[frame], self.size.inner)),)
@@ -587,16 +613,17 @@ class AvatarDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """One sample; with `pairs`, frames t and its neighbour stacked on a new first axis (same
-        reference, teeth reference and voice), for the temporal loss."""
+        reference, teeth reference, voice and context shift), for the temporal loss."""
         epoch, frame = self._key(key)
         rng = self.rng(frame, epoch)
         ref = self.reference_for(frame, rng)
         voice = self.voice_for(rng)
         teeth = self.teeth_for(frame, rng)
+        shift = self.context_for(frame, rng)
         if not self.pairs:
-            return self.unet_sample(frame, ref, voice, teeth)
-        first = self.unet_sample(frame, ref, voice, teeth)
-        second = self.unet_sample(self.neighbour(frame), ref, voice, teeth)
+            return self.unet_sample(frame, ref, voice, teeth, shift)
+        first = self.unet_sample(frame, ref, voice, teeth, shift)
+        second = self.unet_sample(self.neighbour(frame), ref, voice, teeth, shift)
         return tuple(torch.stack(t) for t in zip(first, second))
 
 

@@ -11,8 +11,16 @@ import torch
 from test_training import FAST, fabricate_dataset, jsonl, run_py
 
 from synctalk import losses
-from synctalk.dataset import CLOSED_SHARE, NEAREST_MIN_GAP, AvatarDataset, DatasetError, inner_mouth_mask
+from synctalk.dataset import (
+    CLOSED_SHARE,
+    CONTEXT_KEEP,
+    NEAREST_MIN_GAP,
+    AvatarDataset,
+    DatasetError,
+    inner_mouth_mask,
+)
 from synctalk.metrics import LIP_INNER
+from synctalk.timing import WINDOW
 from synctalk.trainkit import CpuBudget, budget_schedule
 
 
@@ -340,6 +348,45 @@ def test_voice_aug_draws_variant_windows_and_keeps_the_reference(tmp_path):
     assert torch.unique(audio[audio != 0]).numel() == 1, "both frames of a pair in one voice"
     val = AvatarDataset(d, "small", split="val")
     assert val.voices == [] and val.voice_for(np.random.default_rng(0)) is None
+
+
+def test_context_drop_keeps_the_centre_and_lends_the_outer_rows(tmp_path):
+    d = fabricate_dataset(tmp_path, n=60)
+    plain = AvatarDataset(d, "small", split="train")
+    centre = slice(WINDOW // 2 - CONTEXT_KEEP, WINDOW // 2 + CONTEXT_KEEP + 1)
+    outer = np.ones(WINDOW, bool)
+    outer[centre] = False
+
+    def lender(frame: int, rows: np.ndarray) -> int:
+        """The frame whose window's outer rows `rows` carries (the only one: fabricated features differ)."""
+        found = [k for k in range(plain.n_frames)
+                 if np.array_equal(plain.audio(k).reshape(WINDOW, -1)[outer], rows[outer])]
+        assert len(found) == 1, f"frame {frame}: outer rows match frames {found}"
+        return found[0]
+
+    lent = plain.audio(20, shift=-7).reshape(WINDOW, -1)
+    assert np.array_equal(lent[centre], plain.audio(20).reshape(WINDOW, -1)[centre])
+    assert lender(20, lent) == 13
+    dropped = AvatarDataset(d, "small", split="train", context_drop=1.0)
+    for i in range(0, len(dropped), 5):
+        image, audio, label = dropped[(0, i)]
+        ref_image, ref_audio, ref_label = plain[(0, i)]
+        assert torch.equal(image, ref_image) and torch.equal(label, ref_label), "context draw moved the reference"
+        rows, own = audio.numpy().reshape(WINDOW, -1), ref_audio.numpy().reshape(WINDOW, -1)
+        assert np.array_equal(rows[centre], own[centre]), "the centre keeps the sample's own audio"
+        frame = int(dropped.frames[i])
+        assert lender(frame, rows) != frame, "the outer rows come from another frame"
+    pairs = AvatarDataset(d, "small", split="train", pairs=True, context_drop=1.0)
+    frame = int(pairs.frames[7])
+    _, audio, _ = pairs[(0, 7)]
+    first, second = (a.numpy().reshape(WINDOW, -1) for a in audio)
+    assert lender(pairs.neighbour(frame), second) - pairs.neighbour(frame) == lender(frame, first) - frame, \
+        "both frames of a pair get the same context shift"
+    assert plain.context_for(frame, np.random.default_rng(0)) is None, "no draw when off"
+    with pytest.raises(DatasetError, match="probability"):
+        AvatarDataset(d, "small", context_drop=1.5)
+    failed = run_py(["train_328.py", "--dataset_dir", str(d), "--save_dir", str(tmp_path / "ck"), "--context_drop", "2"])
+    assert failed.returncode == 2 and "--context_drop must be in [0, 1]" in failed.stderr
 
 
 def test_voice_aug_needs_matching_variants(tmp_path):
