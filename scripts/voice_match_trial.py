@@ -1,13 +1,14 @@
 """Trial: does matching a foreign voice's Whisper features to the avatar's training voice, or amplifying
 them, help the lips follow it? (docs/training-guide.md, "Matching a foreign voice's feature statistics".)
 
-    python scripts/voice_match_trial.py --match {none,mean,meanstd,gain} [--gain G] -- EVALUATE_ARGS...
+    python scripts/voice_match_trial.py --match {none,mean,meanstd,gain,smooth} [--gain G] [--width W] -- EVALUATE_ARGS...
 
 Runs `evaluate.py` with EVALUATE_ARGS, the cross-driven files' features (per channel, over their speech
 frames under the engine's speech gate) shifted (`mean`) or shifted and scaled (`meanstd`) to the training
 voice's statistics (its speech frames in the dataset's `aud_whisper.npy`). The held-out rows use the
 dataset's own features and are not touched; `none` is plain `evaluate.py`. `gain` moves every frame's
-features `G` times as far from the engine's row of digital silence (G > 1: articulate more).
+features `G` times as far from the engine's row of digital silence (G > 1: articulate more). `smooth`
+averages the features over `W` encoder frames (50 Hz) centred on each (steadier lips, slower ones).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import uniform_filter1d
 
 import evaluate
 from synctalk.audio import load_audio
@@ -71,6 +73,15 @@ def amplified(gain: float) -> Change:
     return change
 
 
+def smoothed(width: int) -> Change:
+    """Features averaged over `width` encoder frames (50 Hz, edges repeated) centred on each."""
+    def change(engine: LipSyncEngine, audio16k: np.ndarray, out: np.ndarray) -> np.ndarray:
+        n, rows, channels = out.shape
+        flat = uniform_filter1d(out.reshape(n * rows, channels).astype(np.float64), width, axis=0, mode="nearest")
+        return flat.reshape(out.shape).astype(np.float32)
+    return change
+
+
 def matched_to(dataset_dir: Path, scale: bool) -> Change:
     """Features whose speaking frames are matched (`matched`) to the dataset's voice."""
     target: list[tuple[np.ndarray, np.ndarray]] = []
@@ -89,14 +100,19 @@ def matched_to(dataset_dir: Path, scale: bool) -> Change:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--match", choices=("none", "mean", "meanstd", "gain"), required=True)
+    p.add_argument("--match", choices=("none", "mean", "meanstd", "gain", "smooth"), required=True)
     p.add_argument("--gain", type=float, default=2.0, help="with --match gain: the factor")
+    p.add_argument("--width", type=int, default=3, help="with --match smooth: encoder frames (50 Hz) averaged")
     p.add_argument("--dataset_dir", default="dataset/grid_s1", help="the training voice's dataset")
     p.add_argument("evaluate_args", nargs=argparse.REMAINDER, help="after --: evaluate.py's arguments")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.match == "gain":
         patch_features(amplified(args.gain))
+    elif args.match == "smooth":
+        if args.width < 1:
+            p.error(f"--width must be at least 1, got {args.width}")
+        patch_features(smoothed(args.width))
     elif args.match != "none":
         patch_features(matched_to(Path(args.dataset_dir), scale=args.match == "meanstd"))
     rest = args.evaluate_args[1:] if args.evaluate_args[:1] == ["--"] else args.evaluate_args
