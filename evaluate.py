@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -305,6 +305,18 @@ class Chunk:
     mouth_boxes: list = field(default_factory=list)  # (x1, y1, x2, y2) crop px around the real lips
 
 
+class RealEnvelope(NamedTuple):
+    """The real video's mouth opening, speech envelope and pause frames on the held-out frames."""
+
+    opening: np.ndarray
+    envelope: np.ndarray
+    silent: np.ndarray
+
+    def at_pause_share(self, share: float) -> float:
+        """Its opening-vs-envelope correlation with pauses making up `share` of the frames."""
+        return M.envelope_correlation_at_pause_share(self.opening, self.envelope, self.silent, share)
+
+
 @dataclass
 class Track:
     """Per-frame measurements of one candidate."""
@@ -523,14 +535,14 @@ def silence_masks(segments: list[tuple[int, int]], n: int) -> tuple[np.ndarray, 
     return segments_to_mask(segments, n), segments_to_mask(segments, n, round(SILENCE_EDGE_MS * FPS / 1000))
 
 
-def held_out_audio(av: Avatar, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(speech envelope, silent-frame mask, its interior) at frames `idx`. Silences of at least SILENCE_MS
-    come from the dataset's aligned silences (utterances.json, e.g. GRID word alignments) when it has them,
-    else from the envelope of the whole training audio."""
-    env = speech_envelope(av.audio, SR, FPS)
+def held_out_audio(dataset_dir: Path, audio: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(speech envelope, silent-frame mask, its interior) at frames `idx` of a dataset's recording `audio`.
+    Silences of at least SILENCE_MS come from the dataset's aligned silences (utterances.json, e.g. GRID
+    word alignments) when it has them, else from the envelope of the whole recording."""
+    env = speech_envelope(audio, SR, FPS)
     n = max(len(env), int(idx.max()) + 1 if len(idx) else 0)
     env = np.pad(env, (0, n - len(env)))
-    aligned = aligned_silence_mask(av.dataset_dir, n)
+    aligned = aligned_silence_mask(dataset_dir, n)
     segments = (long_runs(aligned, FPS, SILENCE_MS) if aligned is not None
                 else silence_segments(env, FPS, SILENCE_MS))
     silent, interior = silence_masks(segments, n)
@@ -589,7 +601,7 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
     refs = {p: reference_frames(p, idx, av.train_frames, closed, seed) for p in policies}
     real, tracks = measure_held_out(av, idx, held_out_candidates(av, idx, policies, refs), mesh)
     boxes = av.boxes[idx]
-    envelope, silent, interior = held_out_audio(av, idx)
+    envelope, silent, interior = held_out_audio(av.dataset_dir, av.audio, idx)
     _, real_opening = opening_of(real, boxes, av.crop)
     closed_max = M.closed_mouth_threshold(np.concatenate([real_opening, train_open]))
 
@@ -621,6 +633,7 @@ def self_reconstruction(av: Avatar, mesh: FaceMesh, max_frames: int | None, poli
                                                                   for i in idx]) if n else np.zeros(0),
            "real_lips": with_breaks(real_lips, segments), "real_landmarks": dict(zip(idx.tolist(), real.landmarks)),
            "real_strip": real.strip, "silences": long_runs(silent, FPS, SILENCE_MS) if n else [],
+           "real_envelope": RealEnvelope(real_opening, envelope, silent),
            "openings": {p: opening_of(tracks[f"{p}:model"], boxes, av.crop)[1] for p in policies},
            "strips": {name: t.strip for name, t in tracks.items()}}
     return result, art
@@ -651,7 +664,7 @@ def measure_cross(av: Avatar, gated: np.ndarray, speaking: np.ndarray | None, id
 
 
 def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None, real_lips: np.ndarray,
-                 real_landmarks: dict, closed_max: float) -> tuple[dict, dict]:
+                 real_landmarks: dict, closed_max: float, real_env: RealEnvelope | None = None) -> tuple[dict, dict]:
     """Drive the avatar with a foreign audio file over the held-out frames (played back and forth), the
     engine's production path (each frame's own crop as reference); the source frames unchanged are the
     baseline (a model that ignores the audio scores like them)."""
@@ -693,7 +706,9 @@ def cross_driven(av: Avatar, path: Path, mesh: FaceMesh, max_frames: int | None,
                 "envelope_corr_speech": M.envelope_correlation(source_opening, env, ~silent),
                 "closure_in_silence": M.closure_share(source_opening, silent, closed_max),
                 "closure_in_silence_interior": M.closure_share(source_opening, interior, closed_max)}
-    result = {"audio": str(path), "frames": n, "model": model, "source_unchanged": baseline}
+    share = float(silent.mean()) if n else float("nan")
+    real = {"pause_share": share, "envelope_corr": real_env.at_pause_share(share) if real_env else float("nan")}
+    result = {"audio": str(path), "frames": n, "model": model, "source_unchanged": baseline, "real": real}
     art = {"openings": {"model": opening}, "real_opening": source_opening, "audio": audio16k,
            "gen_strip": track.strip, "silences": silences}
     return result, art
@@ -757,12 +772,15 @@ HELD_OUT_ROWS = [
     ("sync_min_dist", "SyncNet min distance", "down"),
 ]
 BETTER = {"up": "higher", "down": "lower", "zero": "0", "one": "near 1", "real": "near real"}
-# (key, label) of the per-file cross-driven table; `source:` keys come from the source-unchanged baseline
+# (key, label) of the per-file cross-driven table; `source:` keys come from the source-unchanged baseline,
+# `real:` ones from the real video on its held-out frames with as many pauses as the file
 CROSS_COLUMNS = [
     ("sync_offset", "offset"),
     ("sync_confidence", "confidence"),
     ("envelope_corr", "env. corr"),
     ("source:envelope_corr", "env. corr (source unchanged)"),
+    ("real:envelope_corr", "env. corr, real at this pause share"),
+    ("real:pause_share", "pause share"),
     ("envelope_corr_speech", "env. corr in speech"),
     ("closure_in_silence", "closed in silence"),
     ("closure_in_silence_interior", "closed (interior)"),
@@ -840,8 +858,9 @@ def cross_table(report: dict) -> tuple[list[str], list[list], list[str]]:
             name = Path(cd["audio"]).name + (f" [{label}]" if len(runs) > 1 else "")
             row = [name]
             for key, _ in CROSS_COLUMNS:
-                src = cd.get("source_unchanged", {}) if key.startswith("source:") else cd["model"]
-                row.append(src.get(key.removeprefix("source:")))
+                part, _, name = key.rpartition(":")
+                src = {"source": cd.get("source_unchanged", {}), "real": cd.get("real", {}), "": cd["model"]}[part]
+                row.append(src.get(name))
             rows.append(row)
         offsets = [cd["model"].get("sync_offset") for cd in cds]
         numeric = [abs(o) for o in offsets if _finite(o)]
@@ -1107,7 +1126,7 @@ def evaluate_avatar(av: Avatar, audio_files: list[Path], mesh: FaceMesh, max_fra
     for path in audio_files:
         log.info("cross-driving %s with %s", av.label, path)
         res, art = cross_driven(av, path, mesh, max_frames, self_art["real_lips"], self_art["real_landmarks"],
-                                self_res["closed_mouth_max"])
+                                self_res["closed_mouth_max"], self_art["real_envelope"])
         cross.append(res)
         cross_arts.append(art)
     meta = {k: av.meta.get(k) for k in ("mode", "size", "epoch") if k in av.meta}

@@ -325,9 +325,10 @@ def mediapipe_landmarks(dataset_dir: str | Path, frames: Sequence[int] | np.ndar
     return np.stack(lms)
 
 
-def frame_openings(dataset_dir: str | Path, frames: np.ndarray) -> np.ndarray:
-    """Mouth opening (metrics.mouth_opening) of each of `frames` from `landmarks/<i>.lms`."""
-    return metrics.mouth_opening(mediapipe_landmarks(dataset_dir, frames, "the closed-mouth policy"))
+def frame_openings(dataset_dir: str | Path, frames: np.ndarray, purpose: str = "the closed-mouth policy") -> np.ndarray:
+    """Mouth opening (metrics.mouth_opening) of each of `frames` from `landmarks/<i>.lms` (a DatasetError
+    naming `purpose` when they are missing)."""
+    return metrics.mouth_opening(mediapipe_landmarks(dataset_dir, frames, purpose))
 
 
 def closed_mouth_frames(dataset_dir: str | Path, train_frames: np.ndarray) -> np.ndarray:

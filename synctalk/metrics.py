@@ -313,6 +313,36 @@ def envelope_correlation(opening: np.ndarray, envelope: np.ndarray, frames: np.n
     return pearson(a, b)
 
 
+PAUSE_SHARE_DRAWS = 20  # random subsets averaged by `envelope_correlation_at_pause_share`
+
+
+def envelope_correlation_at_pause_share(opening: np.ndarray, envelope: np.ndarray, silent: np.ndarray,
+                                        share: float, seed: int = 0) -> float:
+    """`envelope_correlation` over a subset of frames in which pauses (`silent`) make up `share`: every
+    speech frame and a random draw of pause frames (or, when `share` is above the frames' own, every pause
+    and a draw of speech frames), averaged over PAUSE_SHARE_DRAWS seeded draws. Pauses carry much of the
+    whole-file figure, so it is the fair scale for a file with that share of pauses. NaN without speech or
+    (for a share above 0) without pauses."""
+    n = min(len(opening), len(envelope), len(silent))
+    pause = np.flatnonzero(np.asarray(silent, bool)[:n])
+    speech = np.flatnonzero(~np.asarray(silent, bool)[:n])
+    if not len(speech) or not 0.0 <= share < 1.0 or (share > 0 and not len(pause)):
+        return float("nan")
+    if share <= len(pause) / n:
+        kept_pauses, kept_speech = int(round(share * len(speech) / (1.0 - share))), len(speech)
+    else:
+        kept_pauses, kept_speech = len(pause), int(round(len(pause) * (1.0 - share) / share))
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(PAUSE_SHARE_DRAWS):
+        keep = np.concatenate([rng.choice(speech, kept_speech, replace=False),
+                               rng.choice(pause, kept_pauses, replace=False)])
+        frames = np.zeros(n, bool)
+        frames[keep] = True
+        values.append(envelope_correlation(opening[:n], envelope[:n], frames))
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 # ----------------------------------------------------------------------------------------------
 # Inner-mouth detail and the colour step across the paste border
 

@@ -2,6 +2,7 @@
 synthetic fixture's small trained model."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -454,6 +455,38 @@ def test_signed_offsets_of_two_files_are_never_averaged():
     assert ">-13<" in page and ">+15<" in page and "mean |offset| over 2 files = 14.0" in page
 
 
+def test_the_envelope_correlation_at_a_pause_share_is_the_fair_scale_for_a_file():
+    rng = np.random.default_rng(1)
+    n = 400
+    silent = np.zeros(n, bool)
+    silent[::4] = True  # a quarter of the frames are pauses: no sound, mouth shut
+    env = np.where(silent, 0.0, rng.uniform(0.2, 1.0, n))
+    opening = np.where(silent, 0.0, 0.5 * env + rng.normal(0, 0.2, n))  # loosely follows in speech
+    whole, speech = M.envelope_correlation(opening, env), M.envelope_correlation(opening, env, ~silent)
+    at = functools.partial(M.envelope_correlation_at_pause_share, opening, env, silent)
+    assert at(0.25) == pytest.approx(whole) and at(0.0) == pytest.approx(speech)  # every frame / no pause
+    assert speech < at(0.05) < at(0.1) < whole < at(0.5), "the more pauses, the higher the same lips score"
+    assert at(0.1) == at(0.1), "seeded draws"
+    assert math.isnan(at(1.0)) and math.isnan(
+        M.envelope_correlation_at_pause_share(opening, env, np.zeros(n, bool), 0.1))
+    assert M.envelope_correlation_at_pause_share(opening, env, np.zeros(n, bool), 0.0) == pytest.approx(whole)
+
+
+def test_the_cross_table_shows_the_real_video_at_each_files_pause_share():
+    import evaluate
+
+    report = fake_report([2])
+    report["cross_driven"][0]["real"] = {"envelope_corr": 0.302, "pause_share": 0.053}
+    heads, rows, _ = evaluate.cross_table(report)
+    assert rows[0][heads.index("env. corr, real at this pause share")] == 0.302
+    assert rows[0][heads.index("pause share")] == 0.053
+    assert rows[0][heads.index("env. corr")] == 0.4 and rows[0][heads.index("env. corr (source unchanged)")] == 0.1
+    assert "0.302" in evaluate.summary_text(report)
+    del report["cross_driven"][0]["real"]  # a report from before the column
+    heads, rows, _ = evaluate.cross_table(report)
+    assert rows[0][heads.index("pause share")] is None
+
+
 def test_the_cross_table_gives_the_real_videos_envelope_figures_for_scale():
     import evaluate
 
@@ -748,3 +781,33 @@ def test_evaluate_command_on_fixture_model(fixture_avatar, tmp_path):
     assert model["psnr_full"] > model["psnr_crop"]  # only the crop region differs
     if audio.exists():
         assert len(report["cross_driven"]) == 1 and report["cross_driven"][0]["frames"] == 60
+
+
+def test_the_real_envelope_scale_script_reports_the_recordings_own_figures(tmp_path):
+    """`scripts/real_envelope_scale.py` on a dataset whose mouth opens with the tone's loudness and shuts
+    in its trailing silence: the figures rise with the pause share, share 0 is the speech-only figure."""
+    from test_training import fabricate_dataset, run_py
+
+    from synctalk.face import format_landmarks
+
+    n = 120
+    d = fabricate_dataset(tmp_path, n=n, trailing_silence=40)
+    rng = np.random.default_rng(3)
+    loud = np.load(d / "aud_whisper.npy")[:, 0, 0]  # the opening times a fixed pattern entry, plus noise
+    (d / "landmarks").mkdir()
+    for i in range(n):
+        points = np.full((478, 2), 100.0)
+        points[[M.EYE_OUTER_L, M.EYE_OUTER_R]] = [[50.0, 80.0], [150.0, 80.0]]
+        gap = 0.0 if i >= n - 40 else 2.0 + 20.0 * abs(loud[i]) + rng.normal(0, 1.0)
+        points[M.INNER_UPPER], points[M.INNER_LOWER] = [100.0, 150.0], [100.0, 150.0 + max(gap, 0.0)]
+        (d / "landmarks" / f"{i}.lms").write_text(format_landmarks(points))
+    res = run_py(["scripts/real_envelope_scale.py", str(d), "--shares", "0", "0.1", "0.3"])
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["frames"] == n and 0.3 < out["pause_share"] < 0.36 and not out["held_out"]
+    at = out["at_share"]
+    assert at["0"] == out["speech"] and at["0"] < at["0.1"] < at["0.3"] < out["whole"]
+    bad = run_py(["scripts/real_envelope_scale.py", str(d), "--shares", "1"])
+    assert bad.returncode == 2 and "--shares must be in [0, 1)" in bad.stderr
+    missing = run_py(["scripts/real_envelope_scale.py", str(tmp_path / "nothing")])
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
