@@ -858,9 +858,9 @@ def cross_table(report: dict) -> tuple[list[str], list[list], list[str]]:
             name = Path(cd["audio"]).name + (f" [{label}]" if len(runs) > 1 else "")
             row = [name]
             for key, _ in CROSS_COLUMNS:
-                part, _, name = key.rpartition(":")
+                part, _, figure = key.rpartition(":")
                 src = {"source": cd.get("source_unchanged", {}), "real": cd.get("real", {}), "": cd["model"]}[part]
-                row.append(src.get(name))
+                row.append(src.get(figure))
             rows.append(row)
         offsets = [cd["model"].get("sync_offset") for cd in cds]
         numeric = [abs(o) for o in offsets if _finite(o)]

@@ -304,10 +304,10 @@ def ensure_crop_cache(dataset_dir: str | Path, size: str | ModelSize = "328", wo
 
 REFERENCE_POLICIES = ("random", "nearest", "closed")  # how a training sample's reference frame is drawn
 NEAREST_CANDIDATES = 32  # 'nearest': random candidates searched for the closest head pose
-CONTEXT_KEEP = 3  # context_drop: frames each side of the centre whose audio rows a sample keeps
 NEAREST_MIN_GAP = 13     # 'nearest': candidates at least this many frames (0.5 s) away from the target
 CLOSED_SHARE = 0.10      # 'closed': the training frames with the smallest mouth opening, this share
 INNER_MOUTH_GROW = 1     # px the inner-mouth loss mask reaches beyond the inner-lip polygon
+CONTEXT_KEEP = 3         # context_drop: frames each side of the centre whose audio rows a sample keeps
 TEETH_SHARE = 0.03       # teeth reference: the training frames showing the most teeth, this share
 
 
