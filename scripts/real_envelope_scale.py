@@ -19,9 +19,8 @@ import numpy as np
 
 import evaluate
 from synctalk import metrics as M
-from synctalk.audio import load_audio
+from synctalk.audio import envelope_frames, load_audio
 from synctalk.dataset import DatasetError, check_dataset, dataset_split, frame_openings
-from synctalk.timing import FPS, SAMPLE_RATE
 
 log = logging.getLogger("real_envelope_scale")
 
@@ -29,8 +28,7 @@ log = logging.getLogger("real_envelope_scale")
 def scale(dataset_dir: Path, shares: list[float], held_out: bool) -> dict:
     """{"frames", "pause_share", "whole", "speech", "at_share": {share: corr}} of the recording."""
     audio = load_audio(str(dataset_dir / "aud.wav"))
-    n_audio = int(len(audio) / (SAMPLE_RATE / FPS) + 0.5)
-    n = min(n_audio, len(list((dataset_dir / "landmarks").glob("*.lms"))))
+    n = min(envelope_frames(len(audio)), len(list((dataset_dir / "landmarks").glob("*.lms"))))
     idx = dataset_split(dataset_dir, n, "val") if held_out else np.arange(n)
     log.info("%d frames: reading landmarks", len(idx))
     opening = frame_openings(dataset_dir, idx, "the envelope scale")

@@ -266,12 +266,18 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE)
 # Speech activity: per-frame envelope and silences (relative to the loud level of the clip)
 
 
+def envelope_frames(n_samples: int, sr: int = SAMPLE_RATE, fps: float = FPS) -> int:
+    """Video frames `speech_envelope` gives for `n_samples` of audio (a trailing partial frame counts if it
+    holds at least half a frame)."""
+    return int(n_samples / (sr / fps) + 0.5)
+
+
 def speech_envelope(audio: np.ndarray, sr: int = SAMPLE_RATE, fps: float = FPS) -> np.ndarray:
-    """RMS amplitude of the audio per video frame: entry i covers samples [i sr/fps, (i+1) sr/fps).
-    A trailing partial frame counts if it holds at least half a frame."""
+    """RMS amplitude of the audio per video frame: entry i covers samples [i sr/fps, (i+1) sr/fps), over
+    `envelope_frames` frames."""
     x = np.asarray(audio, np.float64).reshape(-1)
     hop = sr / fps
-    n = int(len(x) / hop + 0.5)
+    n = envelope_frames(len(x), sr, fps)
     env = np.zeros(n)
     for i in range(n):
         seg = x[int(round(i * hop)):int(round((i + 1) * hop))]
